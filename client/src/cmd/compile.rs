@@ -1,0 +1,66 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use veil_models::data::{Labels, read_csv};
+use veil_models::{QuantConfig, compile, onnx};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The ONNX model (torch.onnx or skl2onnx export).
+    model: PathBuf,
+    /// CSV of calibration samples (features in model-input order; a `label` column is ignored).
+    #[arg(long)]
+    calibration: PathBuf,
+    /// Where to write the compiled model (.veil).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Bits per input feature.
+    #[arg(long, default_value_t = QuantConfig::default().input_bits)]
+    input_bits: u32,
+    /// Bits per weight of the first layer (signed).
+    #[arg(long, default_value_t = QuantConfig::default().first_weight_bits)]
+    first_weight_bits: u32,
+    /// Bits per weight of later layers (signed); their noise grows with the weights.
+    #[arg(long, default_value_t = QuantConfig::default().weight_bits)]
+    weight_bits: u32,
+    /// Bits per hidden activation.
+    #[arg(long, default_value_t = QuantConfig::default().act_bits)]
+    act_bits: u32,
+    /// Margin around calibrated accumulator ranges, as a fraction of their width.
+    #[arg(long, default_value_t = QuantConfig::default().range_margin)]
+    margin: f64,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let float =
+        onnx::import_file(&a.model).with_context(|| format!("importing {}", a.model.display()))?;
+    let calib = read_csv(&a.calibration, float.n_features(), Labels::Optional)?;
+    let cfg = QuantConfig {
+        input_bits: a.input_bits,
+        first_weight_bits: a.first_weight_bits,
+        weight_bits: a.weight_bits,
+        act_bits: a.act_bits,
+        range_margin: a.margin,
+    };
+    let compiled = compile(&float, &calib.features, &cfg)?;
+    compiled.save(&a.output)?;
+    let mut summary = compiled.summary();
+    summary["output"] = serde_json::json!(a.output.display().to_string());
+    summary["calibration_samples"] = serde_json::json!(calib.len());
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "compiled {} -> {}: {} bootstraps per sample, widest accumulator {} bits, {}",
+            a.model.display(),
+            a.output.display(),
+            summary["pbs_per_sample"],
+            summary["widest_accumulator_bits"],
+            compiled.params.name()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,177 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use veil_models::CompiledModel;
+use veil_models::data::{Labels, read_csv};
+use veil_models::eval::accuracy;
+use veil_models::fhe::{ClientKey, CpuBackend, FheModel, PbsBackend, ServerKey};
+use veil_models::simulate::NoiseRng;
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Simulate,
+    Fhe,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The compiled model (.veil).
+    model: PathBuf,
+    /// CSV with the features and a `label` column.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value_t = Mode::Simulate)]
+    mode: Mode,
+    /// Evaluate only the first N rows.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Samples per encrypted batch (fhe mode); 1 measures single-sample latency.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let model = CompiledModel::load(&a.model)?;
+    let mut data = read_csv(&a.data, model.n_features(), Labels::Required)?;
+    if let Some(n) = a.limit {
+        data.truncate(n);
+    }
+    let labels = data.labels.clone().expect("labels are required");
+
+    // Exact and noisy simulation, always: they are the reference for the encrypted run.
+    let t0 = Instant::now();
+    let sim: Vec<_> = data
+        .features
+        .iter()
+        .map(|x| model.simulate(x, None))
+        .collect::<Result<_, _>>()?;
+    let sim_secs = t0.elapsed().as_secs_f64();
+    let sim_pred: Vec<i64> = sim.iter().map(|s| model.decode(&s.accs).label).collect();
+    let overflow_samples = sim.iter().filter(|s| s.overflows > 0).count();
+    let mut rng = NoiseRng::new(0x5eed);
+    let noisy_pred: Vec<i64> = data
+        .features
+        .iter()
+        .map(|x| {
+            model
+                .simulate(x, Some(&mut rng))
+                .map(|s| model.decode(&s.accs).label)
+        })
+        .collect::<Result<_, _>>()?;
+
+    let mut out = serde_json::json!({
+        "mode": match a.mode { Mode::Simulate => "simulate", Mode::Fhe => "fhe" },
+        "n": data.len(),
+        "simulated_accuracy": accuracy(&sim_pred, &labels),
+        "simulated_accuracy_with_noise": accuracy(&noisy_pred, &labels),
+        "overflow_samples": overflow_samples,
+        "simulated_samples_per_second": data.len() as f64 / sim_secs.max(1e-9),
+        "pbs_per_sample": model.pbs_per_sample(),
+        "parameter_set": model.params.name(),
+    });
+
+    match a.mode {
+        Mode::Simulate => {
+            out["accuracy"] = out["simulated_accuracy"].clone();
+        }
+        Mode::Fhe => {
+            if a.batch == 0 {
+                bail!("--batch must be at least 1");
+            }
+            let fhe = fhe_run(&model, &data.features, a.batch)?;
+            let agree = fhe
+                .predictions
+                .iter()
+                .zip(&sim_pred)
+                .filter(|(a, b)| a == b)
+                .count();
+            out["accuracy"] = serde_json::json!(accuracy(&fhe.predictions, &labels));
+            out["agreement"] = serde_json::json!(agree as f64 / data.len().max(1) as f64);
+            out["latency_ms_median"] = serde_json::json!(median(&fhe.latency_ms));
+            out["latency_ms_per_sample"] = serde_json::json!(fhe.latency_ms);
+            out["batch"] = serde_json::json!(a.batch);
+            out["keygen_s"] = serde_json::json!(fhe.keygen_s);
+            out["encrypt_ms_median"] = serde_json::json!(median(&fhe.encrypt_ms));
+            out["threads"] = serde_json::json!(rayon_threads());
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+struct FheRun {
+    predictions: Vec<i64>,
+    latency_ms: Vec<f64>,
+    encrypt_ms: Vec<f64>,
+    keygen_s: f64,
+}
+
+fn fhe_run(model: &CompiledModel, xs: &[Vec<f64>], batch: usize) -> anyhow::Result<FheRun> {
+    let spec = model.client_spec();
+    let t = Instant::now();
+    eprintln!("generating keys ({})...", model.params.name());
+    let client = ClientKey::generate(model.params);
+    let server_key = ServerKey::from_compressed(model.params, &client.compressed_server_key())
+        .context("expanding the evaluation key")?;
+    let keygen_s = t.elapsed().as_secs_f64();
+    let fhe = FheModel::new(model.clone())?;
+    let backend = CpuBackend::new(&server_key);
+    let bar = ProgressBar::new(xs.len() as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("valid template"),
+    );
+    bar.set_message(format!("encrypted inference ({})", backend.name()));
+    let mut run = FheRun {
+        predictions: Vec::new(),
+        latency_ms: Vec::new(),
+        encrypt_ms: Vec::new(),
+        keygen_s,
+    };
+    for chunk in xs.chunks(batch) {
+        let t = Instant::now();
+        let inputs = chunk
+            .iter()
+            .map(|x| client.encrypt(&spec, x))
+            .collect::<Result<Vec<_>, _>>()?;
+        let enc_ms = t.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
+        let t = Instant::now();
+        let outputs = fhe.evaluate(&backend, &inputs)?;
+        let eval_ms = t.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
+        for o in &outputs {
+            let accs = client.decrypt(&spec, o)?;
+            run.predictions.push(spec.decode(&accs).label);
+            run.latency_ms.push(eval_ms);
+            run.encrypt_ms.push(enc_ms);
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(run)
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 0 {
+        (s[m - 1] + s[m]) / 2.0
+    } else {
+        s[m]
+    }
+}

@@ -1,0 +1,212 @@
+//! CSV datasets: a header row, the features in model-input order, then an optional last
+//! column named `label` holding the integer class.
+
+use std::path::Path;
+
+use crate::error::{ModelError, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub features: Vec<Vec<f64>>,
+    /// One integer class per row, when the file has a `label` column.
+    pub labels: Option<Vec<i64>>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.features.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.features.is_empty()
+    }
+
+    /// Keeps only the first `n` rows.
+    pub fn truncate(&mut self, n: usize) {
+        self.features.truncate(n);
+        if let Some(l) = &mut self.labels {
+            l.truncate(n);
+        }
+    }
+}
+
+/// Whether the `label` column must be present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Labels {
+    Required,
+    Optional,
+}
+
+/// Reads a CSV of `n_features` feature columns plus (optionally) a trailing `label` column.
+pub fn read_csv(path: &Path, n_features: usize, labels: Labels) -> Result<Dataset> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| ModelError::io(format!("opening {}", path.display()), e))?;
+    parse_csv(file, &path.display().to_string(), n_features, labels)
+}
+
+/// Parses CSV text; `name` is used in error messages.
+pub fn parse_csv(
+    reader: impl std::io::Read,
+    name: &str,
+    n_features: usize,
+    labels: Labels,
+) -> Result<Dataset> {
+    let err = |line: usize, reason: String| ModelError::Csv {
+        path: name.to_string(),
+        line,
+        reason,
+    };
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(reader);
+    let header = rdr
+        .headers()
+        .map_err(|e| err(1, format!("cannot read the header row: {e}")))?
+        .clone();
+    if header.is_empty() {
+        return Err(err(1, "empty file: expected a header row".into()));
+    }
+    let has_label = header.iter().last() == Some("label");
+    let expected = n_features + usize::from(has_label);
+    if header.len() != expected {
+        return Err(err(
+            1,
+            format!(
+                "header has {} columns; the model takes {n_features} features{}",
+                header.len(),
+                if has_label {
+                    " plus the label column"
+                } else {
+                    " (and an optional last column named 'label')"
+                }
+            ),
+        ));
+    }
+    if labels == Labels::Required && !has_label {
+        return Err(err(
+            1,
+            "no 'label' column (it must be the last column)".into(),
+        ));
+    }
+    let mut features = Vec::new();
+    let mut label_values = Vec::new();
+    for (i, record) in rdr.records().enumerate() {
+        let line = i + 2;
+        let record = record.map_err(|e| err(line, format!("unreadable row: {e}")))?;
+        if record.len() != expected {
+            return Err(err(
+                line,
+                format!("{} columns, expected {expected}", record.len()),
+            ));
+        }
+        let mut row = Vec::with_capacity(n_features);
+        for (col, field) in record.iter().take(n_features).enumerate() {
+            let v: f64 = field.parse().map_err(|_| {
+                err(
+                    line,
+                    format!(
+                        "column {} ('{}'): '{field}' is not a number",
+                        col + 1,
+                        &header[col]
+                    ),
+                )
+            })?;
+            if !v.is_finite() {
+                return Err(err(
+                    line,
+                    format!("column {}: '{field}' is not finite", col + 1),
+                ));
+            }
+            row.push(v);
+        }
+        if has_label {
+            let field = &record[n_features];
+            let label: i64 = field
+                .parse()
+                .or_else(|_| {
+                    // accept "3.0"-style integer labels
+                    field
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|v| v.fract() == 0.0 && v.abs() < 1e15)
+                        .map(|v| v as i64)
+                        .ok_or(())
+                })
+                .map_err(|_| err(line, format!("label '{field}' is not an integer class")))?;
+            label_values.push(label);
+        }
+        features.push(row);
+    }
+    if features.is_empty() {
+        return Err(err(2, "no data rows".into()));
+    }
+    Ok(Dataset {
+        features,
+        labels: has_label.then_some(label_values),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_features_and_labels() {
+        let d = parse_csv(
+            "f0,f1,label\n1,2.5,0\n-1,0,1\n".as_bytes(),
+            "t",
+            2,
+            Labels::Required,
+        )
+        .unwrap();
+        assert_eq!(d.features, vec![vec![1.0, 2.5], vec![-1.0, 0.0]]);
+        assert_eq!(d.labels, Some(vec![0, 1]));
+    }
+
+    #[test]
+    fn wrong_column_count_names_the_line() {
+        let e = parse_csv(
+            "f0,f1,label\n1,2,0\n1,2\n".as_bytes(),
+            "t.csv",
+            2,
+            Labels::Optional,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("2 columns, expected 3"),
+            "{e}"
+        );
+        let e = parse_csv("f0,label\n1,0\n".as_bytes(), "t.csv", 2, Labels::Optional)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 1") && e.contains("takes 2 features"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_number_and_missing_label() {
+        let e = parse_csv("f0,label\nabc,0\n".as_bytes(), "t", 1, Labels::Required)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("'abc' is not a number"),
+            "{e}"
+        );
+        let e = parse_csv("f0,f1\n1,2\n".as_bytes(), "t", 2, Labels::Required)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no 'label' column"), "{e}");
+        let e = parse_csv("f0,label\n1,x\n".as_bytes(), "t", 1, Labels::Required)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("not an integer class"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! Runs a compiled model on encrypted inputs.
+
+use rayon::prelude::*;
+use tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_scalar_mul_assign;
+use tfhe::core_crypto::prelude::{
+    CiphertextModulus, GlweCiphertextList, GlweCiphertextListOwned, GlweSize, LweCiphertextList,
+    LweCiphertextListOwned, LweSize, PolynomialSize, generate_programmable_bootstrap_glwe_lut,
+};
+
+use super::{EncryptedInput, EncryptedOutput, PbsBackend, big_lwe_size, shortint_params};
+use crate::error::{ModelError, Result};
+use crate::plan::{CompiledModel, IntMatrix, POSITIONS};
+
+/// The centered modulus switch moves every phase down by half a position; adding it back
+/// keeps the read centred on the position the plan (and the simulator) round to.
+const CENTERED_SWITCH_FIX: u64 = 1 << 51;
+
+/// A compiled model with its lookup tables laid out as GLWE accumulators, built once.
+pub struct FheModel {
+    model: CompiledModel,
+    luts: Vec<GlweCiphertextListOwned<u64>>,
+    lwe_size: usize,
+}
+
+impl FheModel {
+    pub fn new(model: CompiledModel) -> Result<Self> {
+        let sp = shortint_params(model.params);
+        let poly: PolynomialSize = sp.polynomial_size;
+        let glwe_size: GlweSize = sp.glwe_dimension.to_glwe_size();
+        if poly.0 != POSITIONS as usize {
+            return Err(ModelError::Plan(format!(
+                "the plan assumes N = {POSITIONS}, {} has N = {}",
+                model.params.name(),
+                poly.0
+            )));
+        }
+        let modulus = CiphertextModulus::<u64>::new_native();
+        let luts = model
+            .hidden
+            .iter()
+            .map(|h| {
+                let mut data = Vec::with_capacity(h.weights.n_out() * glwe_size.0 * poly.0);
+                for n in 0..h.weights.n_out() {
+                    let table = h.lut_of(n);
+                    // One box per position (box size N / 2048 = 1), the value pre-scaled.
+                    let glwe = generate_programmable_bootstrap_glwe_lut(
+                        poly,
+                        glwe_size,
+                        POSITIONS as usize,
+                        modulus,
+                        1u64,
+                        |p: u64| (table[p as usize] as u64).wrapping_mul(h.delta_out),
+                    );
+                    data.extend_from_slice(glwe.as_ref());
+                }
+                GlweCiphertextList::from_container(data, glwe_size, poly, modulus)
+            })
+            .collect();
+        let lwe_size = big_lwe_size(model.params);
+        Ok(FheModel {
+            model,
+            luts,
+            lwe_size,
+        })
+    }
+
+    pub fn model(&self) -> &CompiledModel {
+        &self.model
+    }
+
+    /// Evaluates a batch of samples. Every layer's bootstraps go to the backend as one batch
+    /// across all samples, so every core stays busy.
+    pub fn evaluate(
+        &self,
+        backend: &dyn PbsBackend,
+        batch: &[EncryptedInput],
+    ) -> Result<Vec<EncryptedOutput>> {
+        let n_features = self.model.n_features();
+        for (i, s) in batch.iter().enumerate() {
+            if s.len() != n_features || s.list.lwe_size().0 != self.lwe_size {
+                return Err(ModelError::Shape(format!(
+                    "sample {i}: {} ciphertexts of LWE size {}, the model takes {n_features} of size {}",
+                    s.len(),
+                    s.list.lwe_size().0,
+                    self.lwe_size
+                )));
+            }
+        }
+        let samples = batch.len();
+        if samples == 0 {
+            return Ok(Vec::new());
+        }
+        let expanded: Vec<LweCiphertextListOwned<u64>> =
+            batch.par_iter().map(EncryptedInput::expand).collect();
+        let mut x: Vec<u64> = Vec::with_capacity(samples * n_features * self.lwe_size);
+        for e in &expanded {
+            x.extend_from_slice(e.as_ref());
+        }
+        drop(expanded);
+
+        let modulus = CiphertextModulus::<u64>::new_native();
+        for (h, luts) in self.model.hidden.iter().zip(&self.luts) {
+            let n_out = h.weights.n_out();
+            let acc = self.linear(&x, samples, &h.weights, Some(&h.offset));
+            let lut_index: Vec<usize> = (0..samples * n_out).map(|i| i % n_out).collect();
+            let mut next = vec![0u64; samples * n_out * self.lwe_size];
+            let acc_list =
+                LweCiphertextList::from_container(acc.as_slice(), LweSize(self.lwe_size), modulus);
+            let out_list = LweCiphertextList::from_container(
+                next.as_mut_slice(),
+                LweSize(self.lwe_size),
+                modulus,
+            );
+            backend.bootstrap_batch(acc_list, luts.as_view(), &lut_index, out_list);
+            x = next;
+        }
+        let out = &self.model.output.weights;
+        let acc = self.linear(&x, samples, out, None);
+        let per_sample = out.n_out() * self.lwe_size;
+        Ok(acc
+            .chunks_exact(per_sample)
+            .map(|c| {
+                EncryptedOutput(LweCiphertextListOwned::from_container(
+                    c.to_vec(),
+                    LweSize(self.lwe_size),
+                    modulus,
+                ))
+            })
+            .collect())
+    }
+
+    /// `out[s][n] = sum_j w[n][j] * x[s][j] (+ offset[n])`: cleartext-weighted sums of LWE
+    /// ciphertexts, no bootstrap.
+    fn linear(&self, x: &[u64], samples: usize, w: &IntMatrix, offset: Option<&[u64]>) -> Vec<u64> {
+        let size = self.lwe_size;
+        let n_in = w.n_in as usize;
+        let n_out = w.n_out();
+        let mut out = vec![0u64; samples * n_out * size];
+        out.par_chunks_mut(size).enumerate().for_each(|(i, ct)| {
+            let (s, n) = (i / n_out, i % n_out);
+            let xs = &x[s * n_in * size..(s + 1) * n_in * size];
+            for &(c, wt) in &w.rows[n] {
+                let c = c as usize;
+                slice_wrapping_add_scalar_mul_assign(ct, &xs[c * size..(c + 1) * size], wt as u64);
+            }
+            if let Some(off) = offset {
+                let body = &mut ct[size - 1];
+                *body = body.wrapping_add(off[n]).wrapping_add(CENTERED_SWITCH_FIX);
+            }
+        });
+        out
+    }
+}

@@ -1,0 +1,126 @@
+//! Clear-text simulation of the exact integer pipeline the encrypted run computes.
+//!
+//! Without noise it follows the encrypted computation step by step: the same integer
+//! accumulators, the same wrap-around on the torus, the same rounding to a position, the same
+//! lookup tables; so it equals the encrypted run whenever no bootstrap misreads a position.
+//! With noise it adds the Gaussian read error the plan predicts for each neuron, so that its
+//! accuracy predicts the encrypted accuracy.
+
+use crate::error::Result;
+use crate::plan::{CompiledModel, HiddenLayer, POSITION, POSITIONS};
+
+/// A small deterministic Gaussian source (splitmix64 + Box-Muller) for noise injection.
+#[derive(Clone, Debug)]
+pub struct NoiseRng {
+    state: u64,
+    spare: Option<f64>,
+}
+
+impl NoiseRng {
+    pub fn new(seed: u64) -> Self {
+        NoiseRng {
+            state: seed,
+            spare: None,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A standard normal sample.
+    pub fn gaussian(&mut self) -> f64 {
+        if let Some(s) = self.spare.take() {
+            return s;
+        }
+        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+        self.spare = Some(r * s);
+        r * c
+    }
+}
+
+/// One simulated sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimOutput {
+    /// Output accumulators as the client would decode them (integers without noise).
+    pub accs: Vec<f64>,
+    /// Bootstraps whose input left the programmable half of the torus (overflow).
+    pub overflows: usize,
+}
+
+/// Runs one hidden layer on integer inputs; returns the next layer's integers and the
+/// number of overflowing neurons.
+pub(crate) fn hidden_layer(
+    h: &HiddenLayer,
+    x: &[i64],
+    mut noise: Option<&mut NoiseRng>,
+) -> (Vec<i64>, usize) {
+    let mut overflows = 0;
+    let out = h
+        .weights
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(n, row)| {
+            let acc: i64 = row.iter().map(|&(c, w)| w * x[c as usize]).sum();
+            let mut phase = (acc as u64)
+                .wrapping_mul(h.delta_in)
+                .wrapping_add(h.offset[n]);
+            if let Some(rng) = noise.as_deref_mut() {
+                let e = rng.gaussian() * h.read_sigma[n] * POSITION as f64;
+                phase = phase.wrapping_add(e as i64 as u64);
+            }
+            // Round to one of the 4096 positions of the modulus switch.
+            let p = (phase.wrapping_add(1 << 51) >> 52) as i64;
+            if p < POSITIONS {
+                h.lut_of(n)[p as usize] as i64
+            } else {
+                // The negacyclic half: the bootstrap returns the negated table entry.
+                overflows += 1;
+                -(h.lut_of(n)[(p - POSITIONS) as usize] as i64)
+            }
+        })
+        .collect();
+    (out, overflows)
+}
+
+impl CompiledModel {
+    /// Simulates one sample from its quantized inputs.
+    pub fn simulate_quantized(&self, q: &[i64], mut noise: Option<&mut NoiseRng>) -> SimOutput {
+        let mut x = q.to_vec();
+        let mut overflows = 0;
+        for h in &self.hidden {
+            let (next, o) = hidden_layer(h, &x, noise.as_deref_mut());
+            x = next;
+            overflows += o;
+        }
+        let out = &self.output;
+        let accs = out
+            .weights
+            .apply(&x)
+            .into_iter()
+            .enumerate()
+            .map(|(n, acc)| match noise.as_deref_mut() {
+                Some(rng) => {
+                    let units = out.sigma[n] * POSITION as f64 / out.decoding.delta as f64;
+                    acc as f64 + rng.gaussian() * units
+                }
+                None => acc as f64,
+            })
+            .collect();
+        SimOutput { accs, overflows }
+    }
+
+    /// Simulates one sample from its float features.
+    pub fn simulate(&self, x: &[f64], noise: Option<&mut NoiseRng>) -> Result<SimOutput> {
+        let q = self.input.quantize(x)?;
+        Ok(self.simulate_quantized(&q, noise))
+    }
+}

@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""Train and export Veil's reference model zoo.
+
+Writes one folder per model under ``models/zoo/<name>/``:
+
+* ``model.onnx``      self-contained ONNX file (no external data), float32 input
+* ``train.csv``       header ``f0..f{n-1},label``; features in model-input order
+* ``test.csv``        same layout as train.csv
+* ``reference.json``  metadata, accuracies and the first onnxruntime outputs
+
+Models:
+
+* ``digits_mlp``           torch   Linear(64,32) -> ReLU -> Linear(32,10)
+* ``digits_cnn``           torch   Conv2d(1,4,3) -> ReLU -> AvgPool2d(2) -> Flatten -> Linear(36,10)
+* ``breast_cancer_logreg`` sklearn StandardScaler + LogisticRegression (binary), skl2onnx defaults
+* ``iris_logreg``          sklearn StandardScaler + LogisticRegression (3 classes), skl2onnx defaults
+* ``wine_mlp``             sklearn StandardScaler + MLPClassifier((16,)), skl2onnx defaults
+
+Every split is ``train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)``.
+Everything is seeded; run from the repository root:
+
+    python models/training/train.py            # writes models/zoo/
+    python models/training/train.py --out DIR  # somewhere else
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import sklearn
+from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+import skl2onnx
+from skl2onnx import to_onnx
+
+import torch
+from torch import nn
+
+SEED = 0
+TORCH_OPSET = 18  # the dynamo exporter's lowest native opset (asking for 17 triggers a version conversion)
+N_FIRST = 20
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = REPO_ROOT / "models" / "zoo"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int = SEED) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+
+
+def split(X: np.ndarray, y: np.ndarray):
+    return train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
+
+
+def fmt(v: np.float32) -> str:
+    """Shortest decimal text that round-trips to this float32 value (no exponent).
+
+    Parsing it as f32 gives the value back exactly (it is the shortest round-trip
+    representation); parsing it as f64 and then casting to f32 is checked here to
+    give the same value too.
+    """
+    v = np.float32(v)
+    s = np.format_float_positional(v, unique=True, trim="-")
+    if np.float32(float(s)) != v:
+        raise AssertionError(f"{s!r} does not round-trip to float32 {v!r} via f64")
+    return s
+
+
+def write_csv(path: Path, X: np.ndarray, y: np.ndarray) -> None:
+    X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+    n = X.shape[1]
+    with open(path, "w", newline="\n") as f:
+        f.write(",".join([f"f{i}" for i in range(n)] + ["label"]) + "\n")
+        for row, label in zip(X, y):
+            f.write(",".join(fmt(v) for v in row) + f",{int(label)}\n")
+
+
+def read_csv(path: Path):
+    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64)
+    return data[:, :-1].astype(np.float32), data[:, -1].astype(np.int64)
+
+
+def graph_ops(model: onnx.ModelProto):
+    return [{"domain": n.domain, "op_type": n.op_type} for n in model.graph.node]
+
+
+def opset_map(model: onnx.ModelProto):
+    return {o.domain: int(o.version) for o in sorted(model.opset_import, key=lambda o: o.domain)}
+
+
+def check_self_contained(model_path: Path) -> onnx.ModelProto:
+    model = onnx.load(str(model_path), load_external_data=False)
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            raise RuntimeError(f"{model_path}: initializer {t.name} uses external data")
+    if len(model.functions):
+        raise RuntimeError(f"{model_path}: model contains ONNX functions")
+    onnx.checker.check_model(model, full_check=True)
+    inp = model.graph.input[0]
+    if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise RuntimeError(f"{model_path}: input is not float32")
+    return model
+
+
+def run_ort(model_path: Path, X: np.ndarray, input_shape):
+    """Run model.onnx on X; return (scores [N, C] float32, labels [N])."""
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    in_name = sess.get_inputs()[0].name
+    out_names = [o.name for o in sess.get_outputs()]
+    feed = {in_name: X.reshape([len(X)] + list(input_shape)).astype(np.float32)}
+    outs = sess.run(None, feed)
+    if len(outs) == 1:  # torch: logits
+        scores = np.asarray(outs[0], dtype=np.float32)
+        labels = scores.argmax(axis=1)
+    else:  # skl2onnx: output_label, output_probability (ZipMap -> list of dicts)
+        by_name = dict(zip(out_names, outs))
+        labels = np.asarray(by_name["output_label"]).astype(np.int64)
+        probs = by_name["output_probability"]
+        if isinstance(probs, list):  # ZipMap output: sequence<map<int64, float>>
+            keys = sorted(probs[0].keys())
+            scores = np.array([[p[k] for k in keys] for p in probs], dtype=np.float32)
+        else:
+            scores = np.asarray(probs, dtype=np.float32)
+        argmax = scores.argmax(axis=1)
+        if not np.array_equal(argmax, labels):
+            bad = int((argmax != labels).sum())
+            print(f"  note: {bad} rows where argmax(probability) != output_label", file=sys.stderr)
+    return scores, labels
+
+
+def finish(out_dir: Path, name: str, *, source: str, dataset: str, X_train, y_train, X_test,
+           y_test, n_classes: int, input_shape, framework_accuracy: float, framework_scores,
+           extra=None) -> dict:
+    folder = out_dir / name
+    model_path = folder / "model.onnx"
+    write_csv(folder / "train.csv", X_train, y_train)
+    write_csv(folder / "test.csv", X_test, y_test)
+
+    model = check_self_contained(model_path)
+    # Evaluate exactly what was written to test.csv.
+    Xt, yt = read_csv(folder / "test.csv")
+    assert np.array_equal(Xt, np.asarray(X_test, np.float32).reshape(len(X_test), -1))
+    assert np.array_equal(yt, y_test)
+    scores, labels = run_ort(model_path, Xt, input_shape)
+    ort_acc = float((labels == yt).mean())
+    # Largest |onnxruntime - framework| over all test rows (logits or probabilities).
+    max_diff = float(np.abs(scores.astype(np.float64) - np.asarray(framework_scores, np.float64)).max())
+
+    ref = {
+        "name": name,
+        "source": source,
+        "dataset": dataset,
+        "n_train": int(len(X_train)),
+        "n_test": int(len(X_test)),
+        "n_features": int(np.prod(input_shape)),
+        "n_classes": int(n_classes),
+        "input_shape": [int(d) for d in input_shape],
+        "input_name": model.graph.input[0].name,
+        "output_names": [o.name for o in model.graph.output],
+        "onnxruntime_accuracy": ort_acc,
+        "framework_accuracy": float(framework_accuracy),
+        "max_abs_diff_vs_framework": max_diff,
+        "ops": graph_ops(model),
+        "opset": opset_map(model),
+        "first_scores": [[float(v) for v in row] for row in scores[:N_FIRST]],
+        "first_labels": [int(v) for v in labels[:N_FIRST]],
+    }
+    if extra:
+        ref.update(extra)
+    with open(folder / "reference.json", "w") as f:
+        json.dump(ref, f, indent=2)
+        f.write("\n")
+    print(f"{name}: framework acc {framework_accuracy:.4f}, onnxruntime acc {ort_acc:.4f}, "
+          f"max |ort - framework| {max_diff:.2e}, ops {[o['op_type'] for o in ref['ops']]}")
+    return ref
+
+
+# --------------------------------------------------------------------------- torch models
+
+
+def digits_split():
+    d = load_digits()
+    X = (d.data / 16.0).astype(np.float32)  # pixels 0..16 -> [0, 1]
+    y = d.target.astype(np.int64)
+    return split(X, y)
+
+
+def train_torch(model: nn.Module, X_train, y_train, X_test, y_test, *, epochs: int,
+                batch_size: int, lr: float, input_shape) -> float:
+    Xtr = torch.from_numpy(X_train.reshape([-1] + list(input_shape)))
+    ytr = torch.from_numpy(y_train)
+    Xte = torch.from_numpy(X_test.reshape([-1] + list(input_shape)))
+    yte = torch.from_numpy(y_test)
+    gen = torch.Generator().manual_seed(SEED)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(Xtr), generator=gen)
+        for i in range(0, len(Xtr), batch_size):
+            idx = perm[i:i + batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model(Xtr[idx]), ytr[idx])
+            loss.backward()
+            opt.step()
+        if (epoch + 1) % 25 == 0 or epoch + 1 == epochs:
+            model.eval()
+            with torch.no_grad():
+                acc = (model(Xte).argmax(1) == yte).float().mean().item()
+            print(f"  epoch {epoch + 1:4d} loss {loss.item():.4f} test acc {acc:.4f}")
+    model.eval()
+    with torch.no_grad():
+        logits = model(Xte)
+    return float((logits.argmax(1) == yte).double().mean()), logits.numpy()
+
+
+def strip_stack_traces(path: Path) -> None:
+    """Drop the per-node ``pkg.torch.onnx.stack_trace`` metadata the dynamo exporter adds.
+
+    Those strings hold absolute paths and line numbers of this script and of the
+    venv, so the files would change with the checkout location. Everything else
+    the exporter wrote (including the other metadata_props) is kept as is.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        for k, v in keep:
+            node.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
+
+
+def export_torch(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+    """torch.onnx.export with the default (dynamo) exporter; fall back to TorchScript."""
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        batch = torch.export.Dim("batch")
+        torch.onnx.export(
+            model, (example,), str(path),
+            input_names=["input"], output_names=["logits"],
+            opset_version=TORCH_OPSET,
+            dynamic_shapes=({0: batch},),
+            external_data=False,  # default True writes model.onnx.data next to the file
+            dynamo=True,
+        )
+        strip_stack_traces(path)
+        check_self_contained(path)
+        return "dynamo"
+    except Exception as e:  # pragma: no cover - only used if the dynamo exporter breaks
+        print(f"  dynamo export failed ({e!r}); falling back to dynamo=False", file=sys.stderr)
+        for p in (path, Path(str(path) + ".data")):
+            if p.exists():
+                p.unlink()
+        torch.onnx.export(
+            model, (example,), str(path),
+            input_names=["input"], output_names=["logits"],
+            opset_version=TORCH_OPSET,
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
+        return "torchscript"
+
+
+def make_digits_mlp(out_dir: Path) -> dict:
+    seed_everything()
+    X_train, X_test, y_train, y_test = digits_split()
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    acc, logits = train_torch(model, X_train, y_train, X_test, y_test,
+                              epochs=150, batch_size=32, lr=1e-3, input_shape=[64])
+    how = export_torch(model, torch.from_numpy(X_test[:2]), out_dir / "digits_mlp" / "model.onnx")
+    return finish(out_dir, "digits_mlp", source="torch", dataset="sklearn.datasets.load_digits (pixels/16)",
+                  X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, n_classes=10,
+                  input_shape=[64], framework_accuracy=acc, framework_scores=logits,
+                  extra={"torch_exporter": how, "torch_version": torch.__version__})
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, kernel_size=3, stride=1, padding=0)
+        self.relu = nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(36, 10)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.relu(self.conv(x)))))
+
+
+def make_digits_cnn(out_dir: Path) -> dict:
+    seed_everything()
+    X_train, X_test, y_train, y_test = digits_split()
+    model = DigitsCNN()
+    shape = [1, 8, 8]
+    acc, logits = train_torch(model, X_train, y_train, X_test, y_test,
+                              epochs=200, batch_size=32, lr=1e-2, input_shape=shape)
+    how = export_torch(model, torch.from_numpy(X_test[:2].reshape(2, 1, 8, 8)),
+                       out_dir / "digits_cnn" / "model.onnx")
+    return finish(out_dir, "digits_cnn", source="torch", dataset="sklearn.datasets.load_digits (pixels/16)",
+                  X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, n_classes=10,
+                  input_shape=shape, framework_accuracy=acc, framework_scores=logits,
+                  extra={"torch_exporter": how, "torch_version": torch.__version__})
+
+
+# --------------------------------------------------------------------------- sklearn models
+
+
+def make_sklearn(out_dir: Path, name: str, loader, dataset: str, estimator) -> dict:
+    seed_everything()
+    d = loader()
+    X = d.data.astype(np.float32)  # the ONNX model takes float32; train on exactly those values
+    y = d.target.astype(np.int64)
+    X_train, X_test, y_train, y_test = split(X, y)
+    pipe = Pipeline([("scaler", StandardScaler()), ("clf", estimator)])
+    pipe.fit(X_train, y_train)
+    acc = float((pipe.predict(X_test) == y_test).mean())
+    onx = to_onnx(pipe, X_train[:1])  # skl2onnx defaults (ZipMap on, default target_opset)
+    folder = out_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "model.onnx", "wb") as f:
+        f.write(onx.SerializeToString())
+    return finish(out_dir, name, source="skl2onnx", dataset=dataset,
+                  X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test,
+                  n_classes=len(np.unique(y)), input_shape=[X.shape[1]], framework_accuracy=acc,
+                  framework_scores=pipe.predict_proba(X_test),
+                  extra={"sklearn_version": sklearn.__version__, "skl2onnx_version": skl2onnx.__version__})
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    # skl2onnx's output (e.g. the order of opset_import entries) depends on Python's
+    # string hashing; pin it so that every run writes byte-identical files.
+    if os.environ.get("PYTHONHASHSEED") != str(SEED):
+        os.environ["PYTHONHASHSEED"] = str(SEED)
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: models/zoo)")
+    args = ap.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    print(f"torch {torch.__version__}, sklearn {sklearn.__version__}, skl2onnx {skl2onnx.__version__}, "
+          f"onnx {onnx.__version__}, onnxruntime {ort.__version__}")
+    make_digits_mlp(out)
+    make_digits_cnn(out)
+    make_sklearn(out, "breast_cancer_logreg", load_breast_cancer, "sklearn.datasets.load_breast_cancer",
+                 LogisticRegression(max_iter=5000))
+    make_sklearn(out, "iris_logreg", load_iris, "sklearn.datasets.load_iris",
+                 LogisticRegression(max_iter=5000))
+    make_sklearn(out, "wine_mlp", load_wine, "sklearn.datasets.load_wine",
+                 MLPClassifier(hidden_layer_sizes=(16,), max_iter=3000, random_state=0))
+
+
+if __name__ == "__main__":
+    main()
