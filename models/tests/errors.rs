@@ -1,0 +1,187 @@
+//! Bad input gets a clear error naming what is wrong, never a panic.
+
+mod common;
+
+use common::*;
+use prost::Message;
+use veil_models::data::{Labels, parse_csv};
+use veil_models::onnx::{self, pb};
+use veil_models::ModelError;
+
+fn tensor(name: &str, dims: &[i64], data: &[f32]) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: 1,
+        float_data: data.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
+    pb::NodeProto {
+        op_type: op.into(),
+        name: format!("{op}_node"),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+fn input(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{Dimension, dimension::Value};
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: 1,
+                shape: Some(pb::TensorShapeProto {
+                    dim: std::iter::once(Value::DimParam("N".into()))
+                        .chain(dims.iter().map(|&d| Value::DimValue(d)))
+                        .map(|v| Dimension { value: Some(v) })
+                        .collect(),
+                }),
+            })),
+        }),
+    }
+}
+
+fn model(nodes: Vec<pb::NodeProto>, inits: Vec<pb::TensorProto>, in_dims: &[i64], out: &str) -> Vec<u8> {
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(pb::GraphProto {
+            node: nodes,
+            initializer: inits,
+            input: vec![input("x", in_dims)],
+            output: vec![pb::ValueInfoProto {
+                name: out.into(),
+                r#type: None,
+            }],
+            name: "g".into(),
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn unsupported_op_names_the_node_and_lists_what_is_supported() {
+    let bytes = model(
+        vec![
+            node("Gemm", &["x", "w"], "h"),
+            node("Gelu", &["h"], "y"),
+        ],
+        vec![tensor("w", &[2, 2], &[1.0, 0.0, 0.0, 1.0])],
+        &[2],
+        "y",
+    );
+    let err = onnx::import_bytes(&bytes).unwrap_err();
+    assert!(matches!(err, ModelError::Unsupported { .. }));
+    let msg = err.to_string();
+    assert!(msg.contains("Gelu_node") && msg.contains("op Gelu"), "{msg}");
+    assert!(msg.contains("Supported: Gemm, MatMul"), "{msg}");
+}
+
+#[test]
+fn every_unsupported_node_is_reported_at_once() {
+    let bytes = model(
+        vec![
+            node("Gemm", &["x", "w"], "h"),
+            node("Erf", &["h"], "e"),
+            node("Sin", &["e"], "y"),
+        ],
+        vec![tensor("w", &[2, 2], &[1.0, 0.0, 0.0, 1.0])],
+        &[2],
+        "y",
+    );
+    let msg = onnx::import_bytes(&bytes).unwrap_err().to_string();
+    assert!(msg.contains("op Erf") && msg.contains("op Sin") && msg.contains("1 more"), "{msg}");
+}
+
+#[test]
+fn unsupported_attribute_is_named() {
+    let mut flatten = node("Flatten", &["x"], "f");
+    flatten.attribute.push(pb::AttributeProto {
+        name: "axis".into(),
+        r#type: 2,
+        i: 2,
+        ..Default::default()
+    });
+    let bytes = model(
+        vec![flatten, node("Gemm", &["f", "w"], "y")],
+        vec![tensor("w", &[4, 1], &[1.0; 4])],
+        &[2, 2],
+        "y",
+    );
+    let msg = onnx::import_bytes(&bytes).unwrap_err().to_string();
+    assert!(msg.contains("Flatten") && msg.contains("axis=2"), "{msg}");
+}
+
+#[test]
+fn truncated_or_foreign_files_give_clear_errors() {
+    let bytes = std::fs::read(zoo_dir("digits_cnn").join("model.onnx")).unwrap();
+    for cut in [1, 10, bytes.len() / 3, bytes.len() / 2, bytes.len() - 7] {
+        let err = onnx::import_bytes(&bytes[..cut]).unwrap_err();
+        assert!(
+            matches!(err, ModelError::InvalidOnnx(_)),
+            "truncated at {cut}: {err}"
+        );
+    }
+    let err = onnx::import_bytes(b"this is not an onnx model").unwrap_err();
+    assert!(err.to_string().starts_with("not a valid ONNX model"), "{err}");
+    let err = onnx::import_bytes(&[]).unwrap_err();
+    assert!(err.to_string().contains("no graph"), "{err}");
+}
+
+#[test]
+fn batch_norm_folds_into_the_linear_layer() {
+    // Gemm (2 -> 2) -> BatchNormalization -> Relu -> Gemm (2 -> 1)
+    let bytes = model(
+        vec![
+            node("Gemm", &["x", "w1", "b1"], "h"),
+            node("BatchNormalization", &["h", "s", "bb", "m", "v"], "n"),
+            node("Relu", &["n"], "r"),
+            node("Gemm", &["r", "w2"], "y"),
+        ],
+        vec![
+            tensor("w1", &[2, 2], &[1.0, 2.0, -1.0, 0.5]),
+            tensor("b1", &[2], &[0.1, -0.2]),
+            tensor("s", &[2], &[2.0, 0.5]),
+            tensor("bb", &[2], &[0.3, 0.0]),
+            tensor("m", &[2], &[1.0, -1.0]),
+            tensor("v", &[2], &[4.0, 0.25]),
+            tensor("w2", &[2, 1], &[1.0, -3.0]),
+        ],
+        &[2],
+        "y",
+    );
+    let m = onnx::import_bytes(&bytes).unwrap();
+    assert_eq!(m.affines.len(), 2, "BatchNormalization must fold into the first Gemm");
+    let x = [0.7, -1.3];
+    // By hand: h = x W1 + b1; n = s (h - m) / sqrt(v + eps) + bb; y = relu(n) . w2
+    let h = [x[0] * 1.0 + x[1] * -1.0 + 0.1, x[0] * 2.0 + x[1] * 0.5 - 0.2];
+    let eps = 1e-5f64;
+    let n = [
+        2.0 * (h[0] - 1.0) / (4.0 + eps).sqrt() + 0.3,
+        0.5 * (h[1] + 1.0) / (0.25 + eps).sqrt(),
+    ];
+    let y = n[0].max(0.0) * 1.0 + n[1].max(0.0) * -3.0;
+    let got = m.outputs(&x);
+    assert!((got[0] - y).abs() < 1e-5, "{got:?} vs {y}");
+}
+
+#[test]
+fn csv_with_wrong_column_count_names_the_line() {
+    let text = "f0,f1,f2,label\n0.1,0.2,0.3,1\n0.1,0.2,1\n";
+    let err = parse_csv(text.as_bytes(), "bad.csv", 3, Labels::Required).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("bad.csv: line 3") && msg.contains("3 columns, expected 4"), "{msg}");
+    // A CSV for another model (wrong feature count) fails on the header.
+    let path = zoo_dir("iris_logreg").join("test.csv");
+    let err = veil_models::data::read_csv(&path, 64, Labels::Required).unwrap_err();
+    assert!(err.to_string().contains("line 1"), "{err}");
+}

@@ -1,0 +1,80 @@
+//! Encrypted runs with real 128-bit keys agree with the simulation.
+
+mod common;
+
+use common::*;
+use veil_models::fhe::{ClientKey, CpuBackend, EncryptedInput, EncryptedOutput, FheModel, ServerKey, big_lwe_size};
+
+#[test]
+fn encrypted_runs_agree_with_simulation() {
+    let (float, mlp) = compiled("digits_mlp");
+    let params = mlp.params;
+    let client = ClientKey::generate(params);
+    // The server only ever sees the compressed evaluation key.
+    let server = ServerKey::from_compressed(params, &client.compressed_server_key()).unwrap();
+    let backend = CpuBackend::new(&server);
+    let lwe_size = big_lwe_size(params);
+
+    for (name, model, rows) in [
+        ("digits_mlp", mlp.clone(), 6usize),
+        ("breast_cancer_logreg", compiled("breast_cancer_logreg").1, 4),
+        ("wine_mlp", compiled("wine_mlp").1, 4),
+    ] {
+        let spec = model.client_spec();
+        let n_features = model.n_features();
+        let test = dataset(name, "test.csv", n_features);
+        let xs = &test.features[..rows];
+        // Inputs go through their wire form, as over the network.
+        let inputs: Vec<EncryptedInput> = xs
+            .iter()
+            .map(|x| {
+                let bytes = client.encrypt(&spec, x).unwrap().to_bytes();
+                assert!(bytes.len() <= 8 * n_features + 64, "{name}: seeded input is compact");
+                EncryptedInput::from_bytes(&bytes, n_features, lwe_size).unwrap()
+            })
+            .collect();
+        let fhe = FheModel::new(model.clone()).unwrap();
+        let outputs = fhe.evaluate(&backend, &inputs).unwrap();
+        assert_eq!(outputs.len(), rows);
+        let mut agree = 0;
+        for (x, out) in xs.iter().zip(&outputs) {
+            let out = EncryptedOutput::from_bytes(&out.to_bytes(), model.n_outputs(), lwe_size).unwrap();
+            let accs = client.decrypt(&spec, &out).unwrap();
+            let sim = model.simulate(x, None).unwrap();
+            // Decrypted accumulators sit close to the exact integers: within the noise and
+            // the rare off-by-one bootstrap read, far below the accumulators' spread.
+            let spread = sim.accs.iter().cloned().fold(0.0f64, |m, a| m.max(a.abs())).max(1.0);
+            for (e, s) in accs.iter().zip(&sim.accs) {
+                assert!((e - s).abs() < 0.05 * spread, "{name}: encrypted {accs:?} vs simulated {:?}", sim.accs);
+            }
+            if model.hidden.is_empty() {
+                // No bootstrap at all: fresh-encryption noise only, so the result is exact.
+                for (e, s) in accs.iter().zip(&sim.accs) {
+                    assert_eq!(e.round(), *s, "{name}");
+                }
+            }
+            if spec.decode(&accs).label == model.decode(&sim.accs).label {
+                agree += 1;
+            }
+        }
+        assert!(agree >= rows - 1, "{name}: {agree}/{rows} encrypted predictions agree with simulation");
+        let _ = &float;
+    }
+}
+
+#[test]
+fn wrong_inputs_are_rejected_not_panicking() {
+    let (_, model) = compiled("iris_logreg");
+    let params = model.params;
+    let lwe_size = big_lwe_size(params);
+    let client = ClientKey::generate(params);
+    let spec = model.client_spec();
+    let good = client.encrypt(&spec, &[5.1, 3.5, 1.4, 0.2]).unwrap().to_bytes();
+    // Wrong count for the model, garbage, truncation.
+    assert!(EncryptedInput::from_bytes(&good, 5, lwe_size).is_err());
+    assert!(EncryptedInput::from_bytes(&good[..good.len() - 3], 4, lwe_size).is_err());
+    assert!(EncryptedInput::from_bytes(b"garbage", 4, lwe_size).is_err());
+    assert!(EncryptedInput::from_bytes(&good, 4, lwe_size + 1).is_err());
+    // A sample with the wrong number of features is refused before encryption.
+    assert!(client.encrypt(&spec, &[1.0, 2.0]).is_err());
+}

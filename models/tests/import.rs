@@ -1,0 +1,49 @@
+//! Import of every shipped model, checked against onnxruntime's outputs recorded at export.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn every_shipped_model_imports_and_matches_onnxruntime() {
+    for name in ZOO {
+        let reference = reference(name);
+        let model = float_model(name);
+        let shape: Vec<usize> = serde_json::from_value(reference["input_shape"].clone()).unwrap();
+        assert_eq!(model.input_shape, shape, "{name}: input shape");
+        let n_classes = reference["n_classes"].as_u64().unwrap() as usize;
+        let test = dataset(name, "test.csv", model.n_features());
+        let expected: Vec<Vec<f64>> =
+            serde_json::from_value(reference["first_scores"].clone()).unwrap();
+        let labels: Vec<i64> = serde_json::from_value(reference["first_labels"].clone()).unwrap();
+        for (i, want) in expected.iter().enumerate() {
+            let got = model.outputs(&test.features[i]);
+            assert_eq!(got.len(), n_classes, "{name}: outputs of row {i}");
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "{name} row {i}: {got:?} vs onnxruntime {want:?}"
+                );
+            }
+            assert_eq!(model.predict(&test.features[i]).label, labels[i], "{name} row {i}");
+        }
+    }
+}
+
+#[test]
+fn shipped_models_have_the_expected_structure() {
+    let mlp = float_model("digits_mlp");
+    assert_eq!((mlp.affines.len(), mlp.n_features(), mlp.n_scores()), (2, 64, 10));
+    let cnn = float_model("digits_cnn");
+    // Conv -> ReLU -> (AveragePool, Reshape, Gemm composed into one linear map)
+    assert_eq!(cnn.affines.len(), 2);
+    assert_eq!(cnn.affines[0].n_out(), 4 * 6 * 6);
+    assert_eq!(cnn.affines[1].n_in, 4 * 6 * 6);
+    // Scaler + LinearClassifier compose into one linear layer; the tail is clear-text.
+    let lr = float_model("breast_cancer_logreg");
+    assert_eq!(lr.affines.len(), 1);
+    assert!(lr.acts.is_empty());
+    let wine = float_model("wine_mlp");
+    assert_eq!(wine.affines.len(), 2);
+    assert_eq!(wine.affines[0].n_out(), 16);
+}
