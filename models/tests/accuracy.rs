@@ -14,13 +14,24 @@ fn simulated_accuracy_is_within_1_5_points_of_float() {
         let test = dataset(name, "test.csv", float.n_features());
         let labels = test.labels.clone().unwrap();
         let float_acc = reference(name)["onnxruntime_accuracy"].as_f64().unwrap();
-        let own_float: Vec<i64> = test.features.iter().map(|x| float.predict(x).label).collect();
+        let own_float: Vec<i64> = test
+            .features
+            .iter()
+            .map(|x| float.predict(x).label)
+            .collect();
         assert!(
             (accuracy(&own_float, &labels) - float_acc).abs() < 1e-9,
             "{name}: the imported float model must reproduce onnxruntime's accuracy"
         );
-        let sims: Vec<_> = test.features.iter().map(|x| model.simulate(x, None).unwrap()).collect();
-        assert!(sims.iter().all(|s| s.overflows == 0), "{name}: overflow on the test set");
+        let sims: Vec<_> = test
+            .features
+            .iter()
+            .map(|x| model.simulate(x, None).unwrap())
+            .collect();
+        assert!(
+            sims.iter().all(|s| s.overflows == 0),
+            "{name}: overflow on the test set"
+        );
         let sim: Vec<i64> = sims.iter().map(|s| model.decode(&s.accs).label).collect();
         let sim_acc = accuracy(&sim, &labels);
         assert!(
@@ -32,7 +43,11 @@ fn simulated_accuracy_is_within_1_5_points_of_float() {
         let noisy: Vec<i64> = test
             .features
             .iter()
-            .map(|x| model.decode(&model.simulate(x, Some(&mut rng)).unwrap().accs).label)
+            .map(|x| {
+                model
+                    .decode(&model.simulate(x, Some(&mut rng)).unwrap().accs)
+                    .label
+            })
             .collect();
         let noisy_acc = accuracy(&noisy, &labels);
         assert!(
@@ -58,7 +73,11 @@ fn quantization_records_scales_and_plans_one_bootstrap_per_hidden_neuron() {
     for row in &h.weights.rows {
         let k_times_max = row.iter().map(|&(_, w)| w.abs()).max().unwrap();
         let g = row.iter().fold(0i64, |g, &(_, w)| gcd(g, w.abs()));
-        assert!(k_times_max / g <= first_max, "weights wider than {} bits", cfg.first_weight_bits);
+        assert!(
+            k_times_max / g <= first_max,
+            "weights wider than {} bits",
+            cfg.first_weight_bits
+        );
     }
     // Every lookup table's outputs are valid activation codes.
     let act_max = (1u16 << cfg.act_bits) - 1;
@@ -85,11 +104,15 @@ fn compiled_model_file_round_trips_and_rejects_damage() {
     }
     let mut wrong_version = bytes.clone();
     wrong_version[8] = 99;
-    let e = CompiledModel::from_bytes(&wrong_version).unwrap_err().to_string();
+    let e = CompiledModel::from_bytes(&wrong_version)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("format version 99"), "{e}");
     // A body that decodes but is inconsistent is caught by validation.
     let mut broken = model.clone();
     broken.hidden[0].lut.pop();
-    let e = CompiledModel::from_bytes(&broken.to_bytes()).unwrap_err().to_string();
+    let e = CompiledModel::from_bytes(&broken.to_bytes())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("wrong length"), "{e}");
 }

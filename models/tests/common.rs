@@ -15,7 +15,9 @@ pub const ZOO: [&str; 5] = [
 ];
 
 pub fn zoo_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("zoo").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("zoo")
+        .join(name)
 }
 
 pub fn reference(name: &str) -> serde_json::Value {

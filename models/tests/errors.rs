@@ -4,9 +4,9 @@ mod common;
 
 use common::*;
 use prost::Message;
+use veil_models::ModelError;
 use veil_models::data::{Labels, parse_csv};
 use veil_models::onnx::{self, pb};
-use veil_models::ModelError;
 
 fn tensor(name: &str, dims: &[i64], data: &[f32]) -> pb::TensorProto {
     pb::TensorProto {
@@ -46,7 +46,12 @@ fn input(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
     }
 }
 
-fn model(nodes: Vec<pb::NodeProto>, inits: Vec<pb::TensorProto>, in_dims: &[i64], out: &str) -> Vec<u8> {
+fn model(
+    nodes: Vec<pb::NodeProto>,
+    inits: Vec<pb::TensorProto>,
+    in_dims: &[i64],
+    out: &str,
+) -> Vec<u8> {
     pb::ModelProto {
         ir_version: 8,
         opset_import: vec![pb::OperatorSetIdProto {
@@ -71,10 +76,7 @@ fn model(nodes: Vec<pb::NodeProto>, inits: Vec<pb::TensorProto>, in_dims: &[i64]
 #[test]
 fn unsupported_op_names_the_node_and_lists_what_is_supported() {
     let bytes = model(
-        vec![
-            node("Gemm", &["x", "w"], "h"),
-            node("Gelu", &["h"], "y"),
-        ],
+        vec![node("Gemm", &["x", "w"], "h"), node("Gelu", &["h"], "y")],
         vec![tensor("w", &[2, 2], &[1.0, 0.0, 0.0, 1.0])],
         &[2],
         "y",
@@ -82,7 +84,10 @@ fn unsupported_op_names_the_node_and_lists_what_is_supported() {
     let err = onnx::import_bytes(&bytes).unwrap_err();
     assert!(matches!(err, ModelError::Unsupported { .. }));
     let msg = err.to_string();
-    assert!(msg.contains("Gelu_node") && msg.contains("op Gelu"), "{msg}");
+    assert!(
+        msg.contains("Gelu_node") && msg.contains("op Gelu"),
+        "{msg}"
+    );
     assert!(msg.contains("Supported: Gemm, MatMul"), "{msg}");
 }
 
@@ -99,7 +104,10 @@ fn every_unsupported_node_is_reported_at_once() {
         "y",
     );
     let msg = onnx::import_bytes(&bytes).unwrap_err().to_string();
-    assert!(msg.contains("op Erf") && msg.contains("op Sin") && msg.contains("1 more"), "{msg}");
+    assert!(
+        msg.contains("op Erf") && msg.contains("op Sin") && msg.contains("1 more"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -132,7 +140,10 @@ fn truncated_or_foreign_files_give_clear_errors() {
         );
     }
     let err = onnx::import_bytes(b"this is not an onnx model").unwrap_err();
-    assert!(err.to_string().starts_with("not a valid ONNX model"), "{err}");
+    assert!(
+        err.to_string().starts_with("not a valid ONNX model"),
+        "{err}"
+    );
     let err = onnx::import_bytes(&[]).unwrap_err();
     assert!(err.to_string().contains("no graph"), "{err}");
 }
@@ -160,10 +171,17 @@ fn batch_norm_folds_into_the_linear_layer() {
         "y",
     );
     let m = onnx::import_bytes(&bytes).unwrap();
-    assert_eq!(m.affines.len(), 2, "BatchNormalization must fold into the first Gemm");
+    assert_eq!(
+        m.affines.len(),
+        2,
+        "BatchNormalization must fold into the first Gemm"
+    );
     let x = [0.7, -1.3];
     // By hand: h = x W1 + b1; n = s (h - m) / sqrt(v + eps) + bb; y = relu(n) . w2
-    let h = [x[0] * 1.0 + x[1] * -1.0 + 0.1, x[0] * 2.0 + x[1] * 0.5 - 0.2];
+    let h = [
+        x[0] * 1.0 + x[1] * -1.0 + 0.1,
+        x[0] * 2.0 + x[1] * 0.5 - 0.2,
+    ];
     let eps = 1e-5f64;
     let n = [
         2.0 * (h[0] - 1.0) / (4.0 + eps).sqrt() + 0.3,
@@ -179,7 +197,10 @@ fn csv_with_wrong_column_count_names_the_line() {
     let text = "f0,f1,f2,label\n0.1,0.2,0.3,1\n0.1,0.2,1\n";
     let err = parse_csv(text.as_bytes(), "bad.csv", 3, Labels::Required).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("bad.csv: line 3") && msg.contains("3 columns, expected 4"), "{msg}");
+    assert!(
+        msg.contains("bad.csv: line 3") && msg.contains("3 columns, expected 4"),
+        "{msg}"
+    );
     // A CSV for another model (wrong feature count) fails on the header.
     let path = zoo_dir("iris_logreg").join("test.csv");
     let err = veil_models::data::read_csv(&path, 64, Labels::Required).unwrap_err();

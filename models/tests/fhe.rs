@@ -3,7 +3,9 @@
 mod common;
 
 use common::*;
-use veil_models::fhe::{ClientKey, CpuBackend, EncryptedInput, EncryptedOutput, FheModel, ServerKey, big_lwe_size};
+use veil_models::fhe::{
+    ClientKey, CpuBackend, EncryptedInput, EncryptedOutput, FheModel, ServerKey, big_lwe_size,
+};
 
 #[test]
 fn encrypted_runs_agree_with_simulation() {
@@ -17,7 +19,11 @@ fn encrypted_runs_agree_with_simulation() {
 
     for (name, model, rows) in [
         ("digits_mlp", mlp.clone(), 6usize),
-        ("breast_cancer_logreg", compiled("breast_cancer_logreg").1, 4),
+        (
+            "breast_cancer_logreg",
+            compiled("breast_cancer_logreg").1,
+            4,
+        ),
         ("wine_mlp", compiled("wine_mlp").1, 4),
     ] {
         let spec = model.client_spec();
@@ -29,7 +35,10 @@ fn encrypted_runs_agree_with_simulation() {
             .iter()
             .map(|x| {
                 let bytes = client.encrypt(&spec, x).unwrap().to_bytes();
-                assert!(bytes.len() <= 8 * n_features + 64, "{name}: seeded input is compact");
+                assert!(
+                    bytes.len() <= 8 * n_features + 64,
+                    "{name}: seeded input is compact"
+                );
                 EncryptedInput::from_bytes(&bytes, n_features, lwe_size).unwrap()
             })
             .collect();
@@ -38,14 +47,24 @@ fn encrypted_runs_agree_with_simulation() {
         assert_eq!(outputs.len(), rows);
         let mut agree = 0;
         for (x, out) in xs.iter().zip(&outputs) {
-            let out = EncryptedOutput::from_bytes(&out.to_bytes(), model.n_outputs(), lwe_size).unwrap();
+            let out =
+                EncryptedOutput::from_bytes(&out.to_bytes(), model.n_outputs(), lwe_size).unwrap();
             let accs = client.decrypt(&spec, &out).unwrap();
             let sim = model.simulate(x, None).unwrap();
             // Decrypted accumulators sit close to the exact integers: within the noise and
             // the rare off-by-one bootstrap read, far below the accumulators' spread.
-            let spread = sim.accs.iter().cloned().fold(0.0f64, |m, a| m.max(a.abs())).max(1.0);
+            let spread = sim
+                .accs
+                .iter()
+                .cloned()
+                .fold(0.0f64, |m, a| m.max(a.abs()))
+                .max(1.0);
             for (e, s) in accs.iter().zip(&sim.accs) {
-                assert!((e - s).abs() < 0.05 * spread, "{name}: encrypted {accs:?} vs simulated {:?}", sim.accs);
+                assert!(
+                    (e - s).abs() < 0.05 * spread,
+                    "{name}: encrypted {accs:?} vs simulated {:?}",
+                    sim.accs
+                );
             }
             if model.hidden.is_empty() {
                 // No bootstrap at all: fresh-encryption noise only, so the result is exact.
@@ -57,7 +76,10 @@ fn encrypted_runs_agree_with_simulation() {
                 agree += 1;
             }
         }
-        assert!(agree >= rows - 1, "{name}: {agree}/{rows} encrypted predictions agree with simulation");
+        assert!(
+            agree >= rows - 1,
+            "{name}: {agree}/{rows} encrypted predictions agree with simulation"
+        );
         let _ = &float;
     }
 }
@@ -69,7 +91,10 @@ fn wrong_inputs_are_rejected_not_panicking() {
     let lwe_size = big_lwe_size(params);
     let client = ClientKey::generate(params);
     let spec = model.client_spec();
-    let good = client.encrypt(&spec, &[5.1, 3.5, 1.4, 0.2]).unwrap().to_bytes();
+    let good = client
+        .encrypt(&spec, &[5.1, 3.5, 1.4, 0.2])
+        .unwrap()
+        .to_bytes();
     // Wrong count for the model, garbage, truncation.
     assert!(EncryptedInput::from_bytes(&good, 5, lwe_size).is_err());
     assert!(EncryptedInput::from_bytes(&good[..good.len() - 3], 4, lwe_size).is_err());
@@ -77,4 +102,32 @@ fn wrong_inputs_are_rejected_not_panicking() {
     assert!(EncryptedInput::from_bytes(&good, 4, lwe_size + 1).is_err());
     // A sample with the wrong number of features is refused before encryption.
     assert!(client.encrypt(&spec, &[1.0, 2.0]).is_err());
+}
+
+#[test]
+fn keys_serialize_and_foreign_keys_are_refused() {
+    use veil_models::fhe::keys::{eval_key_from_bytes, eval_key_to_bytes};
+    use veil_models::plan::ParamSet;
+    let params = ParamSet::Message2Carry2KsPbsTuniform2m128;
+    let client = ClientKey::generate(params);
+    let bytes = eval_key_to_bytes(&client.compressed_server_key());
+    let key = eval_key_from_bytes(params, &bytes).unwrap();
+    ServerKey::from_compressed(params, &key).unwrap();
+    // Truncated and garbage keys give errors.
+    assert!(eval_key_from_bytes(params, &bytes[..bytes.len() / 2]).is_err());
+    assert!(eval_key_from_bytes(params, b"not a key").is_err());
+    assert!(ClientKey::from_bytes(params, b"garbage").is_err());
+    // A key for another parameter set fails the conformance check.
+    let other = tfhe::ConfigBuilder::with_custom_parameters(
+        tfhe::shortint::parameters::v1_8::V1_8_PARAM_MESSAGE_1_CARRY_1_KS_PBS_TUNIFORM_2M128,
+    )
+    .build();
+    let foreign = tfhe::CompressedServerKey::new(&tfhe::ClientKey::generate(other));
+    let Err(e) = eval_key_from_bytes(params, &eval_key_to_bytes(&foreign)) else {
+        panic!("a key for another parameter set was accepted");
+    };
+    assert!(e.to_string().contains("not a valid evaluation key"), "{e}");
+    // The client key round-trips and decrypts what it encrypted.
+    let again = ClientKey::from_bytes(params, &client.to_bytes()).unwrap();
+    assert_eq!(again.to_bytes(), client.to_bytes());
 }

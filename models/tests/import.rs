@@ -25,7 +25,11 @@ fn every_shipped_model_imports_and_matches_onnxruntime() {
                     "{name} row {i}: {got:?} vs onnxruntime {want:?}"
                 );
             }
-            assert_eq!(model.predict(&test.features[i]).label, labels[i], "{name} row {i}");
+            assert_eq!(
+                model.predict(&test.features[i]).label,
+                labels[i],
+                "{name} row {i}"
+            );
         }
     }
 }
@@ -33,7 +37,10 @@ fn every_shipped_model_imports_and_matches_onnxruntime() {
 #[test]
 fn shipped_models_have_the_expected_structure() {
     let mlp = float_model("digits_mlp");
-    assert_eq!((mlp.affines.len(), mlp.n_features(), mlp.n_scores()), (2, 64, 10));
+    assert_eq!(
+        (mlp.affines.len(), mlp.n_features(), mlp.n_scores()),
+        (2, 64, 10)
+    );
     let cnn = float_model("digits_cnn");
     // Conv -> ReLU -> (AveragePool, Reshape, Gemm composed into one linear map)
     assert_eq!(cnn.affines.len(), 2);

@@ -69,11 +69,6 @@ impl ClientKey {
         &self.hl
     }
 
-    /// Rebuilds a client key read back from storage.
-    pub fn from_stored(params: ParamSet, hl: tfhe::ClientKey) -> Result<Self> {
-        Self::from_high_level(params, hl)
-    }
-
     /// Quantizes and encrypts one sample as a seeded LWE list (masks derived from a seed).
     pub fn encrypt(&self, spec: &ClientSpec, x: &[f64]) -> Result<super::EncryptedInput> {
         self.check_params(spec)?;
@@ -204,5 +199,55 @@ impl ServerKey {
 
     pub fn params(&self) -> ParamSet {
         self.params
+    }
+}
+
+/// Largest serialized evaluation key accepted (the compressed 2_2 key is ~30 MB).
+pub const MAX_EVAL_KEY_BYTES: u64 = 64 << 20;
+/// Largest serialized client key accepted.
+pub const MAX_CLIENT_KEY_BYTES: u64 = 16 << 20;
+
+/// Serializes a compressed evaluation key with tfhe's versioned, size-limited format.
+pub fn eval_key_to_bytes(key: &tfhe::CompressedServerKey) -> Vec<u8> {
+    let mut out = Vec::new();
+    tfhe::safe_serialization::safe_serialize(key, &mut out, MAX_EVAL_KEY_BYTES)
+        .expect("a compressed evaluation key fits the size limit");
+    out
+}
+
+/// Reads an evaluation key from untrusted bytes: size limit, version header and a
+/// conformance check against `params`, all before anything uses it.
+pub fn eval_key_from_bytes(params: ParamSet, bytes: &[u8]) -> Result<tfhe::CompressedServerKey> {
+    use tfhe::conformance::ParameterSetConformant;
+    if bytes.len() as u64 > MAX_EVAL_KEY_BYTES {
+        return Err(ModelError::Crypto(format!(
+            "evaluation key of {} bytes exceeds the {MAX_EVAL_KEY_BYTES} byte limit",
+            bytes.len()
+        )));
+    }
+    let conformance: <tfhe::CompressedServerKey as ParameterSetConformant>::ParameterSet =
+        config(params).into();
+    tfhe::safe_serialization::safe_deserialize_conformant(bytes, MAX_EVAL_KEY_BYTES, &conformance)
+        .map_err(|e| {
+            ModelError::Crypto(format!(
+                "not a valid evaluation key for {}: {e}",
+                params.name()
+            ))
+        })
+}
+
+impl ClientKey {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        tfhe::safe_serialization::safe_serialize(&self.hl, &mut out, MAX_CLIENT_KEY_BYTES)
+            .expect("a client key fits the size limit");
+        out
+    }
+
+    pub fn from_bytes(params: ParamSet, bytes: &[u8]) -> Result<Self> {
+        let hl: tfhe::ClientKey =
+            tfhe::safe_serialization::safe_deserialize(bytes, MAX_CLIENT_KEY_BYTES)
+                .map_err(|e| ModelError::Crypto(format!("not a valid client key: {e}")))?;
+        Self::from_high_level(params, hl)
     }
 }
