@@ -3,12 +3,50 @@
 use rayon::prelude::*;
 use tfhe::core_crypto::fft_impl::fft64::crypto::bootstrap::batch_blind_rotate_assign_scratch;
 use tfhe::core_crypto::prelude::{
-    CiphertextCount, ComputationBuffers, ContiguousEntityContainer, Fft, GlweCiphertextList,
+    CiphertextCount, CiphertextModulusLog, ComputationBuffers, ContiguousEntityContainer,
+    LweDimension, ModulusSwitchedLweCiphertext, Fft, GlweCiphertextList,
     GlweCiphertextListView, LweCiphertext, LweCiphertextListMutView, LweCiphertextListView,
     LweSize, MonomialDegree, extract_lwe_sample_from_glwe_ciphertext, keyswitch_lwe_ciphertext,
 };
 
 use super::ServerKey;
+
+/// A modulus-switched LWE ciphertext, materialized once. tfhe's lazy form recomputes the
+/// switch on every access, and batched blind rotation reads mask element `i` of every
+/// ciphertext for each of the n bootstrapping-key rows, which is quadratic in n.
+struct SwitchedLwe {
+    mask: Vec<usize>,
+    body: usize,
+    log_modulus: CiphertextModulusLog,
+}
+
+impl SwitchedLwe {
+    fn from_switched(ct: &impl ModulusSwitchedLweCiphertext<usize>) -> Self {
+        SwitchedLwe {
+            mask: ct.mask().collect(),
+            body: ct.body(),
+            log_modulus: ct.log_modulus(),
+        }
+    }
+}
+
+impl ModulusSwitchedLweCiphertext<usize> for SwitchedLwe {
+    fn log_modulus(&self) -> CiphertextModulusLog {
+        self.log_modulus
+    }
+
+    fn lwe_dimension(&self) -> LweDimension {
+        LweDimension(self.mask.len())
+    }
+
+    fn body(&self) -> usize {
+        self.body
+    }
+
+    fn mask(&self) -> impl ExactSizeIterator<Item = usize> + '_ {
+        self.mask.iter().copied()
+    }
+}
 
 /// Runs batches of keyswitch + bootstrap. `luts` holds one GLWE lookup table per neuron;
 /// input `i` is bootstrapped through `luts[lut_index[i]]` into output `i`.
@@ -72,11 +110,11 @@ impl<'k> CpuBackend<'k> {
             .chunks_exact(small_size.0)
             .map(|c| LweCiphertext::from_container(c, modulus))
             .collect();
-        let msed: Vec<_> = small_cts
+        let msed: Vec<SwitchedLwe> = small_cts
             .iter()
             .map(|ct| {
-                key.ms
-                    .lwe_ciphertext_modulus_switch::<usize, _>(ct, log_modulus)
+                let lazy = key.ms.lwe_ciphertext_modulus_switch::<usize, _>(ct, log_modulus);
+                SwitchedLwe::from_switched(&lazy)
             })
             .collect();
         let glwe_size = luts.glwe_size();
