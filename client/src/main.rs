@@ -1,4 +1,5 @@
-//! `veil`: the command line for model owners (compile, eval) and clients.
+//! `veil`: the command line for model owners (compile, eval) and clients (keygen, models,
+//! infer).
 
 mod cmd;
 
@@ -21,6 +22,20 @@ enum Command {
     Compile(cmd::compile::Args),
     /// Measure a compiled model's accuracy, simulated or encrypted.
     Eval(cmd::eval::Args),
+    /// Generate a client key and its compressed evaluation key.
+    Keygen(cmd::keygen::Args),
+    /// List the models a server serves.
+    Models(cmd::models::Args),
+    /// Encrypt samples, run them on a server, decrypt and print the predictions.
+    Infer(cmd::infer::Args),
+}
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(f)
 }
 
 fn main() {
@@ -28,6 +43,9 @@ fn main() {
     let result = match cli.command {
         Command::Compile(a) => cmd::compile::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Keygen(a) => cmd::keygen::run(a),
+        Command::Models(a) => block_on(cmd::models::run(a)),
+        Command::Infer(a) => block_on(cmd::infer::run(a)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,2 +1,5 @@
 pub mod compile;
 pub mod eval;
+pub mod infer;
+pub mod keygen;
+pub mod models;

@@ -1,0 +1,213 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use veil_client::{Client, KeyPair};
+use veil_models::data::{Labels, read_csv};
+use veil_models::eval::accuracy;
+
+use super::eval::median;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Server URL, e.g. http://127.0.0.1:50051.
+    #[arg(long)]
+    server: String,
+    /// Model name, as `veil models` lists it.
+    #[arg(long)]
+    model: String,
+    /// Key directory from `veil keygen`.
+    #[arg(long)]
+    keys: PathBuf,
+    /// CSV of samples (features in model-input order; an optional `label` column).
+    #[arg(long)]
+    data: PathBuf,
+    /// Use only the first N rows.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Samples per request; 1 measures single-sample latency.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn bar(len: u64, template: &str, msg: &str) -> ProgressBar {
+    let b = ProgressBar::new(len).with_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b.set_message(msg.to_string());
+    b
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let keys = KeyPair::load(&a.keys)?;
+    let client = Client::connect(&a.server).await?;
+    let model = client.model(&a.model).await?;
+    if model.spec.params != keys.params {
+        bail!(
+            "model '{}' uses {}, the keys in {} are for {}",
+            a.model,
+            model.spec.params.name(),
+            a.keys.display(),
+            keys.params.name()
+        );
+    }
+    let mut data = read_csv(&a.data, model.n_features(), Labels::Optional)
+        .with_context(|| format!("reading {}", a.data.display()))?;
+    if let Some(n) = a.limit {
+        data.truncate(n);
+    }
+    if data.is_empty() {
+        bail!("{} has no rows", a.data.display());
+    }
+
+    // The evaluation key: uploaded only when the server does not have it yet.
+    let key_uploaded;
+    let mut upload_s = 0.0;
+    if client.key_info(&keys.key_id).await?.is_some() {
+        key_uploaded = false;
+    } else {
+        let total = keys.eval_key.len() as u64;
+        let pb = bar(
+            total,
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+            "uploading evaluation key",
+        );
+        let t = Instant::now();
+        let pb2 = pb.clone();
+        client
+            .upload_key(&keys, move |sent, _| pb2.set_position(sent))
+            .await
+            .context("uploading the evaluation key")?;
+        pb.finish_and_clear();
+        upload_s = t.elapsed().as_secs_f64();
+        key_uploaded = true;
+    }
+
+    let batch = a.batch.min(model.max_batch());
+    let pb = bar(
+        data.len() as u64,
+        "{msg} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}",
+        "encrypted inference",
+    );
+    let mut predictions = Vec::with_capacity(data.len());
+    let (mut latency, mut encrypt, mut rpc, mut server, mut decrypt) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut request_bytes, mut response_bytes, mut ciphertext_bytes) = (0usize, 0usize, 0usize);
+    for chunk in data.features.chunks(batch) {
+        let n = chunk.len() as f64;
+        let t0 = Instant::now();
+        let samples = chunk
+            .iter()
+            .map(|x| model.encrypt(&keys, x))
+            .collect::<Result<Vec<_>, _>>()?;
+        ciphertext_bytes += samples.iter().map(Vec::len).sum::<usize>();
+        let t1 = Instant::now();
+        let reply = client.infer(model.name(), &keys.key_id, samples).await?;
+        let t2 = Instant::now();
+        for o in &reply.outputs {
+            predictions.push(model.decrypt(&keys, o)?.label);
+        }
+        let t3 = Instant::now();
+        request_bytes += reply.request_bytes;
+        response_bytes += reply.response_bytes;
+        for _ in chunk {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n;
+            latency.push(ms(t3 - t0));
+            encrypt.push(ms(t1 - t0));
+            rpc.push(ms(t2 - t1));
+            server.push(ms(reply.server_eval));
+            decrypt.push(ms(t3 - t2));
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+
+    let n = data.len();
+    let acc = data.labels.as_ref().map(|l| accuracy(&predictions, l));
+    let mut out = serde_json::json!({
+        "model": model.name(),
+        "n": n,
+        "batch": batch,
+        "predictions": predictions,
+        "key_id": keys.key_id,
+        "key_uploaded": key_uploaded,
+        "key_upload_bytes": if key_uploaded { keys.eval_key.len() } else { 0 },
+        "key_upload_s": upload_s,
+        "request_bytes_per_sample": request_bytes as f64 / n as f64,
+        "ciphertext_bytes_per_sample": ciphertext_bytes as f64 / n as f64,
+        "response_bytes_per_sample": response_bytes as f64 / n as f64,
+        "latency_ms_median": median(&latency),
+        "encrypt_ms_median": median(&encrypt),
+        "rpc_ms_median": median(&rpc),
+        "server_eval_ms_median": median(&server),
+        "decrypt_ms_median": median(&decrypt),
+        "latency_ms_per_sample": latency,
+        "pbs_per_sample": model.info.pbs_per_sample,
+        "parameter_set": model.info.parameter_set,
+    });
+    if let Some(labels) = &data.labels {
+        out["labels"] = serde_json::json!(labels);
+    }
+    if let Some(acc) = acc {
+        out["accuracy"] = serde_json::json!(acc);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "model {} on {}: {n} samples, key {} ({})",
+        model.name(),
+        a.server,
+        &keys.key_id[..12],
+        if key_uploaded {
+            format!(
+                "uploaded {:.1} MB in {upload_s:.1} s",
+                keys.eval_key.len() as f64 / 1e6
+            )
+        } else {
+            "already on the server".to_string()
+        }
+    );
+    println!(
+        "{:>6}  {:>10}  {:>6}  {:>12}",
+        "row", "prediction", "label", "latency ms"
+    );
+    for (i, p) in predictions.iter().enumerate() {
+        let label = data.labels.as_ref().map(|l| l[i]);
+        println!(
+            "{i:>6}  {p:>10}  {:>6}  {:>12.1}{}",
+            label.map_or("-".to_string(), |l| l.to_string()),
+            latency[i],
+            match label {
+                Some(l) if l == *p => "",
+                Some(_) => "  (miss)",
+                None => "",
+            }
+        );
+    }
+    if let Some(acc) = acc {
+        println!("accuracy {:.1}% ({n} samples)", acc * 100.0);
+    }
+    println!(
+        "per sample (median): {:.1} ms end to end = encrypt {:.1} + request {:.1} (server eval {:.1}) + decrypt {:.1}; \
+         request {:.0} bytes, response {:.0} bytes",
+        median(&latency),
+        median(&encrypt),
+        median(&rpc),
+        median(&server),
+        median(&decrypt),
+        request_bytes as f64 / n as f64,
+        response_bytes as f64 / n as f64,
+    );
+    Ok(())
+}

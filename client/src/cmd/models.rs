@@ -1,0 +1,53 @@
+use veil_client::Client;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Server URL, e.g. http://127.0.0.1:50051.
+    #[arg(long)]
+    server: String,
+    /// Print the server's metadata as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let client = Client::connect(&a.server).await?;
+    let models = client.list_models().await?;
+    if a.json {
+        let list: Vec<_> = models
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "name": m.info.name,
+                    "input_shape": m.info.input_shape,
+                    "n_features": m.n_features(),
+                    "n_outputs": m.info.n_outputs,
+                    "class_labels": m.info.class_labels,
+                    "tail": m.info.tail,
+                    "parameter_set": m.info.parameter_set,
+                    "pbs_per_sample": m.info.pbs_per_sample,
+                    "eval_key_bytes": m.info.eval_key_bytes,
+                    "max_batch": m.info.max_batch,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>12} {:>8} {:>10} {:>10}  parameter set",
+        "model", "input", "outputs", "pbs/sample", "key MB"
+    );
+    for m in &models {
+        println!(
+            "{:<24} {:>12} {:>8} {:>10} {:>10.1}  {}",
+            m.info.name,
+            format!("{:?}", m.info.input_shape),
+            m.info.n_outputs,
+            m.info.pbs_per_sample,
+            m.info.eval_key_bytes as f64 / 1e6,
+            m.info.parameter_set
+        );
+    }
+    Ok(())
+}

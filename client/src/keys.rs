@@ -1,0 +1,166 @@
+//! The client's keys on disk: `client.key` (secret, never leaves the machine), `eval.key`
+//! (the compressed evaluation key that is uploaded) and `keys.json` (parameter set, key id,
+//! sizes).
+
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use veil_models::fhe::ClientKey;
+use veil_models::fhe::keys::{MAX_CLIENT_KEY_BYTES, MAX_EVAL_KEY_BYTES, eval_key_to_bytes};
+use veil_models::plan::ParamSet;
+
+use crate::error::{ClientError, Result};
+
+/// The parameter sets this build knows, by [`ParamSet::name`].
+pub const PARAM_SETS: [ParamSet; 1] = [ParamSet::Message2Carry2KsPbsTuniform2m128];
+
+/// The parameter set called `name` (e.g. `PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128`).
+pub fn param_set_by_name(name: &str) -> Option<ParamSet> {
+    PARAM_SETS.iter().copied().find(|p| p.name() == name)
+}
+
+/// Lowercase hex SHA-256 of the evaluation key bytes: the id the server stores it under.
+pub fn key_id(eval_key: &[u8]) -> String {
+    Sha256::digest(eval_key)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+const KEYS_FORMAT: &str = "veil-keys-v1";
+
+/// A client's key pair: the secret key and the serialized evaluation key.
+pub struct KeyPair {
+    pub params: ParamSet,
+    pub client: ClientKey,
+    /// The compressed evaluation key, serialized with tfhe's safe serialization.
+    pub eval_key: Vec<u8>,
+    /// [`key_id`] of `eval_key`.
+    pub key_id: String,
+}
+
+impl KeyPair {
+    /// Generates a fresh key pair (about two seconds for MESSAGE_2_CARRY_2).
+    pub fn generate(params: ParamSet) -> Self {
+        let client = ClientKey::generate(params);
+        let eval_key = eval_key_to_bytes(&client.compressed_server_key());
+        let key_id = key_id(&eval_key);
+        KeyPair {
+            params,
+            client,
+            eval_key,
+            key_id,
+        }
+    }
+
+    /// Writes `client.key`, `eval.key` and `keys.json` into `dir` (created if needed).
+    /// Existing keys are kept unless `overwrite`.
+    pub fn save(&self, dir: &Path, overwrite: bool) -> Result<()> {
+        if !overwrite && dir.join("keys.json").exists() {
+            return Err(ClientError::Keys(format!(
+                "{} already holds keys; choose another directory or overwrite them explicitly",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ClientError::io(format!("creating {}", dir.display()), e))?;
+        let client_bytes = self.client.to_bytes();
+        write_file(&dir.join("client.key"), &client_bytes, true)?;
+        write_file(&dir.join("eval.key"), &self.eval_key, false)?;
+        let meta = serde_json::json!({
+            "format": KEYS_FORMAT,
+            "parameter_set": self.params.name(),
+            "key_id": self.key_id,
+            "eval_key_bytes": self.eval_key.len(),
+            "client_key_bytes": client_bytes.len(),
+        });
+        let text = serde_json::to_string_pretty(&meta).expect("JSON");
+        write_file(&dir.join("keys.json"), text.as_bytes(), false)
+    }
+
+    /// Reads a key directory written by [`KeyPair::save`] and checks that `eval.key` is the
+    /// one `keys.json` records.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let meta_path = dir.join("keys.json");
+        let text = std::fs::read_to_string(&meta_path).map_err(|e| {
+            ClientError::Keys(format!(
+                "cannot read {} ({e}); create keys with `veil keygen -o {}`",
+                meta_path.display(),
+                dir.display()
+            ))
+        })?;
+        let meta: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ClientError::Keys(format!("{}: {e}", meta_path.display())))?;
+        let field = |k: &str| {
+            meta[k].as_str().map(str::to_string).ok_or_else(|| {
+                ClientError::Keys(format!("{}: missing \"{k}\"", meta_path.display()))
+            })
+        };
+        if field("format")? != KEYS_FORMAT {
+            return Err(ClientError::Keys(format!(
+                "{}: not a {KEYS_FORMAT} key directory",
+                meta_path.display()
+            )));
+        }
+        let name = field("parameter_set")?;
+        let params = param_set_by_name(&name).ok_or_else(|| {
+            ClientError::Keys(format!(
+                "{}: unknown parameter set {name}",
+                meta_path.display()
+            ))
+        })?;
+        let recorded_id = field("key_id")?;
+        let eval_key = read_bounded(&dir.join("eval.key"), MAX_EVAL_KEY_BYTES)?;
+        let key_id = key_id(&eval_key);
+        if key_id != recorded_id {
+            return Err(ClientError::Keys(format!(
+                "{}: eval.key does not match the key id in keys.json",
+                dir.display()
+            )));
+        }
+        let client_bytes = read_bounded(&dir.join("client.key"), MAX_CLIENT_KEY_BYTES)?;
+        let client = ClientKey::from_bytes(params, &client_bytes)?;
+        Ok(KeyPair {
+            params,
+            client,
+            eval_key,
+            key_id,
+        })
+    }
+}
+
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?;
+    let mut bytes = Vec::new();
+    f.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ClientError::io(format!("reading {}", path.display()), e))?;
+    if bytes.len() as u64 > limit {
+        return Err(ClientError::Keys(format!(
+            "{} is larger than {limit} bytes",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut f = opts
+        .open(path)
+        .map_err(|e| ClientError::io(format!("creating {}", path.display()), e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| ClientError::io(format!("writing {}", path.display()), e))
+}

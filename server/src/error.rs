@@ -1,0 +1,58 @@
+//! The server's typed errors. They become gRPC statuses in one place: [`crate::status`].
+
+use thiserror::Error;
+use veil_models::ModelError;
+
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    /// No served model has this name.
+    #[error("unknown model '{name}'; served models: {served}")]
+    UnknownModel { name: String, served: String },
+
+    /// The server holds no evaluation key with this id.
+    #[error("unknown key id {0}; upload the evaluation key first (UploadKey)")]
+    UnknownKey(String),
+
+    /// A request that is malformed as a whole (not a crypto or shape problem of its payload).
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    /// More bytes or samples than the server accepts.
+    #[error("{0}")]
+    TooLarge(String),
+
+    /// A well-formed key for another parameter set than the one needed.
+    #[error("{0}")]
+    WrongParameterSet(String),
+
+    /// An upload stream that stopped sending.
+    #[error("{0}")]
+    Stalled(String),
+
+    /// An engine error: bad ciphertexts or keys, shapes, damaged models.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+
+    /// A file-system error on the server's side.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A fault of the server (a panicked worker, a broken invariant).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ServiceError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = ServiceError> = std::result::Result<T, E>;

@@ -1,0 +1,100 @@
+//! `veil-server`: serves every `*.veil` model of a directory over gRPC.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use veil_server::{Config, Limits, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "veil-server",
+    version,
+    about = "Serves compiled Veil models for encrypted inference (gRPC)"
+)]
+struct Args {
+    /// Directory of compiled models; `wine.veil` is served as `wine`.
+    #[arg(long)]
+    models: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the chosen one is printed).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Where uploaded evaluation keys are stored (kept across restarts).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Expanded evaluation keys kept in memory (~120 MB each).
+    #[arg(long, default_value_t = 4)]
+    key_cache: usize,
+    /// Most samples per Infer request.
+    #[arg(long, default_value_t = 256)]
+    max_batch: usize,
+    /// Evaluations running at once; further requests wait.
+    #[arg(long, default_value_t = 2)]
+    concurrent_inferences: usize,
+    /// Seconds an upload may stay silent before it is dropped.
+    #[arg(long, default_value_t = 60)]
+    upload_idle_timeout: u64,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()).await {
+        tracing::error!("{e}");
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config {
+        key_cache: a.key_cache,
+        max_batch: a.max_batch,
+        limits: Limits {
+            concurrent_inferences: a.concurrent_inferences,
+            upload_idle_timeout: Duration::from_secs(a.upload_idle_timeout.max(1)),
+            ..Limits::default()
+        },
+        ..Config::new(&a.models, &a.data_dir)
+    };
+    tracing::info!(models = %a.models.display(), data_dir = %a.data_dir.display(), "loading");
+    let server = Server::load(config).await?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, models = ?server.model_names(), "ready");
+    // A machine-readable line for scripts that start the server on port 0.
+    println!("veil-server listening on {addr}");
+    server.serve(listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("received SIGINT"),
+        _ = term => tracing::info!("received SIGTERM"),
+    }
+}

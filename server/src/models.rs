@@ -1,0 +1,186 @@
+//! The served models: every `*.veil` file of the models directory, under its file stem.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use veil_models::CompiledModel;
+use veil_models::fhe::keys::eval_key_to_bytes;
+use veil_models::fhe::{ClientKey, FheModel, big_lwe_size};
+use veil_models::plan::ParamSet;
+use veil_proto::v1;
+
+use crate::error::{Result, ServiceError};
+
+/// Largest Infer request the server decodes (16 MiB).
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// Largest response the server encodes (64 MiB).
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// One served model: the executor, built once, and its public metadata.
+pub struct ServedModel {
+    pub name: String,
+    pub params: ParamSet,
+    pub n_features: usize,
+    pub lwe_size: usize,
+    /// Most samples one Infer request may carry for this model.
+    pub max_batch: usize,
+    pub fhe: Arc<FheModel>,
+    pub info: v1::ModelInfo,
+}
+
+/// All served models, by name.
+pub struct Registry {
+    pub models: BTreeMap<String, Arc<ServedModel>>,
+    /// The distinct parameter sets of the served models.
+    pub params: Vec<ParamSet>,
+}
+
+impl Registry {
+    /// Loads every `*.veil` file in `dir` (blocking). A file that does not load stops the
+    /// server with a message naming it, rather than being skipped silently.
+    pub fn load(dir: &Path, max_batch: usize) -> Result<Self> {
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            ServiceError::io(format!("reading the models dir {}", dir.display()), e)
+        })?;
+        let mut paths: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "veil") && p.is_file())
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(ServiceError::InvalidRequest(format!(
+                "no *.veil files in {}; compile a model with `veil compile`",
+                dir.display()
+            )));
+        }
+        let mut compiled = Vec::new();
+        let mut params = Vec::new();
+        for path in &paths {
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .ok_or_else(|| {
+                    ServiceError::InvalidRequest(format!(
+                        "{}: model file names must be UTF-8",
+                        path.display()
+                    ))
+                })?
+                .to_string();
+            let model = CompiledModel::load(path).map_err(|e| {
+                ServiceError::InvalidRequest(format!("cannot serve {}: {e}", path.display()))
+            })?;
+            if !params.contains(&model.params) {
+                params.push(model.params);
+            }
+            compiled.push((name, model));
+        }
+        // The expected evaluation-key size: measured once per parameter set on a throwaway key.
+        let key_sizes: Vec<(ParamSet, u64)> = params
+            .iter()
+            .map(|&p| {
+                let key = ClientKey::generate(p);
+                (
+                    p,
+                    eval_key_to_bytes(&key.compressed_server_key()).len() as u64,
+                )
+            })
+            .collect();
+        let mut models = BTreeMap::new();
+        for (name, model) in compiled {
+            let key_bytes = key_sizes
+                .iter()
+                .find(|(p, _)| *p == model.params)
+                .map_or(0, |(_, s)| *s);
+            let served = ServedModel::new(name.clone(), model, key_bytes, max_batch)?;
+            tracing::info!(
+                model = %name,
+                features = served.n_features,
+                outputs = served.info.n_outputs,
+                pbs_per_sample = served.info.pbs_per_sample,
+                max_batch = served.max_batch,
+                "serving model"
+            );
+            models.insert(name, Arc::new(served));
+        }
+        Ok(Registry { models, params })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Arc<ServedModel>> {
+        self.models
+            .get(name)
+            .ok_or_else(|| ServiceError::UnknownModel {
+                name: name.chars().take(200).collect(),
+                served: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// The parameter set named `name`, if a served model uses it.
+    pub fn param_set(&self, name: &str) -> Option<ParamSet> {
+        self.params.iter().copied().find(|p| p.name() == name)
+    }
+}
+
+impl ServedModel {
+    fn new(
+        name: String,
+        model: CompiledModel,
+        eval_key_bytes: u64,
+        max_batch: usize,
+    ) -> Result<Self> {
+        let spec = model.client_spec();
+        let params = model.params;
+        let n_features = model.n_features();
+        let n_outputs = model.n_outputs();
+        let lwe_size = big_lwe_size(params);
+        // Keep every request and response inside the message-size limits.
+        let in_bytes = 64 + 8 * n_features + 16;
+        let out_bytes = 64 + 8 * n_outputs * lwe_size + 16;
+        let max_batch = max_batch
+            .min((MAX_REQUEST_BYTES - 4096) / in_bytes)
+            .min((MAX_RESPONSE_BYTES - 4096) / out_bytes)
+            .max(1);
+        let info = v1::ModelInfo {
+            name: name.clone(),
+            input_shape: spec.input_shape.iter().map(|&d| d as u64).collect(),
+            input: Some(v1::InputEncoding {
+                features: spec
+                    .input
+                    .quant
+                    .iter()
+                    .map(|q| v1::FeatureQuant {
+                        scale: q.scale,
+                        zero: q.zero,
+                        max_q: q.max_q,
+                    })
+                    .collect(),
+                delta: spec.input.delta,
+            }),
+            n_outputs: n_outputs as u32,
+            output: Some(v1::OutputDecoding {
+                delta: spec.output.delta,
+                scale: spec.output.scale.clone(),
+                offset: spec.output.offset.clone(),
+            }),
+            tail: spec.tail.iter().map(|t| format!("{t:?}")).collect(),
+            class_labels: spec.class_labels.clone().unwrap_or_default(),
+            parameter_set: params.name().to_string(),
+            lwe_size: lwe_size as u64,
+            pbs_per_sample: spec.pbs_per_sample as u64,
+            eval_key_bytes,
+            client_spec_json: serde_json::to_string(&spec)
+                .map_err(|e| ServiceError::Internal(format!("client spec to JSON: {e}")))?,
+            max_batch: max_batch as u32,
+        };
+        Ok(ServedModel {
+            name,
+            params,
+            n_features,
+            lwe_size,
+            max_batch,
+            fhe: Arc::new(FheModel::new(model)?),
+            info,
+        })
+    }
+}
