@@ -41,6 +41,9 @@ pub struct Config {
     /// Most samples per Infer request (lowered per model to fit the message-size limits).
     pub max_batch: usize,
     pub limits: Limits,
+    /// After a shutdown signal, how long in-flight requests may take before the server
+    /// drops them and stops anyway.
+    pub shutdown_grace: Duration,
 }
 
 impl Config {
@@ -51,6 +54,7 @@ impl Config {
             key_cache: 4,
             max_batch: 256,
             limits: Limits::default(),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -60,6 +64,7 @@ pub struct Server {
     registry: Arc<Registry>,
     keys: Arc<KeyStore>,
     limits: Limits,
+    shutdown_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +87,7 @@ impl Server {
             key_cache,
             max_batch,
             limits,
+            shutdown_grace,
         } = config;
         let registry =
             tokio::task::spawn_blocking(move || Registry::load(&models_dir, max_batch.max(1)))
@@ -92,6 +98,7 @@ impl Server {
             registry: Arc::new(registry),
             keys: Arc::new(keys),
             limits,
+            shutdown_grace,
         })
     }
 
@@ -100,7 +107,7 @@ impl Server {
     }
 
     /// Serves on `listener` until `shutdown` completes, then stops accepting and lets
-    /// in-flight requests finish.
+    /// in-flight requests finish, for at most the configured grace period.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -124,12 +131,15 @@ impl Server {
         let health_service = health_service.max_decoding_message_size(MAX_SMALL_MESSAGE);
 
         let reporter = health.clone();
+        let (grace_tx, grace_rx) = tokio::sync::oneshot::channel::<()>();
+        let grace = self.shutdown_grace;
         let shutdown = async move {
             shutdown.await;
+            let _ = grace_tx.send(());
             tracing::info!("shutting down: no new requests, finishing those in flight");
             reporter.set_not_serving::<VeilServer<VeilService>>().await;
         };
-        tonic::transport::Server::builder()
+        let serve = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -138,8 +148,21 @@ impl Server {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(veil)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await?;
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        let grace_over = async move {
+            if grace_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = serve => r?,
+            _ = grace_over => tracing::warn!(
+                grace_s = grace.as_secs_f64(),
+                "requests still open after the shutdown grace period; stopping anyway"
+            ),
+        }
         Ok(())
     }
 }

@@ -35,6 +35,9 @@ struct Args {
     /// Seconds an upload may stay silent before it is dropped.
     #[arg(long, default_value_t = 60)]
     upload_idle_timeout: u64,
+    /// Seconds in-flight requests get to finish after SIGINT / SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
 }
 
 #[tokio::main]
@@ -44,6 +47,7 @@ async fn main() {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(Args::parse()).await {
         tracing::error!("{e}");
@@ -61,6 +65,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             upload_idle_timeout: Duration::from_secs(a.upload_idle_timeout.max(1)),
             ..Limits::default()
         },
+        shutdown_grace: Duration::from_secs(a.shutdown_grace),
         ..Config::new(&a.models, &a.data_dir)
     };
     tracing::info!(models = %a.models.display(), data_dir = %a.data_dir.display(), "loading");

@@ -103,7 +103,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        // The same figures, one per line.
+        for (k, v) in out.as_object().expect("an object") {
+            if !v.is_array() {
+                println!("{k}: {v}");
+            }
+        }
     }
     Ok(())
 }
@@ -169,7 +174,7 @@ pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let m = s.len() / 2;
-    if s.len() % 2 == 0 {
+    if s.len().is_multiple_of(2) {
         (s[m - 1] + s[m]) / 2.0
     } else {
         s[m]

@@ -1,0 +1,113 @@
+//! The `veil-server` binary: starts on a free loopback port, answers health and server
+//! reflection (what grpcurl uses), and shuts down cleanly on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use veil_models::data::{Labels, read_csv};
+use veil_models::{QuantConfig, compile, onnx};
+
+#[test]
+fn binary_serves_health_and_reflection_and_stops_on_sigterm() {
+    let root =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("binary-{}", std::process::id()));
+    let models = root.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo/iris_logreg");
+    let float = onnx::import_file(&zoo.join("model.onnx")).unwrap();
+    let train = read_csv(&zoo.join("train.csv"), float.n_features(), Labels::Optional).unwrap();
+    compile(&float, &train.features, &QuantConfig::default())
+        .unwrap()
+        .save(&models.join("iris.veil"))
+        .unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_veil-server"))
+        .args(["--listen", "127.0.0.1:0", "--models"])
+        .arg(&models)
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("veil-server listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let url = format!("http://{addr}");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let status = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: "veil.v1.Veil".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32);
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = reflection
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("unexpected reflection reply {reply:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for expected in ["veil.v1.Veil", "grpc.health.v1.Health"] {
+            assert!(names.iter().any(|n| n == expected), "{names:?}");
+        }
+    });
+    // A well-behaved client goes away; graceful shutdown then finishes at once.
+    drop(rt);
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the server did not stop within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    let _ = std::fs::remove_dir_all(&root);
+}
