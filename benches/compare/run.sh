@@ -77,6 +77,8 @@ fi
 
 # ------------------------------------------------------------------ compare
 cmd="bash benches/compare/run.sh"
+[ "${SKIP_BUILD:-0}" = 1 ] && [ "$VEIL" = "$REPO/target/release/veil" ] && cmd="SKIP_BUILD=1 $cmd"
+[ "$VEIL" != "$REPO/target/release/veil" ] && cmd="VEIL=$VEIL $cmd"
 [ "$N" != 10 ] && cmd="N=$N $cmd"
 [ $# -gt 0 ] && cmd="$cmd $*"
 log "running compare.py (N=$N encrypted images per side)..."
