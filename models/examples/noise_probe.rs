@@ -120,7 +120,8 @@ fn main() {
     let terms = 32;
     let xs: Vec<u64> = (0..reads * terms).map(|_| rng.below(32)).collect();
     let delta: u64 = 1 << 48; // |sum| <= 32 * 15 * 31 = 14880 -> at most 930 positions
-    let plain: Vec<u64> = xs.iter().map(|&x| (x << 52).wrapping_add(fix)).collect();
+    // x sits at position GUARD + x, away from the negacyclic edge at 0
+    let plain: Vec<u64> = xs.iter().map(|&x| ((x + GUARD as u64) << 52).wrapping_add(fix)).collect();
     let mut enc_x = LweCiphertextList::new(0u64, size, LweCiphertextCount(reads * terms), modulus);
     encrypt_lwe_ciphertext_list(&key, &mut enc_x, &PlaintextList::from_container(plain), noise, &mut enc);
     // Bootstrap them first (as the previous layer does), re-scaled to delta.
@@ -130,7 +131,7 @@ fn main() {
         POSITIONS as usize,
         modulus,
         1u64,
-        |p: u64| p.wrapping_mul(delta),
+        |p: u64| p.wrapping_sub(GUARD as u64).wrapping_mul(delta),
     );
     let scaled = GlweCiphertextList::from_container(scaled_lut.as_ref().to_vec(), glwe_size, poly, modulus);
     let mut boot = LweCiphertextList::new(0u64, size, LweCiphertextCount(reads * terms), modulus);

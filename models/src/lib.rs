@@ -5,6 +5,7 @@
 //! calibration data and plans it into a [`CompiledModel`] (saved as a `.veil` file); the
 //! model then runs in [`simulate`](CompiledModel::simulate) or encrypted through [`fhe`].
 
+pub mod cost;
 pub mod data;
 pub mod error;
 pub mod eval;

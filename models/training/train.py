@@ -295,6 +295,26 @@ def make_digits_mlp(out_dir: Path) -> dict:
                   extra={"torch_exporter": how, "torch_version": torch.__version__})
 
 
+SWEEP_WIDTHS = (8, 16, 32, 64, 128)
+
+
+def make_digits_sweep(out_dir: Path) -> None:
+    """MLPs 64-h-10 on digits for `veil estimate --sweep`: only the ONNX files (the
+    digits_mlp CSVs serve as data) and their float accuracy."""
+    X_train, X_test, y_train, y_test = digits_split()
+    sweep = out_dir / "digits_sweep"
+    sweep.mkdir(parents=True, exist_ok=True)
+    accs = {}
+    for h in SWEEP_WIDTHS:
+        seed_everything()
+        model = nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, 10))
+        acc, _ = train_torch(model, X_train, y_train, X_test, y_test,
+                             epochs=150, batch_size=32, lr=1e-3, input_shape=[64])
+        export_torch(model, torch.from_numpy(X_test[:2]), sweep / f"mlp_h{h}.onnx")
+        accs[f"mlp_h{h}"] = acc
+    (sweep / "float_accuracy.json").write_text(json.dumps(accs, indent=2) + "\n")
+
+
 class DigitsCNN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -366,6 +386,7 @@ def main() -> None:
           f"onnx {onnx.__version__}, onnxruntime {ort.__version__}")
     make_digits_mlp(out)
     make_digits_cnn(out)
+    make_digits_sweep(out)
     make_sklearn(out, "breast_cancer_logreg", load_breast_cancer, "sklearn.datasets.load_breast_cancer",
                  LogisticRegression(max_iter=5000))
     make_sklearn(out, "iris_logreg", load_iris, "sklearn.datasets.load_iris",

@@ -9,11 +9,13 @@
 //! - [`wire`]: ciphertexts as bytes, with size limits and shape checks.
 
 pub mod backend;
+pub mod calibrate;
 pub mod executor;
 pub mod keys;
 pub mod wire;
 
 pub use backend::{CpuBackend, PbsBackend};
+pub use calibrate::calibrate;
 pub use executor::FheModel;
 pub use keys::{ClientKey, ServerKey};
 pub use wire::{EncryptedInput, EncryptedOutput};

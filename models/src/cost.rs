@@ -1,0 +1,97 @@
+//! What a compiled model costs per sample, before running it: bootstraps, linear work, bytes
+//! on the wire and server memory; with a measured [`MachineProfile`], predicted latency.
+
+use serde::{Deserialize, Serialize};
+
+use crate::fhe::shortint_params;
+use crate::plan::CompiledModel;
+
+/// Throughput of this machine, measured by [`crate::fhe::calibrate`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MachineProfile {
+    pub cpu: String,
+    pub threads: usize,
+    pub parameter_set: String,
+    /// Keyswitch + bootstrap, one ciphertext on one thread.
+    pub pbs_single_ms: f64,
+    /// Keyswitch + bootstrap throughput with every thread busy, batched as the executor does.
+    pub pbs_per_second: f64,
+    /// Cleartext-weighted additions of big-key LWE ciphertexts per second, all threads.
+    pub lwe_mac_per_second: f64,
+    /// Bytes of one compressed evaluation key (tfhe safe serialization).
+    pub eval_key_bytes: u64,
+    pub veil_version: String,
+}
+
+/// Per-sample cost of a compiled model.
+#[derive(Clone, Debug, Serialize)]
+pub struct CostReport {
+    pub pbs_per_sample: usize,
+    pub keyswitches_per_sample: usize,
+    /// Multiply-accumulates of LWE ciphertexts (nonzero weights), all layers.
+    pub lwe_macs_per_sample: usize,
+    pub request_bytes_per_sample: usize,
+    pub response_bytes_per_sample: usize,
+    /// Evaluation key as uploaded (compressed) and as held in server memory (expanded).
+    pub eval_key_bytes: Option<u64>,
+    pub server_bytes_per_loaded_key: usize,
+    pub server_bytes_per_model: usize,
+    pub predicted_latency_ms: Option<f64>,
+    /// Bootstrap time alone divided by predicted latency.
+    pub predicted_pbs_share: Option<f64>,
+}
+
+impl CompiledModel {
+    /// Counts what one sample costs; with `machine`, predicts its latency (batch of one).
+    pub fn cost(&self, machine: Option<&MachineProfile>) -> CostReport {
+        let sp = shortint_params(self.params);
+        let big = sp.glwe_dimension.0 * sp.polynomial_size.0 + 1;
+        let small = sp.lwe_dimension.0 + 1;
+        let pbs = self.pbs_per_sample();
+        let macs: usize = self.hidden.iter().map(|h| h.weights.nnz()).sum::<usize>()
+            + self.output.weights.nnz();
+        // Keyswitching key: big dimension x levels x small LWE size, u64.
+        let ksk = (big - 1) * sp.ks_level.0 * small * 8;
+        // Fourier bootstrapping key: n GGSWs of (k+1)^2 x levels polynomials of N/2 complex f64.
+        let glwe = sp.glwe_dimension.0 + 1;
+        let bsk = sp.lwe_dimension.0 * glwe * glwe * sp.pbs_level.0 * (sp.polynomial_size.0 / 2) * 16;
+        let lut_bytes: usize = self
+            .hidden
+            .iter()
+            .map(|h| h.weights.n_out() * glwe * sp.polynomial_size.0 * 8)
+            .sum();
+        let weight_bytes = macs * 12;
+        // Request: one body per feature, a 16-byte seed and the wire header; response: full
+        // big-key ciphertexts.
+        let request = 8 * self.n_features() + 16 + 16;
+        let response = 8 * big * self.n_outputs() + 16;
+        let (latency, share) = match machine {
+            Some(m) => {
+                let t = m.threads.max(1);
+                let per_pbs_thread_ms = 1e3 * t as f64 / m.pbs_per_second;
+                // Each layer's batch is split evenly over the threads.
+                let pbs_ms: f64 = self
+                    .hidden
+                    .iter()
+                    .map(|h| h.weights.n_out().div_ceil(t) as f64 * per_pbs_thread_ms)
+                    .sum();
+                let linear_ms = 1e3 * macs as f64 / m.lwe_mac_per_second;
+                let total = pbs_ms + linear_ms;
+                (Some(total), (total > 0.0).then(|| pbs_ms / total))
+            }
+            None => (None, None),
+        };
+        CostReport {
+            pbs_per_sample: pbs,
+            keyswitches_per_sample: pbs,
+            lwe_macs_per_sample: macs,
+            request_bytes_per_sample: request,
+            response_bytes_per_sample: response,
+            eval_key_bytes: machine.map(|m| m.eval_key_bytes),
+            server_bytes_per_loaded_key: ksk + bsk,
+            server_bytes_per_model: lut_bytes + weight_bytes,
+            predicted_latency_ms: latency,
+            predicted_pbs_share: share,
+        }
+    }
+}

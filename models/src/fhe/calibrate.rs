@@ -1,0 +1,96 @@
+//! A short measurement of this machine's bootstrap throughput, for latency predictions.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+use tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_scalar_mul_assign;
+use tfhe::core_crypto::prelude::{
+    CiphertextModulus, GlweCiphertextList, LweCiphertextCount, LweCiphertextList,
+    generate_programmable_bootstrap_glwe_lut,
+};
+
+use super::{ClientKey, CpuBackend, PbsBackend, ServerKey, keys::eval_key_to_bytes, shortint_params};
+use crate::cost::MachineProfile;
+use crate::plan::{POSITIONS, ParamSet};
+
+/// Measures keyswitch + bootstrap latency and throughput with real keys (a few seconds).
+pub fn calibrate(params: ParamSet) -> MachineProfile {
+    let client = ClientKey::generate(params);
+    let compressed = client.compressed_server_key();
+    let eval_key_bytes = eval_key_to_bytes(&compressed).len() as u64;
+    let server = ServerKey::from_compressed(params, &compressed).expect("own key");
+    let backend = CpuBackend::new(&server);
+    let sp = shortint_params(params);
+    let (poly, glwe_size) = (sp.polynomial_size, sp.glwe_dimension.to_glwe_size());
+    let size = super::big_lwe_size(params);
+    let modulus = CiphertextModulus::new_native();
+    let lut = generate_programmable_bootstrap_glwe_lut(
+        poly,
+        glwe_size,
+        POSITIONS as usize,
+        modulus,
+        1u64,
+        |p: u64| p << 52,
+    );
+    let luts = GlweCiphertextList::from_container(lut.as_ref().to_vec(), glwe_size, poly, modulus);
+    let threads = rayon::current_num_threads().max(1);
+    // Trivial ciphertexts cost the same to bootstrap as real ones.
+    let run = |n: usize| -> f64 {
+        let input = LweCiphertextList::new(1u64 << 60, tfhe::core_crypto::prelude::LweSize(size), LweCiphertextCount(n), modulus);
+        let mut out = LweCiphertextList::new(0u64, tfhe::core_crypto::prelude::LweSize(size), LweCiphertextCount(n), modulus);
+        let t = Instant::now();
+        backend.bootstrap_batch(input.as_view(), luts.as_view(), &vec![0; n], out.as_mut_view());
+        t.elapsed().as_secs_f64()
+    };
+    run(threads); // warm up (FFT plans, page faults)
+    let single = {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("pool");
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            best = best.min(pool.install(|| run(1)));
+        }
+        best
+    };
+    // The batch a digits layer gives: 16 per thread.
+    let n = 16 * threads;
+    let mut best = f64::MAX;
+    for _ in 0..2 {
+        best = best.min(run(n));
+    }
+    // Linear part: 64-term weighted sums of big-key ciphertexts.
+    let terms = 64;
+    let xs = vec![7u64; terms * size];
+    let outs = 256;
+    let t = Instant::now();
+    (0..outs).into_par_iter().for_each(|_| {
+        let mut acc = vec![0u64; size];
+        for j in 0..terms {
+            slice_wrapping_add_scalar_mul_assign(&mut acc, &xs[j * size..(j + 1) * size], 3);
+        }
+        std::hint::black_box(&acc);
+    });
+    let lin = t.elapsed().as_secs_f64();
+    MachineProfile {
+        cpu: cpu_model(),
+        threads,
+        parameter_set: params.name().to_string(),
+        pbs_single_ms: single * 1e3,
+        pbs_per_second: n as f64 / best,
+        lwe_mac_per_second: (outs * terms) as f64 / lin,
+        eval_key_bytes,
+        veil_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// The CPU model from /proc/cpuinfo, or "unknown".
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
