@@ -22,6 +22,8 @@ enum Command {
     Compile(cmd::compile::Args),
     /// Measure a compiled model's accuracy, simulated or encrypted.
     Eval(cmd::eval::Args),
+    /// Size what a model costs per sample: bootstraps, bytes, memory, predicted latency.
+    Estimate(cmd::estimate::Args),
     /// Generate a client key and its compressed evaluation key.
     Keygen(cmd::keygen::Args),
     /// List the models a server serves.
@@ -43,6 +45,7 @@ fn main() {
     let result = match cli.command {
         Command::Compile(a) => cmd::compile::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Estimate(a) => cmd::estimate::run(a),
         Command::Keygen(a) => cmd::keygen::run(a),
         Command::Models(a) => block_on(cmd::models::run(a)),
         Command::Infer(a) => block_on(cmd::infer::run(a)),

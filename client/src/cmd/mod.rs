@@ -1,4 +1,5 @@
 pub mod compile;
+pub mod estimate;
 pub mod eval;
 pub mod infer;
 pub mod keygen;
