@@ -206,6 +206,11 @@ impl ServerKey {
     }
 }
 
+/// The keyswitching key, for benchmarks of the keyswitch alone.
+pub fn keyswitch_key(key: &ServerKey) -> &LweKeyswitchKeyOwned<u64> {
+    &key.ksk
+}
+
 /// Largest serialized evaluation key accepted (the compressed 2_2 key is ~30 MB).
 pub const MAX_EVAL_KEY_BYTES: u64 = 64 << 20;
 /// Largest serialized client key accepted.
