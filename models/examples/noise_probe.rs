@@ -39,10 +39,8 @@ fn main() {
     let sp = veil_models::fhe::shortint_params(params);
     let (poly, glwe_size) = (sp.polynomial_size, sp.glwe_dimension.to_glwe_size());
     let mut seeder = new_seeder();
-    let mut enc = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(
-        seeder.seed(),
-        seeder.as_mut(),
-    );
+    let mut enc =
+        EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder.as_mut());
     // Identity lookup table: position p -> p * POSITION (decrypts back to p).
     let identity = generate_programmable_bootstrap_glwe_lut(
         poly,
@@ -52,14 +50,20 @@ fn main() {
         1u64,
         |p: u64| p.wrapping_mul(POSITION as u64),
     );
-    let luts = GlweCiphertextList::from_container(identity.as_ref().to_vec(), glwe_size, poly, modulus);
+    let luts =
+        GlweCiphertextList::from_container(identity.as_ref().to_vec(), glwe_size, poly, modulus);
     let fix = 1u64 << 51; // the executor's centered-switch correction
     let mut rng = Rng(42);
 
     let read = |inputs: &LweCiphertextListOwned<u64>| -> Vec<i64> {
         let n = inputs.lwe_ciphertext_count().0;
         let mut out = LweCiphertextList::new(0u64, size, LweCiphertextCount(n), modulus);
-        backend.bootstrap_batch(inputs.as_view(), luts.as_view(), &vec![0; n], out.as_mut_view());
+        backend.bootstrap_batch(
+            inputs.as_view(),
+            luts.as_view(),
+            &vec![0; n],
+            out.as_mut_view(),
+        );
         out.iter()
             .map(|ct| {
                 let d = decrypt_lwe_ciphertext(&key, &ct).0;
@@ -83,11 +87,9 @@ fn main() {
             let bx = POSITIONS / (1 << bits);
             let mut off = 0usize;
             let mut far = 0usize;
-            let mut k = 0u64;
-            for &e in errs {
+            for (k, &e) in errs.iter().enumerate() {
                 // the true value sits uniformly inside its box
-                let within = (k.wrapping_mul(2654435761) % bx as u64) as i64;
-                k += 1;
+                let within = ((k as u64).wrapping_mul(2654435761) % bx as u64) as i64;
                 let wrong = (within + e).div_euclid(bx);
                 if wrong != 0 {
                     off += 1;
@@ -109,9 +111,18 @@ fn main() {
     let targets: Vec<i64> = (0..reads)
         .map(|_| GUARD + rng.below((POSITIONS - 2 * GUARD) as u64) as i64)
         .collect();
-    let plain: Vec<u64> = targets.iter().map(|&v| ((v as u64) << 52).wrapping_add(fix)).collect();
+    let plain: Vec<u64> = targets
+        .iter()
+        .map(|&v| ((v as u64) << 52).wrapping_add(fix))
+        .collect();
     let mut fresh = LweCiphertextList::new(0u64, size, LweCiphertextCount(reads), modulus);
-    encrypt_lwe_ciphertext_list(&key, &mut fresh, &PlaintextList::from_container(plain), noise, &mut enc);
+    encrypt_lwe_ciphertext_list(
+        &key,
+        &mut fresh,
+        &PlaintextList::from_container(plain),
+        noise,
+        &mut enc,
+    );
     let got = read(&fresh);
     let errs: Vec<i64> = got.iter().zip(&targets).map(|(g, t)| g - t).collect();
     report("layer 1 (fresh inputs)", &errs, 0.0);
@@ -121,9 +132,18 @@ fn main() {
     let xs: Vec<u64> = (0..reads * terms).map(|_| rng.below(32)).collect();
     let delta: u64 = 1 << 48; // |sum| <= 32 * 15 * 31 = 14880 -> at most 930 positions
     // x sits at position GUARD + x, away from the negacyclic edge at 0
-    let plain: Vec<u64> = xs.iter().map(|&x| ((x + GUARD as u64) << 52).wrapping_add(fix)).collect();
+    let plain: Vec<u64> = xs
+        .iter()
+        .map(|&x| ((x + GUARD as u64) << 52).wrapping_add(fix))
+        .collect();
     let mut enc_x = LweCiphertextList::new(0u64, size, LweCiphertextCount(reads * terms), modulus);
-    encrypt_lwe_ciphertext_list(&key, &mut enc_x, &PlaintextList::from_container(plain), noise, &mut enc);
+    encrypt_lwe_ciphertext_list(
+        &key,
+        &mut enc_x,
+        &PlaintextList::from_container(plain),
+        noise,
+        &mut enc,
+    );
     // Bootstrap them first (as the previous layer does), re-scaled to delta.
     let scaled_lut = generate_programmable_bootstrap_glwe_lut(
         poly,
@@ -133,9 +153,15 @@ fn main() {
         1u64,
         |p: u64| p.wrapping_sub(GUARD as u64).wrapping_mul(delta),
     );
-    let scaled = GlweCiphertextList::from_container(scaled_lut.as_ref().to_vec(), glwe_size, poly, modulus);
+    let scaled =
+        GlweCiphertextList::from_container(scaled_lut.as_ref().to_vec(), glwe_size, poly, modulus);
     let mut boot = LweCiphertextList::new(0u64, size, LweCiphertextCount(reads * terms), modulus);
-    backend.bootstrap_batch(enc_x.as_view(), scaled.as_view(), &vec![0; reads * terms], boot.as_mut_view());
+    backend.bootstrap_batch(
+        enc_x.as_view(),
+        scaled.as_view(),
+        &vec![0; reads * terms],
+        boot.as_mut_view(),
+    );
     let mut accs = LweCiphertextList::new(0u64, size, LweCiphertextCount(reads), modulus);
     let mut targets = Vec::with_capacity(reads);
     let mut sum_w2 = 0.0;
@@ -144,8 +170,14 @@ fn main() {
         for j in 0..terms {
             let w = rng.below(31) as i64 - 15;
             sum_w2 += (w * w) as f64;
-            exact += w * xs[r * terms + j] as i64;
             let term = boot.get(r * terms + j);
+            // The value this bootstrap actually output (its own read may have been off): the
+            // probe measures the next read, not the previous one.
+            let x_read = (decrypt_lwe_ciphertext(&key, &term)
+                .0
+                .wrapping_add(delta / 2)
+                / delta) as i64;
+            exact += w * x_read;
             tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_scalar_mul_assign(
                 acc.as_mut(),
                 term.as_ref(),
@@ -160,5 +192,9 @@ fn main() {
     }
     let got = read(&accs);
     let errs: Vec<i64> = got.iter().zip(&targets).map(|(g, t)| g - t).collect();
-    report("hidden layer (32 bootstrapped terms, 5-bit weights)", &errs, sum_w2 / reads as f64);
+    report(
+        "hidden layer (32 bootstrapped terms, 5-bit weights)",
+        &errs,
+        sum_w2 / reads as f64,
+    );
 }

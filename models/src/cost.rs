@@ -48,13 +48,14 @@ impl CompiledModel {
         let big = sp.glwe_dimension.0 * sp.polynomial_size.0 + 1;
         let small = sp.lwe_dimension.0 + 1;
         let pbs = self.pbs_per_sample();
-        let macs: usize = self.hidden.iter().map(|h| h.weights.nnz()).sum::<usize>()
-            + self.output.weights.nnz();
+        let macs: usize =
+            self.hidden.iter().map(|h| h.weights.nnz()).sum::<usize>() + self.output.weights.nnz();
         // Keyswitching key: big dimension x levels x small LWE size, u64.
         let ksk = (big - 1) * sp.ks_level.0 * small * 8;
         // Fourier bootstrapping key: n GGSWs of (k+1)^2 x levels polynomials of N/2 complex f64.
         let glwe = sp.glwe_dimension.0 + 1;
-        let bsk = sp.lwe_dimension.0 * glwe * glwe * sp.pbs_level.0 * (sp.polynomial_size.0 / 2) * 16;
+        let bsk =
+            sp.lwe_dimension.0 * glwe * glwe * sp.pbs_level.0 * (sp.polynomial_size.0 / 2) * 16;
         let lut_bytes: usize = self
             .hidden
             .iter()

@@ -68,7 +68,7 @@ pub fn parse_csv(
     if header.is_empty() {
         return Err(err(1, "empty file: expected a header row".into()));
     }
-    let has_label = header.iter().last() == Some("label");
+    let has_label = header.iter().next_back() == Some("label");
     let expected = n_features + usize::from(has_label);
     if header.len() != expected {
         return Err(err(

@@ -178,10 +178,7 @@ fn batch_norm_folds_into_the_linear_layer() {
     );
     let x = [0.7, -1.3];
     // By hand: h = x W1 + b1; n = s (h - m) / sqrt(v + eps) + bb; y = relu(n) . w2
-    let h = [
-        x[0] * 1.0 + x[1] * -1.0 + 0.1,
-        x[0] * 2.0 + x[1] * 0.5 - 0.2,
-    ];
+    let h = [x[0] - x[1] + 0.1, x[0] * 2.0 + x[1] * 0.5 - 0.2];
     let eps = 1e-5f64;
     let n = [
         2.0 * (h[0] - 1.0) / (4.0 + eps).sqrt() + 0.3,

@@ -3,10 +3,10 @@
 use rayon::prelude::*;
 use tfhe::core_crypto::fft_impl::fft64::crypto::bootstrap::batch_blind_rotate_assign_scratch;
 use tfhe::core_crypto::prelude::{
-    CiphertextCount, CiphertextModulusLog, ComputationBuffers, ContiguousEntityContainer,
-    LweDimension, ModulusSwitchedLweCiphertext, Fft, GlweCiphertextList,
-    GlweCiphertextListView, LweCiphertext, LweCiphertextListMutView, LweCiphertextListView,
-    LweSize, MonomialDegree, extract_lwe_sample_from_glwe_ciphertext, keyswitch_lwe_ciphertext,
+    CiphertextCount, CiphertextModulusLog, ComputationBuffers, ContiguousEntityContainer, Fft,
+    GlweCiphertextList, GlweCiphertextListView, LweCiphertext, LweCiphertextListMutView,
+    LweCiphertextListView, LweDimension, LweSize, ModulusSwitchedLweCiphertext, MonomialDegree,
+    extract_lwe_sample_from_glwe_ciphertext, keyswitch_lwe_ciphertext,
 };
 
 use super::ServerKey;
@@ -113,7 +113,9 @@ impl<'k> CpuBackend<'k> {
         let msed: Vec<SwitchedLwe> = small_cts
             .iter()
             .map(|ct| {
-                let lazy = key.ms.lwe_ciphertext_modulus_switch::<usize, _>(ct, log_modulus);
+                let lazy = key
+                    .ms
+                    .lwe_ciphertext_modulus_switch::<usize, _>(ct, log_modulus);
                 SwitchedLwe::from_switched(&lazy)
             })
             .collect();

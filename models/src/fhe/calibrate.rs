@@ -9,7 +9,9 @@ use tfhe::core_crypto::prelude::{
     generate_programmable_bootstrap_glwe_lut,
 };
 
-use super::{ClientKey, CpuBackend, PbsBackend, ServerKey, keys::eval_key_to_bytes, shortint_params};
+use super::{
+    ClientKey, CpuBackend, PbsBackend, ServerKey, keys::eval_key_to_bytes, shortint_params,
+};
 use crate::cost::MachineProfile;
 use crate::plan::{POSITIONS, ParamSet};
 
@@ -36,15 +38,33 @@ pub fn calibrate(params: ParamSet) -> MachineProfile {
     let threads = rayon::current_num_threads().max(1);
     // Trivial ciphertexts cost the same to bootstrap as real ones.
     let run = |n: usize| -> f64 {
-        let input = LweCiphertextList::new(1u64 << 60, tfhe::core_crypto::prelude::LweSize(size), LweCiphertextCount(n), modulus);
-        let mut out = LweCiphertextList::new(0u64, tfhe::core_crypto::prelude::LweSize(size), LweCiphertextCount(n), modulus);
+        let input = LweCiphertextList::new(
+            1u64 << 60,
+            tfhe::core_crypto::prelude::LweSize(size),
+            LweCiphertextCount(n),
+            modulus,
+        );
+        let mut out = LweCiphertextList::new(
+            0u64,
+            tfhe::core_crypto::prelude::LweSize(size),
+            LweCiphertextCount(n),
+            modulus,
+        );
         let t = Instant::now();
-        backend.bootstrap_batch(input.as_view(), luts.as_view(), &vec![0; n], out.as_mut_view());
+        backend.bootstrap_batch(
+            input.as_view(),
+            luts.as_view(),
+            &vec![0; n],
+            out.as_mut_view(),
+        );
         t.elapsed().as_secs_f64()
     };
     run(threads); // warm up (FFT plans, page faults)
     let single = {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("pool");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("pool");
         let mut best = f64::MAX;
         for _ in 0..3 {
             best = best.min(pool.install(|| run(1)));

@@ -405,7 +405,7 @@ fn reshape(ctx: &NodeCtx, shape: &[usize], target: &[f64]) -> Result<Vec<usize>>
     }
     let known: usize = out.iter().product();
     if let Some(k) = infer_at {
-        if known == 0 || n % known != 0 {
+        if known == 0 || !n.is_multiple_of(known) {
             return Err(ctx.unsupported(format!("cannot reshape {shape:?} to {target:?}")));
         }
         out[k] = n / known;
@@ -601,7 +601,7 @@ fn conv(ctx: &NodeCtx, shape: &[usize], consts: &[Option<Tensor>]) -> Result<Nod
     let m_per_group = m / group;
     let mut rows = Vec::with_capacity(m * oh * ow);
     let mut out_bias = Vec::with_capacity(m * oh * ow);
-    for oc in 0..m {
+    for (oc, &oc_bias) in bias.iter().enumerate() {
         let g = oc / m_per_group;
         for y in 0..oh {
             for x in 0..ow {
@@ -625,7 +625,7 @@ fn conv(ctx: &NodeCtx, shape: &[usize], consts: &[Option<Tensor>]) -> Result<Nod
                 }
                 row.sort_unstable_by_key(|e| e.0);
                 rows.push(row.into_iter().map(|(c, v)| (c as u32, v)).collect());
-                out_bias.push(bias[oc]);
+                out_bias.push(oc_bias);
             }
         }
     }
