@@ -140,7 +140,12 @@ fn sweep(a: &Args, machine: &MachineProfile) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", a.sweep_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|p| {
-            let stem = p.file_stem()?.to_str()?.strip_prefix("mlp_h")?.parse().ok()?;
+            let stem = p
+                .file_stem()?
+                .to_str()?
+                .strip_prefix("mlp_h")?
+                .parse()
+                .ok()?;
             (p.extension()? == "onnx").then_some((stem, p))
         })
         .collect();
@@ -151,7 +156,11 @@ fn sweep(a: &Args, machine: &MachineProfile) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for (hidden, path) in &models {
         let float = onnx::import_file(path)?;
-        let float_pred: Vec<i64> = test.features.iter().map(|x| float.predict(x).label).collect();
+        let float_pred: Vec<i64> = test
+            .features
+            .iter()
+            .map(|x| float.predict(x).label)
+            .collect();
         let float_acc = accuracy(&float_pred, &labels);
         for bits in [2u32, 3, 4, 5, 6, 7] {
             let cfg = QuantConfig {
@@ -169,7 +178,11 @@ fn sweep(a: &Args, machine: &MachineProfile) -> anyhow::Result<()> {
             let noisy: Vec<i64> = test
                 .features
                 .iter()
-                .map(|x| model.simulate(x, Some(&mut rng)).map(|s| model.decode(&s.accs).label))
+                .map(|x| {
+                    model
+                        .simulate(x, Some(&mut rng))
+                        .map(|s| model.decode(&s.accs).label)
+                })
                 .collect::<Result<_, _>>()?;
             let cost = model.cost(Some(machine));
             rows.push(SweepRow {
@@ -213,7 +226,11 @@ fn draw(rows: &[SweepRow], path: &Path, machine: &MachineProfile) -> anyhow::Res
     let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
     root.fill(&WHITE)?;
     let max_latency = rows.iter().map(|r| r.latency_ms).fold(1.0, f64::max) * 1.1;
-    let min_acc = rows.iter().map(|r| r.noisy_acc).fold(1.0, f64::min).min(0.8);
+    let min_acc = rows
+        .iter()
+        .map(|r| r.noisy_acc)
+        .fold(1.0, f64::min)
+        .min(0.8);
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
@@ -248,7 +265,9 @@ fn draw(rows: &[SweepRow], path: &Path, machine: &MachineProfile) -> anyhow::Res
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
             .label(format!("{bits}-bit weights and activations"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
         chart.draw_series(rows.iter().filter(|r| r.bits == *bits && i == 0).map(|r| {
             Text::new(
