@@ -173,10 +173,8 @@ fn main() {
             let term = boot.get(r * terms + j);
             // The value this bootstrap actually output (its own read may have been off): the
             // probe measures the next read, not the previous one.
-            let x_read = (decrypt_lwe_ciphertext(&key, &term)
-                .0
-                .wrapping_add(delta / 2)
-                / delta) as i64;
+            let x_read = (decrypt_lwe_ciphertext(&key, &term).0 as i64 + delta as i64 / 2)
+                .div_euclid(delta as i64);
             exact += w * x_read;
             tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_scalar_mul_assign(
                 acc.as_mut(),

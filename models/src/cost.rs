@@ -18,6 +18,8 @@ pub struct MachineProfile {
     pub pbs_per_second: f64,
     /// Cleartext-weighted additions of big-key LWE ciphertexts per second, all threads.
     pub lwe_mac_per_second: f64,
+    /// Regenerating one seeded input ciphertext's mask.
+    pub expand_ms_per_feature: f64,
     /// Bytes of one compressed evaluation key (tfhe safe serialization).
     pub eval_key_bytes: u64,
     pub veil_version: String,
@@ -77,7 +79,8 @@ impl CompiledModel {
                     .map(|h| h.weights.n_out().div_ceil(t) as f64 * per_pbs_thread_ms)
                     .sum();
                 let linear_ms = 1e3 * macs as f64 / m.lwe_mac_per_second;
-                let total = pbs_ms + linear_ms;
+                let expand_ms = m.expand_ms_per_feature * self.n_features() as f64;
+                let total = pbs_ms + linear_ms + expand_ms;
                 (Some(total), (total > 0.0).then(|| pbs_ms / total))
             }
             None => (None, None),

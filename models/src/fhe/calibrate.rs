@@ -90,6 +90,20 @@ pub fn calibrate(params: ParamSet) -> MachineProfile {
         std::hint::black_box(&acc);
     });
     let lin = t.elapsed().as_secs_f64();
+    // Expanding seeded inputs (regenerating masks from the seed), per feature.
+    let features = 256;
+    let seeded = tfhe::core_crypto::prelude::SeededLweCiphertextList::new(
+        0u64,
+        tfhe::core_crypto::prelude::LweSize(size),
+        LweCiphertextCount(features),
+        tfhe::core_crypto::commons::math::random::CompressionSeed::from(
+            tfhe::core_crypto::commons::math::random::Seed(1),
+        ),
+        modulus,
+    );
+    let t = Instant::now();
+    std::hint::black_box(seeded.decompress_into_lwe_ciphertext_list());
+    let expand = t.elapsed().as_secs_f64();
     MachineProfile {
         cpu: cpu_model(),
         threads,
@@ -97,6 +111,7 @@ pub fn calibrate(params: ParamSet) -> MachineProfile {
         pbs_single_ms: single * 1e3,
         pbs_per_second: n as f64 / best,
         lwe_mac_per_second: (outs * terms) as f64 / lin,
+        expand_ms_per_feature: expand * 1e3 / features as f64,
         eval_key_bytes,
         veil_version: env!("CARGO_PKG_VERSION").to_string(),
     }
