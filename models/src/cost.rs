@@ -12,10 +12,13 @@ pub struct MachineProfile {
     pub cpu: String,
     pub threads: usize,
     pub parameter_set: String,
-    /// Keyswitch + bootstrap, one ciphertext on one thread.
+    /// tfhe's own keyswitch + bootstrap (shortint `apply_lookup_table`), one ciphertext on
+    /// one thread: the reference for PBS efficiency.
     pub pbs_single_ms: f64,
     /// Keyswitch + bootstrap throughput with every thread busy, batched as the executor does.
     pub pbs_per_second: f64,
+    /// Throughput on all threads by batch size per thread (batched blind rotation).
+    pub pbs_per_second_by_batch: Vec<(usize, f64)>,
     /// Cleartext-weighted additions of big-key LWE ciphertexts per second, all threads.
     pub lwe_mac_per_second: f64,
     /// Regenerating one seeded input ciphertext's mask.
@@ -71,12 +74,20 @@ impl CompiledModel {
         let (latency, share) = match machine {
             Some(m) => {
                 let t = m.threads.max(1);
-                let per_pbs_thread_ms = 1e3 * t as f64 / m.pbs_per_second;
-                // Each layer's batch is split evenly over the threads.
+                // Each layer's batch is split evenly over the threads; the throughput is the one
+                // measured at the nearest batch size per thread (at most 32 per call).
                 let pbs_ms: f64 = self
                     .hidden
                     .iter()
-                    .map(|h| h.weights.n_out().div_ceil(t) as f64 * per_pbs_thread_ms)
+                    .map(|h| {
+                        let per_thread = h.weights.n_out().div_ceil(t);
+                        let rate = m
+                            .pbs_per_second_by_batch
+                            .iter()
+                            .min_by_key(|(b, _)| b.abs_diff(per_thread.min(32)))
+                            .map_or(m.pbs_per_second, |b| b.1);
+                        per_thread as f64 * 1e3 * t as f64 / rate
+                    })
                     .sum();
                 let linear_ms = 1e3 * macs as f64 / m.lwe_mac_per_second;
                 let expand_ms = m.expand_ms_per_feature * self.n_features() as f64;

@@ -159,9 +159,12 @@ impl PbsBackend for CpuBackend<'_> {
         let in_size: LweSize = inputs.lwe_size();
         assert_eq!(inputs.lwe_ciphertext_count().0, lut_index.len());
         assert_eq!(outputs.lwe_ciphertext_count().0, lut_index.len());
-        // Spread the batch evenly over the cores, in chunks of at most CHUNK.
+        // Spread the batch evenly over the cores: a multiple of `threads` chunks of at most
+        // CHUNK each, so that no core is left with a last round alone.
         let threads = rayon::current_num_threads().max(1);
-        let per_thread = lut_index.len().div_ceil(threads).clamp(1, CHUNK);
+        let n = lut_index.len();
+        let chunks = n.div_ceil(CHUNK).div_ceil(threads).max(1) * threads;
+        let per_thread = n.div_ceil(chunks).max(1);
         let out_size = outputs.lwe_size().0;
         inputs
             .as_ref()
