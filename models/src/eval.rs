@@ -64,3 +64,20 @@ pub fn accuracy(predicted: &[i64], labels: &[i64]) -> f64 {
     let hits = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
     hits as f64 / labels.len() as f64
 }
+
+impl CompiledModel {
+    /// Simulated predicted labels for `xs`; with `noise_seed`, with the predicted bootstrap noise.
+    pub fn simulate_labels(
+        &self,
+        xs: &[Vec<f64>],
+        noise_seed: Option<u64>,
+    ) -> crate::Result<Vec<i64>> {
+        let mut rng = noise_seed.map(crate::simulate::NoiseRng::new);
+        xs.iter()
+            .map(|x| {
+                self.simulate(x, rng.as_mut())
+                    .map(|s| self.decode(&s.accs).label)
+            })
+            .collect()
+    }
+}

@@ -9,7 +9,6 @@ use veil_models::data::{Labels, read_csv};
 use veil_models::eval::accuracy;
 use veil_models::fhe::calibrate::{calibrate, cpu_model};
 use veil_models::plan::ParamSet;
-use veil_models::simulate::NoiseRng;
 use veil_models::{CompiledModel, QuantConfig, compile, onnx};
 
 #[derive(clap::Args)]
@@ -169,21 +168,8 @@ fn sweep(a: &Args, machine: &MachineProfile) -> anyhow::Result<()> {
                 ..QuantConfig::default()
             };
             let model = compile(&float, &train.features, &cfg)?;
-            let sim: Vec<i64> = test
-                .features
-                .iter()
-                .map(|x| model.simulate(x, None).map(|s| model.decode(&s.accs).label))
-                .collect::<Result<_, _>>()?;
-            let mut rng = NoiseRng::new(1);
-            let noisy: Vec<i64> = test
-                .features
-                .iter()
-                .map(|x| {
-                    model
-                        .simulate(x, Some(&mut rng))
-                        .map(|s| model.decode(&s.accs).label)
-                })
-                .collect::<Result<_, _>>()?;
+            let sim = model.simulate_labels(&test.features, None)?;
+            let noisy = model.simulate_labels(&test.features, Some(1))?;
             let cost = model.cost(Some(machine));
             rows.push(SweepRow {
                 hidden: *hidden,

@@ -7,7 +7,6 @@ use veil_models::CompiledModel;
 use veil_models::data::{Labels, read_csv};
 use veil_models::eval::accuracy;
 use veil_models::fhe::{ClientKey, CpuBackend, FheModel, PbsBackend, ServerKey};
-use veil_models::simulate::NoiseRng;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -53,16 +52,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let sim_secs = t0.elapsed().as_secs_f64();
     let sim_pred: Vec<i64> = sim.iter().map(|s| model.decode(&s.accs).label).collect();
     let overflow_samples = sim.iter().filter(|s| s.overflows > 0).count();
-    let mut rng = NoiseRng::new(0x5eed);
-    let noisy_pred: Vec<i64> = data
-        .features
-        .iter()
-        .map(|x| {
-            model
-                .simulate(x, Some(&mut rng))
-                .map(|s| model.decode(&s.accs).label)
-        })
-        .collect::<Result<_, _>>()?;
+    let noisy_pred = model.simulate_labels(&data.features, Some(0x5eed))?;
 
     let mut out = serde_json::json!({
         "mode": match a.mode { Mode::Simulate => "simulate", Mode::Fhe => "fhe" },
