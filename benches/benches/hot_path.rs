@@ -139,7 +139,11 @@ fn keyswitch_and_linear(c: &mut Criterion) {
         b.iter(|| keyswitch_lwe_ciphertext(ksk, &input, &mut small))
     });
     // The linear part of the digits MLP's first layer: 32 neurons x 64 inputs, 5-bit weights.
-    let xs = vec![5u64; 64 * s.size];
+    // Pseudo-random words: a constant input would keyswitch to a zero mask, and blind rotation
+    // skips zero mask elements, which would time almost nothing.
+    let xs: Vec<u64> = (0..64 * s.size as u64)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect();
     let weights: Vec<u64> = (0..64 * 32).map(|i| (i as i64 % 31 - 15) as u64).collect();
     let mut out = vec![0u64; 32 * s.size];
     g.throughput(Throughput::Elements(64 * 32));
