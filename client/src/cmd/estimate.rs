@@ -236,8 +236,7 @@ fn draw(rows: &[SweepRow], path: &Path, machine: &MachineProfile) -> anyhow::Res
         .draw()?;
     let bit_set: Vec<u32> = {
         let mut b: Vec<u32> = rows.iter().map(|r| r.bits).collect();
-        b.dedup();
-        b.sort();
+        b.sort_unstable();
         b.dedup();
         b
     };

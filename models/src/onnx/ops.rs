@@ -737,9 +737,8 @@ fn linear_classifier(ctx: &NodeCtx, shape: &[usize]) -> Result<NodeEffect> {
             return Err(ctx.unsupported(format!("{} intercepts for {rows_n} classes", v.len())));
         }
     };
-    if ctx.attr_i("multi_class", 0) != 0 && rows_n > 1 {
-        // multi_class=1 only changes how ties are broken for one-vs-rest label outputs
-    }
+    // multi_class only changes how one-vs-rest label outputs break ties; the scores (and
+    // the argmax the client takes) are the same, so it needs no handling.
     let labels: Option<Vec<i64>> = ctx
         .attr_ints("classlabels_ints")
         .filter(|v| !v.is_empty())
