@@ -127,6 +127,8 @@ pub struct InferReply {
     pub response_bytes: usize,
     /// Time the server spent evaluating.
     pub server_eval: Duration,
+    /// Samples in the server's evaluation: this request's plus any it was merged with.
+    pub merged_samples: usize,
 }
 
 /// A connection to a `veil-server`. Cheap to clone.
@@ -296,6 +298,7 @@ impl Client {
             response_bytes: reply.encoded_len(),
             request_bytes,
             server_eval: Duration::from_micros(reply.eval_micros),
+            merged_samples: reply.merged_samples as usize,
             outputs: reply.outputs,
         })
     }

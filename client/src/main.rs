@@ -24,6 +24,8 @@ enum Command {
     Eval(cmd::eval::Args),
     /// Size what a model costs per sample: bootstraps, bytes, memory, predicted latency.
     Estimate(cmd::estimate::Args),
+    /// Time keyswitch + bootstrap by batch size on the CPU or GPU backend.
+    BenchPbs(cmd::bench_pbs::Args),
     /// Generate a client key and its compressed evaluation key.
     Keygen(cmd::keygen::Args),
     /// List the models a server serves.
@@ -46,6 +48,7 @@ fn main() {
         Command::Compile(a) => cmd::compile::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Estimate(a) => cmd::estimate::run(a),
+        Command::BenchPbs(a) => cmd::bench_pbs::run(a),
         Command::Keygen(a) => cmd::keygen::run(a),
         Command::Models(a) => block_on(cmd::models::run(a)),
         Command::Infer(a) => block_on(cmd::infer::run(a)),

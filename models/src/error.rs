@@ -41,6 +41,10 @@ pub enum ModelError {
     #[error("cannot compile: {0}")]
     Plan(String),
 
+    /// The requested compute backend cannot run here (no `gpu` feature, no device).
+    #[error("backend unavailable: {0}")]
+    Backend(String),
+
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
-use veil_models::fhe::ServerKey;
 use veil_models::fhe::keys::{MAX_EVAL_KEY_BYTES, eval_key_from_bytes};
+use veil_models::fhe::{BackendKind, EvalKey};
 use veil_models::plan::ParamSet;
 
 use crate::error::{Result, ServiceError};
@@ -47,9 +47,11 @@ pub struct StoredKey {
     pub newly_stored: bool,
 }
 
-/// The disk store plus the cache of expanded keys.
+/// The disk store plus the cache of expanded keys, in the form of the server's backend (the
+/// CPU's Fourier-domain key in RAM, or the GPU's copy in device memory).
 pub struct KeyStore {
     dir: PathBuf,
+    backend: BackendKind,
     cache: Mutex<Lru>,
     /// Serializes loads from disk, so that a burst of requests for an uncached key expands it
     /// once and memory stays bounded (cache + one key being loaded).
@@ -61,7 +63,7 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl KeyStore {
     /// Opens (creating if needed) the key store under `data_dir`, keeping up to `capacity`
     /// expanded keys in memory. Leftover temporary files of an interrupted write are removed.
-    pub fn open(data_dir: &Path, capacity: usize) -> Result<Self> {
+    pub fn open(data_dir: &Path, capacity: usize, backend: BackendKind) -> Result<Self> {
         let dir = data_dir.join("keys");
         std::fs::create_dir_all(&dir)
             .map_err(|e| ServiceError::io(format!("creating {}", dir.display()), e))?;
@@ -78,6 +80,7 @@ impl KeyStore {
         }
         Ok(KeyStore {
             dir,
+            backend,
             cache: Mutex::new(Lru::new(capacity.max(1))),
             loading: tokio::sync::Mutex::new(()),
         })
@@ -120,7 +123,7 @@ impl KeyStore {
         if let Some(found) = self.find(&id, candidates)? {
             return Ok(found);
         }
-        let (params, key) = validate(bytes, candidates)?;
+        let (params, key) = validate(bytes, candidates, self.backend)?;
         let path = self.path(params, &id);
         write_atomically(&path, bytes)?;
         self.cache
@@ -143,7 +146,7 @@ impl KeyStore {
         id: &str,
         params: ParamSet,
         served: &[ParamSet],
-    ) -> Result<Arc<ServerKey>> {
+    ) -> Result<Arc<EvalKey>> {
         check_key_id(id)?;
         if let Some(k) = self.cached(id, params) {
             return Ok(k);
@@ -177,20 +180,20 @@ impl KeyStore {
         Ok(key)
     }
 
-    fn cached(&self, id: &str, params: ParamSet) -> Option<Arc<ServerKey>> {
+    fn cached(&self, id: &str, params: ParamSet) -> Option<Arc<EvalKey>> {
         self.cache.lock().expect("cache lock").get(id, params)
     }
 
     /// Reads a stored key and checks it: the hash must match the id, and the bytes must pass
     /// the conformance check. A damaged file is moved aside and the key reported unknown.
-    fn load(&self, id: &str, params: ParamSet) -> Result<ServerKey> {
+    fn load(&self, id: &str, params: ParamSet) -> Result<EvalKey> {
         let path = self.path(params, id);
         let bytes = read_bounded(&path)?;
         let checked = if key_id(&bytes) != id {
             Err("its content no longer matches its hash".to_string())
         } else {
             eval_key_from_bytes(params, &bytes)
-                .and_then(|csk| ServerKey::from_compressed(params, &csk))
+                .and_then(|csk| EvalKey::from_compressed(self.backend, params, &csk))
                 .map_err(|e| e.to_string())
         };
         match checked {
@@ -218,11 +221,15 @@ impl KeyStore {
 /// Deserializes with the conformance check against each candidate parameter set, then
 /// expands. A key that conforms to none is told apart: well-formed but for other parameters
 /// (FAILED_PRECONDITION) or not an evaluation key at all (INVALID_ARGUMENT).
-fn validate(bytes: &[u8], candidates: &[ParamSet]) -> Result<(ParamSet, ServerKey)> {
+fn validate(
+    bytes: &[u8],
+    candidates: &[ParamSet],
+    backend: BackendKind,
+) -> Result<(ParamSet, EvalKey)> {
     let mut last = None;
     for &params in candidates {
         match eval_key_from_bytes(params, bytes) {
-            Ok(csk) => return Ok((params, ServerKey::from_compressed(params, &csk)?)),
+            Ok(csk) => return Ok((params, EvalKey::from_compressed(backend, params, &csk)?)),
             Err(e) => last = Some(e),
         }
     }
@@ -290,7 +297,7 @@ pub fn short(id: &str) -> &str {
 /// (most recent last) is all it needs.
 struct Lru {
     capacity: usize,
-    entries: Vec<(String, ParamSet, Arc<ServerKey>)>,
+    entries: Vec<(String, ParamSet, Arc<EvalKey>)>,
 }
 
 impl Lru {
@@ -301,7 +308,7 @@ impl Lru {
         }
     }
 
-    fn get(&mut self, id: &str, params: ParamSet) -> Option<Arc<ServerKey>> {
+    fn get(&mut self, id: &str, params: ParamSet) -> Option<Arc<EvalKey>> {
         let i = self
             .entries
             .iter()
@@ -312,7 +319,7 @@ impl Lru {
         Some(key)
     }
 
-    fn insert(&mut self, id: String, params: ParamSet, key: Arc<ServerKey>) {
+    fn insert(&mut self, id: String, params: ParamSet, key: Arc<EvalKey>) {
         self.entries.retain(|(k, p, _)| !(k == &id && *p == params));
         self.entries.push((id, params, key));
         while self.entries.len() > self.capacity {
@@ -342,7 +349,7 @@ mod tests {
     #[test]
     fn garbage_is_rejected_and_nothing_is_written() {
         let dir = std::env::temp_dir().join(format!("veil-keystore-{}", std::process::id()));
-        let store = KeyStore::open(&dir, 2).unwrap();
+        let store = KeyStore::open(&dir, 2, BackendKind::Cpu).unwrap();
         let p = ParamSet::Message2Carry2KsPbsTuniform2m128;
         let err = store.store(b"not a key at all", &[p]).unwrap_err();
         assert!(matches!(err, ServiceError::Model(_)), "{err}");

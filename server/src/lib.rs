@@ -5,6 +5,7 @@
 //! key store; [`Server::serve`] serves `veil.v1.Veil`, `grpc.health.v1.Health` and server
 //! reflection until a shutdown signal.
 
+pub mod batcher;
 pub mod error;
 pub mod key_store;
 pub mod models;
@@ -20,8 +21,10 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use veil_proto::v1::veil_server::VeilServer;
 
+pub use batcher::BatchPolicy;
 pub use error::{Result, ServiceError};
 pub use service::Limits;
+pub use veil_models::fhe::BackendKind;
 
 use key_store::KeyStore;
 use models::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Registry};
@@ -40,6 +43,8 @@ pub struct Config {
     pub key_cache: usize,
     /// Most samples per Infer request (lowered per model to fit the message-size limits).
     pub max_batch: usize,
+    /// Where bootstraps run; keys are expanded into this backend's form.
+    pub backend: BackendKind,
     pub limits: Limits,
     /// After a shutdown signal, how long in-flight requests may take before the server
     /// drops them and stops anyway.
@@ -53,6 +58,7 @@ impl Config {
             data_dir: data_dir.into(),
             key_cache: 4,
             max_batch: 256,
+            backend: BackendKind::Cpu,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -86,14 +92,16 @@ impl Server {
             data_dir,
             key_cache,
             max_batch,
+            backend,
             limits,
             shutdown_grace,
         } = config;
+        backend.check_available().map_err(ServiceError::Model)?;
         let registry =
             tokio::task::spawn_blocking(move || Registry::load(&models_dir, max_batch.max(1)))
                 .await
                 .map_err(|e| ServiceError::Internal(format!("loading models: {e}")))??;
-        let keys = KeyStore::open(&data_dir, key_cache)?;
+        let keys = KeyStore::open(&data_dir, key_cache, backend)?;
         Ok(Server {
             registry: Arc::new(registry),
             keys: Arc::new(keys),

@@ -5,7 +5,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use veil_server::{Config, Limits, Server};
+use veil_server::{BackendKind, BatchPolicy, Config, Limits, Server};
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse()
+        .map_err(|e: veil_models::ModelError| e.to_string())
+}
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +40,17 @@ struct Args {
     /// Seconds an upload may stay silent before it is dropped.
     #[arg(long, default_value_t = 60)]
     upload_idle_timeout: u64,
+    /// Where bootstraps run: cpu, or gpu (needs a `gpu` build and a CUDA device). Default:
+    /// the GPU when this binary has it and a device is present, else the CPU.
+    #[arg(long, value_parser = parse_backend)]
+    backend: Option<BackendKind>,
+    /// Milliseconds a batch stays open for more requests for the same model and key (0: no
+    /// merging).
+    #[arg(long, default_value_t = 2)]
+    batch_window_ms: u64,
+    /// Most samples in one merged evaluation.
+    #[arg(long, default_value_t = 1024)]
+    max_merged_samples: usize,
     /// Seconds in-flight requests get to finish after SIGINT / SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
@@ -57,12 +73,22 @@ async fn main() {
 }
 
 async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let backend = a
+        .backend
+        .unwrap_or_else(BackendKind::default_for_this_machine);
+    backend.check_available()?;
+    tracing::info!(backend = backend.name(), "bootstrap backend");
     let config = Config {
+        backend,
         key_cache: a.key_cache,
         max_batch: a.max_batch,
         limits: Limits {
             concurrent_inferences: a.concurrent_inferences,
             upload_idle_timeout: Duration::from_secs(a.upload_idle_timeout.max(1)),
+            batching: BatchPolicy {
+                window: Duration::from_millis(a.batch_window_ms),
+                max_samples: a.max_merged_samples.max(1),
+            },
             ..Limits::default()
         },
         shutdown_grace: Duration::from_secs(a.shutdown_grace),

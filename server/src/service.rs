@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
+use veil_models::fhe::EncryptedInput;
 use veil_models::fhe::keys::MAX_EVAL_KEY_BYTES;
-use veil_models::fhe::{CpuBackend, EncryptedInput};
 use veil_models::plan::ParamSet;
 use veil_proto::v1;
 use veil_proto::v1::upload_key_request::Part;
 
+use crate::batcher::{BatchPolicy, Batcher};
 use crate::error::{Result, ServiceError};
 use crate::key_store::{KeyStore, StoredKey, check_key_id, short};
 use crate::models::Registry;
@@ -25,6 +26,8 @@ pub struct Limits {
     pub concurrent_uploads: usize,
     /// An upload that sends nothing for this long is dropped.
     pub upload_idle_timeout: Duration,
+    /// How requests for the same model and key are merged into one evaluation.
+    pub batching: BatchPolicy,
 }
 
 impl Default for Limits {
@@ -33,6 +36,7 @@ impl Default for Limits {
             concurrent_inferences: 2,
             concurrent_uploads: 2,
             upload_idle_timeout: Duration::from_secs(60),
+            batching: BatchPolicy::default(),
         }
     }
 }
@@ -41,14 +45,17 @@ pub struct VeilService {
     models: Arc<Registry>,
     keys: Arc<KeyStore>,
     limits: Limits,
-    inference_permits: Arc<Semaphore>,
+    batcher: Arc<Batcher>,
     upload_permits: Arc<Semaphore>,
 }
 
 impl VeilService {
     pub fn new(models: Arc<Registry>, keys: Arc<KeyStore>, limits: Limits) -> Self {
         VeilService {
-            inference_permits: Arc::new(Semaphore::new(limits.concurrent_inferences.max(1))),
+            batcher: Batcher::new(
+                limits.batching.clone(),
+                Arc::new(Semaphore::new(limits.concurrent_inferences.max(1))),
+            ),
             upload_permits: Arc::new(Semaphore::new(limits.concurrent_uploads.max(1))),
             models,
             keys,
@@ -197,30 +204,22 @@ impl VeilService {
             .keys
             .get(&req.key_id, model.params, &self.models.params)
             .await?;
-        let _permit = self
-            .inference_permits
-            .acquire()
-            .await
-            .map_err(|_| ServiceError::Internal("inference semaphore closed".into()))?;
-        let fhe = Arc::clone(&model.fhe);
-        let t = Instant::now();
-        let outputs = tokio::task::spawn_blocking(move || {
-            let backend = CpuBackend::new(&key);
-            fhe.evaluate(&backend, &inputs)
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("inference task failed: {e}")))??;
-        let eval = t.elapsed();
+        let reply = self
+            .batcher
+            .submit(Arc::clone(&model), &req.key_id, key, inputs)
+            .await?;
         tracing::info!(
             model = %model.name,
             samples = n,
+            batch_samples = reply.batch_samples,
             key = %short(&req.key_id),
-            eval_ms = eval.as_millis() as u64,
+            eval_ms = reply.eval.as_millis() as u64,
             "infer"
         );
         Ok(v1::InferResponse {
-            outputs: outputs.iter().map(|o| o.to_bytes()).collect(),
-            eval_micros: eval.as_micros() as u64,
+            outputs: reply.outputs.iter().map(|o| o.to_bytes()).collect(),
+            eval_micros: reply.eval.as_micros() as u64,
+            merged_samples: reply.batch_samples as u32,
         })
     }
 

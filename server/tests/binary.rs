@@ -111,3 +111,31 @@ fn binary_serves_health_and_reflection_and_stops_on_sigterm() {
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `--backend gpu` where no GPU can run (no `gpu` feature, or no device) stops the server at
+/// once with a clear message and exit status 1.
+#[test]
+fn gpu_backend_without_a_gpu_is_refused_at_start() {
+    if veil_models::fhe::gpu_available() {
+        eprintln!("skipped: this build has the gpu feature and a CUDA device is present");
+        return;
+    }
+    let root =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("binary-gpu-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("models")).unwrap();
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_veil-server"))
+        .args(["--listen", "127.0.0.1:0", "--backend", "gpu", "--models"])
+        .arg(root.join("models"))
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .output()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("backend unavailable"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.stdout.is_empty(), "never listened");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use veil_models::CompiledModel;
 use veil_models::data::{Labels, read_csv};
 use veil_models::eval::accuracy;
-use veil_models::fhe::{ClientKey, CpuBackend, FheModel, PbsBackend, ServerKey};
+use veil_models::fhe::{BackendKind, ClientKey, EvalKey, FheModel, Profile};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -29,12 +29,40 @@ pub struct Args {
     /// Samples per encrypted batch (fhe mode); 1 measures single-sample latency.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Where bootstraps run (fhe mode): cpu, or gpu (needs the `gpu` build and a device).
+    /// Default: the GPU when this binary has it and a device is present, else the CPU.
+    #[arg(long)]
+    backend: Option<Backend>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Cpu,
+    Gpu,
+}
+
+impl Backend {
+    /// The backend asked for, or this machine's default; an error if it cannot run here.
+    pub fn resolve(choice: Option<Backend>) -> anyhow::Result<BackendKind> {
+        let kind = match choice {
+            Some(Backend::Cpu) => BackendKind::Cpu,
+            Some(Backend::Gpu) => BackendKind::Gpu,
+            None => BackendKind::default_for_this_machine(),
+        };
+        kind.check_available()?;
+        Ok(kind)
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
+    // Refuse an unavailable backend before any work.
+    let backend = match a.mode {
+        Mode::Fhe => Some(Backend::resolve(a.backend)?),
+        Mode::Simulate => None,
+    };
     let model = CompiledModel::load(&a.model)?;
     let mut data = read_csv(&a.data, model.n_features(), Labels::Required)?;
     if let Some(n) = a.limit {
@@ -73,7 +101,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if a.batch == 0 {
                 bail!("--batch must be at least 1");
             }
-            let fhe = fhe_run(&model, &data.features, a.batch)?;
+            let backend = backend.expect("resolved for fhe mode");
+            let fhe = fhe_run(&model, &data.features, a.batch, backend)?;
             let agree = fhe
                 .predictions
                 .iter()
@@ -88,6 +117,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             out["keygen_s"] = serde_json::json!(fhe.keygen_s);
             out["encrypt_ms_median"] = serde_json::json!(median(&fhe.encrypt_ms));
             out["threads"] = serde_json::json!(rayon_threads());
+            out["backend"] = serde_json::json!(backend.name());
+            out["eval_key_memory_bytes"] = serde_json::json!(fhe.key_bytes);
+            // Throughput: samples over the summed evaluation time of every batch.
+            out["samples_per_second"] =
+                serde_json::json!(data.len() as f64 / fhe.profile_total_s().max(1e-9));
+            let p = &fhe.profile;
+            let mut split = serde_json::json!({
+                "expand_s": p.expand_s,
+                "linear_s": p.linear_s,
+                "bootstrap_s": p.bootstrap_s,
+                "bootstraps": p.bootstraps,
+            });
+            for (name, secs) in &p.bootstrap_phases {
+                split[format!("bootstrap_{name}_s")] = serde_json::json!(secs);
+            }
+            out["time_split"] = split;
         }
     }
     if a.json {
@@ -108,18 +153,37 @@ struct FheRun {
     latency_ms: Vec<f64>,
     encrypt_ms: Vec<f64>,
     keygen_s: f64,
+    key_bytes: u64,
+    /// Summed over every batch.
+    profile: Profile,
 }
 
-fn fhe_run(model: &CompiledModel, xs: &[Vec<f64>], batch: usize) -> anyhow::Result<FheRun> {
+impl FheRun {
+    fn profile_total_s(&self) -> f64 {
+        self.profile.expand_s + self.profile.linear_s + self.profile.bootstrap_s
+    }
+}
+
+fn fhe_run(
+    model: &CompiledModel,
+    xs: &[Vec<f64>],
+    batch: usize,
+    kind: BackendKind,
+) -> anyhow::Result<FheRun> {
     let spec = model.client_spec();
     let t = Instant::now();
     eprintln!("generating keys ({})...", model.params.name());
     let client = ClientKey::generate(model.params);
-    let server_key = ServerKey::from_compressed(model.params, &client.compressed_server_key())
+    let eval_key = EvalKey::from_compressed(kind, model.params, &client.compressed_server_key())
         .context("expanding the evaluation key")?;
     let keygen_s = t.elapsed().as_secs_f64();
     let fhe = FheModel::new(model.clone())?;
-    let backend = CpuBackend::new(&server_key);
+    let backend = eval_key.backend();
+    // One untimed batch first: device tables upload, FFT plans, page faults.
+    if let Some(x) = xs.first() {
+        fhe.evaluate(backend.as_ref(), &[client.encrypt(&spec, x)?])?;
+        backend.take_phase_seconds();
+    }
     let bar = ProgressBar::new(xs.len() as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}")
             .expect("valid template"),
@@ -130,6 +194,8 @@ fn fhe_run(model: &CompiledModel, xs: &[Vec<f64>], batch: usize) -> anyhow::Resu
         latency_ms: Vec::new(),
         encrypt_ms: Vec::new(),
         keygen_s,
+        key_bytes: eval_key.memory_bytes(),
+        profile: Profile::default(),
     };
     for chunk in xs.chunks(batch) {
         let t = Instant::now();
@@ -139,8 +205,9 @@ fn fhe_run(model: &CompiledModel, xs: &[Vec<f64>], batch: usize) -> anyhow::Resu
             .collect::<Result<Vec<_>, _>>()?;
         let enc_ms = t.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
         let t = Instant::now();
-        let outputs = fhe.evaluate(&backend, &inputs)?;
+        let (outputs, p) = fhe.evaluate_profiled(backend.as_ref(), &inputs)?;
         let eval_ms = t.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
+        add_profile(&mut run.profile, &p);
         for o in &outputs {
             let accs = client.decrypt(&spec, o)?;
             run.predictions.push(spec.decode(&accs).label);
@@ -151,6 +218,19 @@ fn fhe_run(model: &CompiledModel, xs: &[Vec<f64>], batch: usize) -> anyhow::Resu
     }
     bar.finish_and_clear();
     Ok(run)
+}
+
+fn add_profile(total: &mut Profile, p: &Profile) {
+    total.expand_s += p.expand_s;
+    total.linear_s += p.linear_s;
+    total.bootstrap_s += p.bootstrap_s;
+    total.bootstraps += p.bootstraps;
+    for (name, secs) in &p.bootstrap_phases {
+        match total.bootstrap_phases.iter_mut().find(|(n, _)| n == name) {
+            Some(e) => e.1 += secs,
+            None => total.bootstrap_phases.push((name, *secs)),
+        }
+    }
 }
 
 fn rayon_threads() -> usize {

@@ -1,3 +1,4 @@
+pub mod bench_pbs;
 pub mod compile;
 pub mod estimate;
 pub mod eval;

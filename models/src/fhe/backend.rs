@@ -4,12 +4,15 @@ use rayon::prelude::*;
 use tfhe::core_crypto::fft_impl::fft64::crypto::bootstrap::batch_blind_rotate_assign_scratch;
 use tfhe::core_crypto::prelude::{
     CiphertextCount, CiphertextModulusLog, ComputationBuffers, ContiguousEntityContainer, Fft,
-    GlweCiphertextList, GlweCiphertextListView, LweCiphertext, LweCiphertextListMutView,
-    LweCiphertextListView, LweDimension, LweSize, ModulusSwitchedLweCiphertext, MonomialDegree,
-    extract_lwe_sample_from_glwe_ciphertext, keyswitch_lwe_ciphertext,
+    GlweCiphertextList, GlweCiphertextListOwned, GlweCiphertextListView, LweCiphertext,
+    LweCiphertextListMutView, LweCiphertextListView, LweDimension, LweSize,
+    ModulusSwitchedLweCiphertext, MonomialDegree, extract_lwe_sample_from_glwe_ciphertext,
+    keyswitch_lwe_ciphertext,
 };
 
 use super::ServerKey;
+use crate::error::{ModelError, Result};
+use crate::plan::ParamSet;
 
 /// A modulus-switched LWE ciphertext, materialized once. tfhe's lazy form recomputes the
 /// switch on every access, and batched blind rotation reads mask element `i` of every
@@ -48,11 +51,114 @@ impl ModulusSwitchedLweCiphertext<usize> for SwitchedLwe {
     }
 }
 
-/// Runs batches of keyswitch + bootstrap. `luts` holds one GLWE lookup table per neuron;
-/// input `i` is bootstrapped through `luts[lut_index[i]]` into output `i`.
-pub trait PbsBackend: Send + Sync {
-    fn name(&self) -> &'static str;
+/// Where bootstraps run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    Cpu,
+    Gpu,
+}
 
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Gpu => "gpu",
+        }
+    }
+
+    /// The backend used when none is asked for: the GPU when this binary has the `gpu`
+    /// feature and a CUDA device is present, the CPU otherwise.
+    pub fn default_for_this_machine() -> Self {
+        if gpu_available() {
+            BackendKind::Gpu
+        } else {
+            BackendKind::Cpu
+        }
+    }
+
+    /// Checks that this backend can run here, with a clear error when it cannot.
+    pub fn check_available(self) -> Result<()> {
+        match self {
+            BackendKind::Cpu => Ok(()),
+            BackendKind::Gpu if !cfg!(feature = "gpu") => Err(ModelError::Backend(
+                "this binary was built without the `gpu` feature; build it with \
+                 scripts/build-gpu.sh to bootstrap on a GPU"
+                    .into(),
+            )),
+            BackendKind::Gpu if !gpu_available() => Err(ModelError::Backend(
+                "no CUDA device is available (no NVIDIA GPU or driver found)".into(),
+            )),
+            BackendKind::Gpu => Ok(()),
+        }
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(BackendKind::Cpu),
+            "gpu" => Ok(BackendKind::Gpu),
+            other => Err(ModelError::Backend(format!(
+                "unknown backend '{other}': expected cpu or gpu"
+            ))),
+        }
+    }
+}
+
+/// True when this binary has the `gpu` feature and a CUDA device answers.
+pub fn gpu_available() -> bool {
+    #[cfg(feature = "gpu")]
+    {
+        super::gpu::device_present()
+    }
+    #[cfg(not(feature = "gpu"))]
+    {
+        false
+    }
+}
+
+/// One layer's lookup tables: one GLWE accumulator per neuron, built once per model. A
+/// device backend keeps its own copy next to the host one, made on first use.
+pub struct LookupTables {
+    host: GlweCiphertextListOwned<u64>,
+    #[cfg(feature = "gpu")]
+    pub(crate) device: std::sync::OnceLock<super::gpu::DeviceLuts>,
+}
+
+impl LookupTables {
+    pub fn new(host: GlweCiphertextListOwned<u64>) -> Self {
+        LookupTables {
+            host,
+            #[cfg(feature = "gpu")]
+            device: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn host(&self) -> GlweCiphertextListView<'_, u64> {
+        self.host.as_view()
+    }
+
+    pub fn len(&self) -> usize {
+        self.host.glwe_ciphertext_count().0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Runs batches of keyswitch + bootstrap with one client's evaluation key. Input `i` is
+/// bootstrapped through table `lut_index[i]` into output `i`.
+pub trait PbsBackend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// One batch with tables given on the host (benchmarks, calibration).
     fn bootstrap_batch(
         &self,
         inputs: LweCiphertextListView<'_, u64>,
@@ -60,6 +166,86 @@ pub trait PbsBackend: Send + Sync {
         lut_index: &[usize],
         outputs: LweCiphertextListMutView<'_, u64>,
     );
+
+    /// One model layer: a device backend reuses its copy of the model's tables.
+    fn bootstrap_layer(
+        &self,
+        inputs: LweCiphertextListView<'_, u64>,
+        luts: &LookupTables,
+        lut_index: &[usize],
+        outputs: LweCiphertextListMutView<'_, u64>,
+    ) {
+        self.bootstrap_batch(inputs, luts.host(), lut_index, outputs)
+    }
+
+    /// Seconds spent per phase since the last call (device backends: upload, keyswitch,
+    /// bootstrap, download), for profiles; empty where the backend does not split them.
+    fn take_phase_seconds(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+}
+
+/// A client's evaluation key in the form one backend computes with: the CPU's
+/// Fourier-domain bootstrapping key, or a GPU's copy in device memory.
+pub enum EvalKey {
+    Cpu(ServerKey),
+    #[cfg(feature = "gpu")]
+    Gpu(super::gpu::GpuKey),
+}
+
+impl EvalKey {
+    /// Expands a compressed evaluation key into `kind`'s form.
+    pub fn from_compressed(
+        kind: BackendKind,
+        params: ParamSet,
+        key: &tfhe::CompressedServerKey,
+    ) -> Result<Self> {
+        kind.check_available()?;
+        match kind {
+            BackendKind::Cpu => Ok(EvalKey::Cpu(ServerKey::from_compressed(params, key)?)),
+            #[cfg(feature = "gpu")]
+            BackendKind::Gpu => Ok(EvalKey::Gpu(super::gpu::GpuKey::from_compressed(
+                params, key,
+            )?)),
+            #[cfg(not(feature = "gpu"))]
+            BackendKind::Gpu => unreachable!("check_available refuses the GPU without the feature"),
+        }
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            EvalKey::Cpu(_) => BackendKind::Cpu,
+            #[cfg(feature = "gpu")]
+            EvalKey::Gpu(_) => BackendKind::Gpu,
+        }
+    }
+
+    pub fn params(&self) -> ParamSet {
+        match self {
+            EvalKey::Cpu(k) => k.params(),
+            #[cfg(feature = "gpu")]
+            EvalKey::Gpu(k) => k.params(),
+        }
+    }
+
+    /// Bytes the expanded key occupies where it lives (host RAM or device memory).
+    pub fn memory_bytes(&self) -> u64 {
+        match self {
+            EvalKey::Cpu(k) => k.memory_bytes(),
+            #[cfg(feature = "gpu")]
+            EvalKey::Gpu(k) => k.device_bytes(),
+        }
+    }
+
+    /// A backend that computes with this key. On the GPU each one has its own stream, so
+    /// evaluations for different keys (or batches) run concurrently.
+    pub fn backend(&self) -> Box<dyn PbsBackend + '_> {
+        match self {
+            EvalKey::Cpu(k) => Box::new(CpuBackend::new(k)),
+            #[cfg(feature = "gpu")]
+            EvalKey::Gpu(k) => Box::new(super::gpu::GpuBackend::new(k)),
+        }
+    }
 }
 
 /// Bootstraps per rayon task. Batched blind rotation reads the 60 MB bootstrapping key once
@@ -145,8 +331,8 @@ impl<'k> CpuBackend<'k> {
 }
 
 impl PbsBackend for CpuBackend<'_> {
-    fn name(&self) -> &'static str {
-        "cpu"
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
     }
 
     fn bootstrap_batch(

@@ -3,11 +3,15 @@
 use rayon::prelude::*;
 use tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_scalar_mul_assign;
 use tfhe::core_crypto::prelude::{
-    CiphertextModulus, GlweCiphertextList, GlweCiphertextListOwned, GlweSize, LweCiphertextList,
-    LweCiphertextListOwned, LweSize, PolynomialSize, generate_programmable_bootstrap_glwe_lut,
+    CiphertextModulus, GlweCiphertextList, GlweSize, LweCiphertextList, LweCiphertextListOwned,
+    LweSize, PolynomialSize, generate_programmable_bootstrap_glwe_lut,
 };
 
-use super::{EncryptedInput, EncryptedOutput, PbsBackend, big_lwe_size, shortint_params};
+use std::time::Instant;
+
+use super::{
+    EncryptedInput, EncryptedOutput, LookupTables, PbsBackend, big_lwe_size, shortint_params,
+};
 use crate::error::{ModelError, Result};
 use crate::plan::{CompiledModel, IntMatrix, POSITIONS};
 
@@ -18,7 +22,7 @@ const CENTERED_SWITCH_FIX: u64 = 1 << 51;
 /// A compiled model with its lookup tables laid out as GLWE accumulators, built once.
 pub struct FheModel {
     model: CompiledModel,
-    luts: Vec<GlweCiphertextListOwned<u64>>,
+    luts: Vec<LookupTables>,
     lwe_size: usize,
 }
 
@@ -53,7 +57,9 @@ impl FheModel {
                     );
                     data.extend_from_slice(glwe.as_ref());
                 }
-                GlweCiphertextList::from_container(data, glwe_size, poly, modulus)
+                LookupTables::new(GlweCiphertextList::from_container(
+                    data, glwe_size, poly, modulus,
+                ))
             })
             .collect();
         let lwe_size = big_lwe_size(model.params);
@@ -69,12 +75,22 @@ impl FheModel {
     }
 
     /// Evaluates a batch of samples. Every layer's bootstraps go to the backend as one batch
-    /// across all samples, so every core stays busy.
+    /// across all samples, so every core (or the whole GPU) stays busy.
     pub fn evaluate(
         &self,
         backend: &dyn PbsBackend,
         batch: &[EncryptedInput],
     ) -> Result<Vec<EncryptedOutput>> {
+        Ok(self.evaluate_profiled(backend, batch)?.0)
+    }
+
+    /// [`Self::evaluate`], also returning where the time went.
+    pub fn evaluate_profiled(
+        &self,
+        backend: &dyn PbsBackend,
+        batch: &[EncryptedInput],
+    ) -> Result<(Vec<EncryptedOutput>, Profile)> {
+        let mut profile = Profile::default();
         let n_features = self.model.n_features();
         for (i, s) in batch.iter().enumerate() {
             if s.len() != n_features || s.list.lwe_size().0 != self.lwe_size {
@@ -88,8 +104,9 @@ impl FheModel {
         }
         let samples = batch.len();
         if samples == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), profile));
         }
+        let mut t = Instant::now();
         let expanded: Vec<LweCiphertextListOwned<u64>> =
             batch.par_iter().map(EncryptedInput::expand).collect();
         let mut x: Vec<u64> = Vec::with_capacity(samples * n_features * self.lwe_size);
@@ -97,11 +114,13 @@ impl FheModel {
             x.extend_from_slice(e.as_ref());
         }
         drop(expanded);
+        profile.expand_s += lap(&mut t);
 
         let modulus = CiphertextModulus::<u64>::new_native();
         for (h, luts) in self.model.hidden.iter().zip(&self.luts) {
             let n_out = h.weights.n_out();
             let acc = self.linear(&x, samples, &h.weights, Some(&h.offset));
+            profile.linear_s += lap(&mut t);
             let lut_index: Vec<usize> = (0..samples * n_out).map(|i| i % n_out).collect();
             let mut next = vec![0u64; samples * n_out * self.lwe_size];
             let acc_list =
@@ -111,13 +130,17 @@ impl FheModel {
                 LweSize(self.lwe_size),
                 modulus,
             );
-            backend.bootstrap_batch(acc_list, luts.as_view(), &lut_index, out_list);
+            backend.bootstrap_layer(acc_list, luts, &lut_index, out_list);
+            profile.bootstrap_s += lap(&mut t);
+            profile.bootstraps += lut_index.len();
             x = next;
         }
         let out = &self.model.output.weights;
         let acc = self.linear(&x, samples, out, None);
+        profile.linear_s += lap(&mut t);
+        profile.bootstrap_phases = backend.take_phase_seconds();
         let per_sample = out.n_out() * self.lwe_size;
-        Ok(acc
+        let outputs = acc
             .chunks_exact(per_sample)
             .map(|c| {
                 EncryptedOutput(LweCiphertextListOwned::from_container(
@@ -126,7 +149,8 @@ impl FheModel {
                     modulus,
                 ))
             })
-            .collect())
+            .collect();
+        Ok((outputs, profile))
     }
 
     /// `out[s][n] = sum_j w[n][j] * x[s][j] (+ offset[n])`: cleartext-weighted sums of LWE
@@ -150,4 +174,24 @@ impl FheModel {
         });
         out
     }
+}
+
+/// Where one evaluation's time went, in seconds.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// Regenerating the inputs' masks from their seeds.
+    pub expand_s: f64,
+    /// The weighted sums (host).
+    pub linear_s: f64,
+    /// Keyswitch + bootstrap, as the backend reports it.
+    pub bootstrap_s: f64,
+    pub bootstraps: usize,
+    /// The backend's own split of `bootstrap_s` (GPU: upload, keyswitch, bootstrap, download).
+    pub bootstrap_phases: Vec<(&'static str, f64)>,
+}
+
+fn lap(t: &mut Instant) -> f64 {
+    let s = t.elapsed().as_secs_f64();
+    *t = Instant::now();
+    s
 }

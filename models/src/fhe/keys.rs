@@ -204,6 +204,13 @@ impl ServerKey {
     pub fn params(&self) -> ParamSet {
         self.params
     }
+
+    /// Host bytes of the keyswitching and Fourier bootstrapping keys.
+    pub fn memory_bytes(&self) -> u64 {
+        let fourier = self.bsk.as_view().data().len()
+            * std::mem::size_of::<tfhe::core_crypto::prelude::c64>();
+        (self.ksk.as_ref().len() * 8 + fourier) as u64
+    }
 }
 
 /// The keyswitching key, for benchmarks of the keyswitch alone.

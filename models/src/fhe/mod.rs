@@ -2,8 +2,10 @@
 //!
 //! - [`keys`]: the client's secret key, the evaluation key it uploads, and the server-side
 //!   key material (keyswitching key, Fourier bootstrapping key, modulus-switch setting).
-//! - [`backend`]: the batched keyswitch + bootstrap interface; [`backend::CpuBackend`] runs
-//!   it on rayon. A GPU backend can take the same batches.
+//! - [`backend`]: the batched keyswitch + bootstrap interface and [`EvalKey`], a client's key
+//!   in one backend's form; [`backend::CpuBackend`] runs batches on rayon.
+//! - `gpu` (feature `gpu`): the same batches on a CUDA device, with the key and the model's
+//!   lookup tables kept in device memory.
 //! - [`executor`]: runs a compiled model on encrypted inputs: PBS-free linear layers, one
 //!   batched bootstrap per hidden neuron.
 //! - [`wire`]: ciphertexts as bytes, with size limits and shape checks.
@@ -11,12 +13,14 @@
 pub mod backend;
 pub mod calibrate;
 pub mod executor;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod keys;
 pub mod wire;
 
-pub use backend::{CpuBackend, PbsBackend};
+pub use backend::{BackendKind, CpuBackend, EvalKey, LookupTables, PbsBackend, gpu_available};
 pub use calibrate::calibrate;
-pub use executor::FheModel;
+pub use executor::{FheModel, Profile};
 pub use keys::{ClientKey, ServerKey};
 pub use wire::{EncryptedInput, EncryptedOutput};
 

@@ -1,0 +1,158 @@
+//! Requests for the same model and key that arrive together are merged into one evaluation;
+//! each client still gets exactly its own outputs. Real server on a loopback port, two
+//! clients with their own keys, concurrent requests.
+
+use std::time::Duration;
+
+use veil_client::{Client, KeyPair, RemoteModel};
+use veil_server::{BatchPolicy, Config};
+use veil_tests::*;
+
+const TMP: &str = env!("CARGO_TARGET_TMPDIR");
+
+/// Decrypts a reply with `keys` and checks each sample against its own simulation: the
+/// label, and every accumulator within the noise (see e2e.rs for the bound).
+fn assert_own_outputs(
+    model: &veil_models::CompiledModel,
+    remote: &RemoteModel,
+    keys: &KeyPair,
+    xs: &[Vec<f64>],
+    outputs: &[Vec<u8>],
+) -> usize {
+    assert_eq!(outputs.len(), xs.len());
+    let mut agree = 0;
+    for (x, o) in xs.iter().zip(outputs) {
+        let accs = remote
+            .decrypt_accs(keys, o)
+            .expect("decrypts with its own key");
+        let sim = model.simulate(x, None).unwrap();
+        let spread = sim.accs.iter().fold(0.0f64, |m, a| m.max(a.abs())).max(1.0);
+        for (e, s) in accs.iter().zip(&sim.accs) {
+            assert!(
+                (e - s).abs() < 0.25 * spread,
+                "encrypted {accs:?} vs simulated {:?}: not this sample's result",
+                sim.accs
+            );
+        }
+        if remote.spec.decode(&accs).label == model.decode(&sim.accs).label {
+            agree += 1;
+        }
+    }
+    agree
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_are_merged_and_each_gets_its_own_outputs() {
+    let models = TempDir::new(TMP, "batch-models");
+    let data = TempDir::new(TMP, "batch-data");
+    let model = compile_zoo("digits_mlp");
+    install_model(models.path(), "digits", &model);
+    let test = test_set("digits_mlp", model.n_features());
+    let mut config = Config::new(models.path(), data.path());
+    // A wide window so that requests sent together surely meet; one evaluation at a time.
+    config.limits.batching = BatchPolicy {
+        window: Duration::from_millis(400),
+        max_samples: 64,
+    };
+    config.limits.concurrent_inferences = 1;
+    let server = TestServer::start(config).await;
+    let alice = KeyPair::generate(model.params);
+    let bob = KeyPair::generate(model.params);
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.ensure_key(&alice, |_, _| {}).await.unwrap();
+    client.ensure_key(&bob, |_, _| {}).await.unwrap();
+    let remote = client.model("digits").await.unwrap();
+
+    // Alice: three requests of 1, 2 and 1 samples (different rows); Bob: one of 2 samples.
+    let rows: [&[Vec<f64>]; 4] = [
+        &test.features[0..1],
+        &test.features[1..3],
+        &test.features[3..4],
+        &test.features[4..6],
+    ];
+    let who = [&alice, &alice, &alice, &bob];
+    let mut tasks = Vec::new();
+    for (xs, keys) in rows.iter().zip(who) {
+        let samples: Vec<Vec<u8>> = xs
+            .iter()
+            .map(|x| remote.encrypt(keys, x).unwrap())
+            .collect();
+        let client = Client::connect(&server.url()).await.unwrap();
+        let id = keys.key_id.clone();
+        tasks.push(tokio::spawn(async move {
+            client.infer("digits", &id, samples).await
+        }));
+    }
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.push(t.await.unwrap().expect("infer succeeds"));
+    }
+
+    // Alice's three requests ran as one evaluation of 4 samples, Bob's alone.
+    for r in &replies[..3] {
+        assert_eq!(r.merged_samples, 4, "alice's requests merged");
+    }
+    assert_eq!(
+        replies[3].merged_samples, 2,
+        "bob's key is never merged with alice's"
+    );
+    let mut agree = 0;
+    let mut total = 0;
+    for ((xs, keys), r) in rows.iter().zip(who).zip(&replies) {
+        agree += assert_own_outputs(&model, &remote, keys, xs, &r.outputs);
+        total += xs.len();
+    }
+    assert!(
+        agree + 1 >= total,
+        "{agree} of {total} labels agree with simulation"
+    );
+
+    // A request for a key that is not uploaded fails alone, without disturbing a batch.
+    let stranger = KeyPair::generate(model.params);
+    let x = remote.encrypt(&stranger, &test.features[0]).unwrap();
+    let err = client
+        .infer("digits", &stranger.key_id, vec![x])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_window_never_merges() {
+    let models = TempDir::new(TMP, "nobatch-models");
+    let data = TempDir::new(TMP, "nobatch-data");
+    let model = compile_zoo("iris_logreg");
+    install_model(models.path(), "iris", &model);
+    let test = test_set("iris_logreg", model.n_features());
+    let mut config = Config::new(models.path(), data.path());
+    config.limits.batching = BatchPolicy {
+        window: Duration::ZERO,
+        max_samples: 64,
+    };
+    let server = TestServer::start(config).await;
+    let keys = KeyPair::generate(model.params);
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.ensure_key(&keys, |_, _| {}).await.unwrap();
+    let remote = client.model("iris").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let xs = test.features[2 * i..2 * i + 2].to_vec();
+        let samples: Vec<Vec<u8>> = xs
+            .iter()
+            .map(|x| remote.encrypt(&keys, x).unwrap())
+            .collect();
+        let client = client.clone();
+        let id = keys.key_id.clone();
+        tasks.push(tokio::spawn(async move {
+            (xs, client.infer("iris", &id, samples).await)
+        }));
+    }
+    for t in tasks {
+        let (xs, reply) = t.await.unwrap();
+        let reply = reply.unwrap();
+        assert_eq!(reply.merged_samples, 2, "each request evaluated alone");
+        assert_own_outputs(&model, &remote, &keys, &xs, &reply.outputs);
+    }
+    server.stop().await;
+}
