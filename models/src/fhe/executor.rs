@@ -107,13 +107,12 @@ impl FheModel {
             return Ok((Vec::new(), profile));
         }
         let mut t = Instant::now();
-        let expanded: Vec<LweCiphertextListOwned<u64>> =
-            batch.par_iter().map(EncryptedInput::expand).collect();
-        let mut x: Vec<u64> = Vec::with_capacity(samples * n_features * self.lwe_size);
-        for e in &expanded {
-            x.extend_from_slice(e.as_ref());
-        }
-        drop(expanded);
+        // Each sample regenerates its masks straight into its slice of the layer input.
+        let per_sample = n_features * self.lwe_size;
+        let mut x: Vec<u64> = vec![0u64; samples * per_sample];
+        x.par_chunks_mut(per_sample)
+            .zip(batch.par_iter())
+            .for_each(|(dst, s)| dst.copy_from_slice(s.expand().as_ref()));
         profile.expand_s += lap(&mut t);
 
         let modulus = CiphertextModulus::<u64>::new_native();
@@ -159,19 +158,51 @@ impl FheModel {
         let size = self.lwe_size;
         let n_in = w.n_in as usize;
         let n_out = w.n_out();
+        // A task computes a group of one sample's outputs, walking the group's weights input
+        // by input, so each input ciphertext is read once per group rather than once per
+        // output. Groups shrink until there are enough tasks for every core.
+        let threads = rayon::current_num_threads().max(1);
+        let group = (samples * n_out / (4 * threads)).clamp(1, 16);
+        let terms: Vec<Vec<(usize, usize, u64)>> = (0..n_out)
+            .step_by(group)
+            .map(|first| {
+                let mut t: Vec<(usize, usize, u64)> = (first..(first + group).min(n_out))
+                    .flat_map(|n| {
+                        w.rows[n]
+                            .iter()
+                            .map(move |&(c, wt)| (c as usize, n - first, wt as u64))
+                    })
+                    .collect();
+                t.sort_unstable_by_key(|&(c, _, _)| c);
+                t
+            })
+            .collect();
         let mut out = vec![0u64; samples * n_out * size];
-        out.par_chunks_mut(size).enumerate().for_each(|(i, ct)| {
-            let (s, n) = (i / n_out, i % n_out);
-            let xs = &x[s * n_in * size..(s + 1) * n_in * size];
-            for &(c, wt) in &w.rows[n] {
-                let c = c as usize;
-                slice_wrapping_add_scalar_mul_assign(ct, &xs[c * size..(c + 1) * size], wt as u64);
-            }
-            if let Some(off) = offset {
-                let body = &mut ct[size - 1];
-                *body = body.wrapping_add(off[n]).wrapping_add(CENTERED_SWITCH_FIX);
-            }
-        });
+        out.par_chunks_mut(n_out * size)
+            .enumerate()
+            .for_each(|(s, sample_out)| {
+                let xs = &x[s * n_in * size..(s + 1) * n_in * size];
+                sample_out
+                    .par_chunks_mut(group * size)
+                    .enumerate()
+                    .for_each(|(g, cts)| {
+                        for &(c, local, wt) in &terms[g] {
+                            slice_wrapping_add_scalar_mul_assign(
+                                &mut cts[local * size..(local + 1) * size],
+                                &xs[c * size..(c + 1) * size],
+                                wt,
+                            );
+                        }
+                        if let Some(off) = offset {
+                            for (local, ct) in cts.chunks_exact_mut(size).enumerate() {
+                                let body = &mut ct[size - 1];
+                                *body = body
+                                    .wrapping_add(off[g * group + local])
+                                    .wrapping_add(CENTERED_SWITCH_FIX);
+                            }
+                        }
+                    });
+            });
         out
     }
 }

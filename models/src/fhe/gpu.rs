@@ -13,6 +13,8 @@
 //! layers stay on the host (tfhe has no device API for LWE linear combinations).
 
 use std::sync::Mutex;
+
+use rayon::prelude::*;
 use std::time::Instant;
 
 use tfhe::core_crypto::gpu::glwe_ciphertext_list::CudaGlweCiphertextList;
@@ -231,12 +233,10 @@ impl<'k> GpuBackend<'k> {
             n >= GEMM_KEYSWITCH_FROM,
         );
         lap(1, &mut t);
-        let mut d_out = CudaLweCiphertextList::new(
-            tfhe::core_crypto::prelude::LweDimension(in_size - 1),
-            LweCiphertextCount(n),
-            modulus,
-            s,
-        );
+        // Our own output buffer, so that the download can land straight in `outputs`.
+        let out_vec = CudaVec::<u64>::new(n * in_size, s, 0);
+        let out_ptr = out_vec.ptr[0];
+        let mut d_out = CudaLweCiphertextList::from_cuda_vec(out_vec, LweCiphertextCount(n), modulus);
         cuda_programmable_bootstrap_lwe_ciphertext(
             &d_small,
             &mut d_out,
@@ -249,8 +249,25 @@ impl<'k> GpuBackend<'k> {
         );
         s.synchronize();
         lap(2, &mut t);
-        let host_out = d_out.to_lwe_ciphertext_list(s);
-        outputs.copy_from_slice(host_out.as_ref());
+        // Touch the destination pages on every core first: a copy into freshly allocated
+        // memory otherwise faults its pages in one at a time, on one thread.
+        outputs
+            .par_chunks_mut(1 << 15)
+            .for_each(|c| c.fill(0));
+        assert_eq!(outputs.len(), n * in_size);
+        // SAFETY: `out_ptr` is the device buffer `d_out` owns (alive here), of exactly
+        // `outputs.len()` words; the copy completes before `synchronize` returns.
+        unsafe {
+            tfhe_cuda_common::cuda_bind::cuda_memcpy_async_to_cpu(
+                outputs.as_mut_ptr().cast(),
+                out_ptr,
+                std::mem::size_of_val(outputs) as u64,
+                s.ptr[0],
+                GPU,
+            );
+        }
+        s.synchronize();
+        drop(d_out);
         lap(3, &mut t);
         let mut total = self.phases.lock().unwrap_or_else(|p| p.into_inner());
         for (acc, p) in total.iter_mut().zip(phase) {
