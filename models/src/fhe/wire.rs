@@ -100,9 +100,11 @@ impl EncryptedInput {
         })
     }
 
-    /// Regenerates the masks from the seed.
+    /// Regenerates the masks from the seed, one ciphertext per rayon task (the mask stream
+    /// is forked per ciphertext, so the result equals the sequential expansion). A lone
+    /// sample then expands on every core rather than one.
     pub(crate) fn expand(&self) -> LweCiphertextListOwned<u64> {
-        self.list.clone().decompress_into_lwe_ciphertext_list()
+        self.list.clone().par_decompress_into_lwe_ciphertext_list()
     }
 }
 
