@@ -236,7 +236,8 @@ impl<'k> GpuBackend<'k> {
         // Our own output buffer, so that the download can land straight in `outputs`.
         let out_vec = CudaVec::<u64>::new(n * in_size, s, 0);
         let out_ptr = out_vec.ptr[0];
-        let mut d_out = CudaLweCiphertextList::from_cuda_vec(out_vec, LweCiphertextCount(n), modulus);
+        let mut d_out =
+            CudaLweCiphertextList::from_cuda_vec(out_vec, LweCiphertextCount(n), modulus);
         cuda_programmable_bootstrap_lwe_ciphertext(
             &d_small,
             &mut d_out,
@@ -251,9 +252,7 @@ impl<'k> GpuBackend<'k> {
         lap(2, &mut t);
         // Touch the destination pages on every core first: a copy into freshly allocated
         // memory otherwise faults its pages in one at a time, on one thread.
-        outputs
-            .par_chunks_mut(1 << 15)
-            .for_each(|c| c.fill(0));
+        outputs.par_chunks_mut(1 << 15).for_each(|c| c.fill(0));
         assert_eq!(outputs.len(), n * in_size);
         // SAFETY: `out_ptr` is the device buffer `d_out` owns (alive here), of exactly
         // `outputs.len()` words; the copy completes before `synchronize` returns.
