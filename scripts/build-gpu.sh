@@ -7,7 +7,7 @@
 # The code is SASS for one architecture (VEIL_CUDA_SM, default 90: H100/H200).
 #
 # Usage: scripts/build-gpu.sh [cargo build args...]   (default: the server and the CLI)
-#        VEIL_GPU_CHECK=1 scripts/build-gpu.sh          (cargo check only: what CI runs)
+#        VEIL_GPU_CHECK=1 scripts/build-gpu.sh          (cargo clippy only, no binaries: what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -44,7 +44,7 @@ export PKG_CONFIG_PATH=$TOOLS/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 export CARGO_TARGET_DIR=$ROOT/target/gpu
 
 if [ "${VEIL_GPU_CHECK:-0}" = 1 ]; then
-  cargo check --release --workspace --all-targets --features veil-models/gpu,veil-server/gpu,veil-client/gpu "$@"
+  cargo clippy --release --workspace --all-targets --features veil-models/gpu,veil-server/gpu,veil-client/gpu "$@"
 else
   if [ $# -eq 0 ]; then set -- -p veil-server -p veil-client --features veil-server/gpu,veil-client/gpu; fi
   cargo build --release "$@"

@@ -207,8 +207,7 @@ impl ServerKey {
 
     /// Host bytes of the keyswitching and Fourier bootstrapping keys.
     pub fn memory_bytes(&self) -> u64 {
-        let fourier = self.bsk.as_view().data().len()
-            * std::mem::size_of::<tfhe::core_crypto::prelude::c64>();
+        let fourier = std::mem::size_of_val(self.bsk.as_view().data());
         (self.ksk.as_ref().len() * 8 + fourier) as u64
     }
 }
