@@ -156,3 +156,21 @@ pub async fn assert_healthy(url: &str) {
     assert_eq!(overall, ServingStatus::Serving, "overall health");
     assert_eq!(veil, ServingStatus::Serving, "veil.v1.Veil health");
 }
+
+/// Asserts that decrypted accumulators `accs` are the encrypted result of `x`: each within
+/// the noise of the exact simulation (bootstrap reads may be off by one activation step,
+/// which the output weights amplify: up to ~9% of the largest accumulator was seen over
+/// repeated runs, so the bound is 25%; another sample's result errs by the spread itself).
+/// Returns whether the decoded labels agree.
+pub fn check_sample_against_simulation(model: &CompiledModel, x: &[f64], accs: &[f64]) -> bool {
+    let sim = model.simulate(x, None).unwrap();
+    let spread = sim.accs.iter().fold(0.0f64, |m, a| m.max(a.abs())).max(1.0);
+    for (e, s) in accs.iter().zip(&sim.accs) {
+        assert!(
+            (e - s).abs() < 0.25 * spread,
+            "encrypted {accs:?} vs simulated {:?}",
+            sim.accs
+        );
+    }
+    model.decode(accs).label == model.decode(&sim.accs).label
+}

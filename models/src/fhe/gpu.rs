@@ -38,7 +38,7 @@ use tfhe::shortint::server_key::{
 };
 
 use super::backend::{BackendKind, LookupTables, PbsBackend};
-use super::shortint_params;
+use super::keys::check_key_dimensions;
 use crate::error::{ModelError, Result};
 use crate::plan::ParamSet;
 
@@ -106,20 +106,15 @@ impl GpuKey {
                 ));
             }
         };
-        let sp = shortint_params(params);
         let ksk: LweKeyswitchKeyOwned<u64> = seeded_ksk.par_decompress_into_lwe_keyswitch_key();
         let bsk: LweBootstrapKeyOwned<u64> = seeded_bsk.par_decompress_into_lwe_bootstrap_key();
-        let ok = ksk.input_key_lwe_dimension().0 + 1 == super::big_lwe_size(params)
-            && ksk.output_key_lwe_dimension() == sp.lwe_dimension
-            && bsk.polynomial_size() == sp.polynomial_size
-            && bsk.glwe_size() == sp.glwe_dimension.to_glwe_size()
-            && bsk.input_lwe_dimension() == sp.lwe_dimension;
-        if !ok {
-            return Err(ModelError::Crypto(format!(
-                "the evaluation key's dimensions do not match {}",
-                params.name()
-            )));
-        }
+        check_key_dimensions(
+            params,
+            &ksk,
+            bsk.polynomial_size(),
+            bsk.glwe_size(),
+            bsk.input_lwe_dimension(),
+        )?;
         let fourier_len = lwe_bootstrap_key_size(
             bsk.input_lwe_dimension(),
             bsk.glwe_size(),

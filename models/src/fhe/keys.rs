@@ -180,19 +180,13 @@ impl ServerKey {
                     .into(),
             ));
         };
-        let sp = shortint_params(params);
-        let ok = std_key.key_switching_key.input_key_lwe_dimension().0 + 1
-            == super::big_lwe_size(params)
-            && std_key.key_switching_key.output_key_lwe_dimension() == sp.lwe_dimension
-            && bsk.polynomial_size() == sp.polynomial_size
-            && bsk.glwe_size() == sp.glwe_dimension.to_glwe_size()
-            && bsk.input_lwe_dimension() == sp.lwe_dimension;
-        if !ok {
-            return Err(ModelError::Crypto(format!(
-                "the evaluation key's dimensions do not match {}",
-                params.name()
-            )));
-        }
+        check_key_dimensions(
+            params,
+            &std_key.key_switching_key,
+            bsk.polynomial_size(),
+            bsk.glwe_size(),
+            bsk.input_lwe_dimension(),
+        )?;
         Ok(ServerKey {
             params,
             ksk: std_key.key_switching_key,
@@ -209,6 +203,31 @@ impl ServerKey {
     pub fn memory_bytes(&self) -> u64 {
         let fourier = std::mem::size_of_val(self.bsk.as_view().data());
         (self.ksk.as_ref().len() * 8 + fourier) as u64
+    }
+}
+
+/// Checks an evaluation key's dimensions against `params`: keyswitch from the big key to the
+/// small one, bootstrap back to the big one.
+pub(crate) fn check_key_dimensions(
+    params: ParamSet,
+    ksk: &LweKeyswitchKeyOwned<u64>,
+    bsk_polynomial_size: tfhe::core_crypto::prelude::PolynomialSize,
+    bsk_glwe_size: tfhe::core_crypto::prelude::GlweSize,
+    bsk_input_dimension: tfhe::core_crypto::prelude::LweDimension,
+) -> Result<()> {
+    let sp = shortint_params(params);
+    let ok = ksk.input_key_lwe_dimension().0 + 1 == super::big_lwe_size(params)
+        && ksk.output_key_lwe_dimension() == sp.lwe_dimension
+        && bsk_polynomial_size == sp.polynomial_size
+        && bsk_glwe_size == sp.glwe_dimension.to_glwe_size()
+        && bsk_input_dimension == sp.lwe_dimension;
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::Crypto(format!(
+            "the evaluation key's dimensions do not match {}",
+            params.name()
+        )))
     }
 }
 
