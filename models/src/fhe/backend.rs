@@ -249,8 +249,8 @@ impl EvalKey {
 }
 
 /// Bootstraps per rayon task. Batched blind rotation reads the 60 MB bootstrapping key once
-/// per chunk instead of once per ciphertext (`../shared/notes/pbs-throughput-measured.md`:
-/// 16-64 per call is best on these machines).
+/// per chunk instead of once per ciphertext (measured on the 2-core project machines: 16-64
+/// per call is best; `veil estimate --calibrate` times 1 to 32 per thread).
 const CHUNK: usize = 32;
 
 /// CPU backend: every core takes chunks of the batch. Each chunk is keyswitched, modulus
