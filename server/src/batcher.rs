@@ -13,6 +13,7 @@
 //! starts is dropped unevaluated.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,7 +67,7 @@ pub struct Batcher {
     policy: BatchPolicy,
     permits: Arc<Semaphore>,
     open: Mutex<HashMap<(String, String), Open>>,
-    next_id: Mutex<u64>,
+    next_id: AtomicU64,
 }
 
 impl Batcher {
@@ -75,7 +76,7 @@ impl Batcher {
             policy,
             permits,
             open: Mutex::new(HashMap::new()),
-            next_id: Mutex::new(0),
+            next_id: AtomicU64::new(0),
         })
     }
 
@@ -103,11 +104,7 @@ impl Batcher {
                 if let Some(full) = open.remove(&slot) {
                     ready = Some(full);
                 }
-                let id = {
-                    let mut next = self.next_id.lock().expect("batcher id lock");
-                    *next += 1;
-                    *next
-                };
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 open.insert(
                     slot.clone(),
                     Open {
