@@ -3,7 +3,8 @@
 //! Bootstrapping is far cheaper per ciphertext in large batches (a GPU needs thousands at
 //! once to fill; the CPU backend batches its blind rotations too). A request that finds no
 //! open batch for its (model, key) opens one and a timer; requests for the same pair that
-//! arrive within the window join it, until it holds `max_samples`. Then one task takes the
+//! arrive within the window join it, until it holds `max_samples` (or the samples whose
+//! working memory fits `max_bytes`). Then one task takes the
 //! batch, waits for an inference permit, evaluates it in the blocking pool and hands each
 //! request exactly its own outputs. Batches for different keys run concurrently, up to the
 //! permit count (on the GPU each on its own stream).
@@ -31,6 +32,9 @@ pub struct BatchPolicy {
     pub window: Duration,
     /// Most samples in one merged evaluation.
     pub max_samples: usize,
+    /// Most host memory one merged evaluation may use, from the model's per-sample working
+    /// set (a lone request is never split: the per-request sample limit bounds it).
+    pub max_bytes: u64,
 }
 
 impl Default for BatchPolicy {
@@ -38,6 +42,7 @@ impl Default for BatchPolicy {
         BatchPolicy {
             window: Duration::from_millis(2),
             max_samples: 1024,
+            max_bytes: 4 << 30,
         }
     }
 }
@@ -91,14 +96,17 @@ impl Batcher {
     ) -> Result<Reply> {
         let (tx, rx) = oneshot::channel();
         let n = inputs.len();
+        let per_sample = model.fhe.working_bytes_per_sample().max(1);
+        let limit = self
+            .policy
+            .max_samples
+            .min((self.policy.max_bytes / per_sample).max(1) as usize);
         let slot = (model.name.clone(), key_id.to_string());
         let mut ready = None;
         let mut opened = None;
         {
             let mut open = self.open.lock().expect("batcher lock");
-            let fits = open
-                .get(&slot)
-                .is_some_and(|b| b.inputs.len() + n <= self.policy.max_samples);
+            let fits = open.get(&slot).is_some_and(|b| b.inputs.len() + n <= limit);
             if !fits {
                 // Too full to join (or none open): the open one runs now, this one starts anew.
                 if let Some(full) = open.remove(&slot) {
@@ -121,7 +129,7 @@ impl Batcher {
             let batch = open.get_mut(&slot).expect("just ensured");
             batch.inputs.extend(inputs);
             batch.waiters.push((n, tx));
-            if self.policy.window.is_zero() || batch.inputs.len() >= self.policy.max_samples {
+            if self.policy.window.is_zero() || batch.inputs.len() >= limit {
                 let full = open.remove(&slot).expect("present");
                 if let Some(r) = ready.replace(full) {
                     // Two batches became ready at once: run the older one separately.

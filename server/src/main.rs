@@ -51,6 +51,9 @@ struct Args {
     /// Most samples in one merged evaluation.
     #[arg(long, default_value_t = 1024)]
     max_merged_samples: usize,
+    /// Most host memory (MiB) one merged evaluation may use, estimated from the model.
+    #[arg(long, default_value_t = 4096)]
+    max_merged_mib: u64,
     /// Seconds in-flight requests get to finish after SIGINT / SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
@@ -88,6 +91,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             batching: BatchPolicy {
                 window: Duration::from_millis(a.batch_window_ms),
                 max_samples: a.max_merged_samples.max(1),
+                max_bytes: a.max_merged_mib.max(1) << 20,
             },
             ..Limits::default()
         },

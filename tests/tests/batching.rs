@@ -43,6 +43,7 @@ async fn concurrent_requests_are_merged_and_each_gets_its_own_outputs() {
     config.limits.batching = BatchPolicy {
         window: Duration::from_millis(400),
         max_samples: 64,
+        ..BatchPolicy::default()
     };
     config.limits.concurrent_inferences = 1;
     let server = TestServer::start(config).await;
@@ -119,6 +120,7 @@ async fn a_zero_window_never_merges() {
     config.limits.batching = BatchPolicy {
         window: Duration::ZERO,
         max_samples: 64,
+        ..BatchPolicy::default()
     };
     let server = TestServer::start(config).await;
     let keys = KeyPair::generate(model.params);
@@ -144,5 +146,53 @@ async fn a_zero_window_never_merges() {
         assert_eq!(reply.merged_samples, 2, "each request evaluated alone");
         assert_own_outputs(&model, &remote, &keys, &xs, &reply.outputs);
     }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_batches_stay_within_their_memory_bound() {
+    let models = TempDir::new(TMP, "membatch-models");
+    let data = TempDir::new(TMP, "membatch-data");
+    let model = compile_zoo("iris_logreg");
+    install_model(models.path(), "iris", &model);
+    let test = test_set("iris_logreg", model.n_features());
+    let per_sample = veil_models::fhe::FheModel::new(model.clone())
+        .unwrap()
+        .working_bytes_per_sample();
+    let mut config = Config::new(models.path(), data.path());
+    // Room for two samples' working set, not three.
+    config.limits.batching = BatchPolicy {
+        window: Duration::from_millis(400),
+        max_samples: 64,
+        max_bytes: 2 * per_sample + per_sample / 2,
+    };
+    let server = TestServer::start(config).await;
+    let keys = KeyPair::generate(model.params);
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.ensure_key(&keys, |_, _| {}).await.unwrap();
+    let remote = client.model("iris").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let xs = test.features[i..i + 1].to_vec();
+        let samples = vec![remote.encrypt(&keys, &xs[0]).unwrap()];
+        let client = client.clone();
+        let id = keys.key_id.clone();
+        tasks.push(tokio::spawn(async move {
+            (xs, client.infer("iris", &id, samples).await)
+        }));
+    }
+    let mut merged = Vec::new();
+    for t in tasks {
+        let (xs, reply) = t.await.unwrap();
+        let reply = reply.unwrap();
+        merged.push(reply.merged_samples);
+        assert_own_outputs(&model, &remote, &keys, &xs, &reply.outputs);
+    }
+    merged.sort();
+    assert_eq!(
+        merged,
+        vec![1, 2, 2],
+        "two merged up to the bound, the third alone"
+    );
     server.stop().await;
 }

@@ -74,6 +74,20 @@ impl FheModel {
         &self.model
     }
 
+    /// Peak host bytes one sample occupies during [`Self::evaluate`]: the widest step's
+    /// input and output ciphertexts (plus the bootstrap outputs next to them), big-key LWE.
+    pub fn working_bytes_per_sample(&self) -> u64 {
+        let widths = self.model.hidden.iter().map(|h| h.weights.n_out());
+        let mut peak = 0usize;
+        let mut n_in = self.model.n_features();
+        for n_out in widths.chain([self.model.output.weights.n_out()]) {
+            // Layer input, weighted sums, and the bootstrapped copy of the sums.
+            peak = peak.max(n_in + 2 * n_out);
+            n_in = n_out;
+        }
+        (peak * self.lwe_size * 8) as u64
+    }
+
     /// Evaluates a batch of samples. Every layer's bootstraps go to the backend as one batch
     /// across all samples, so every core (or the whole GPU) stays busy.
     pub fn evaluate(
