@@ -31,25 +31,53 @@ fn assert_own_outputs(
         .count()
 }
 
+/// A served zoo model with a batching policy, a connected client and the test set. The
+/// directories live as long as the returned value.
+struct Setup {
+    server: TestServer,
+    client: Client,
+    model: veil_models::CompiledModel,
+    test: veil_models::data::Dataset,
+    _dirs: (TempDir, TempDir),
+}
+
+async fn serve(zoo: &str, name: &str, policy: BatchPolicy, concurrent: usize) -> Setup {
+    let models = TempDir::new(TMP, &format!("{name}-models"));
+    let data = TempDir::new(TMP, &format!("{name}-data"));
+    let model = compile_zoo(zoo);
+    install_model(models.path(), name, &model);
+    let test = test_set(zoo, model.n_features());
+    let mut config = Config::new(models.path(), data.path());
+    config.limits.batching = policy;
+    config.limits.concurrent_inferences = concurrent;
+    let server = TestServer::start(config).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    Setup {
+        server,
+        client,
+        model,
+        test,
+        _dirs: (models, data),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_are_merged_and_each_gets_its_own_outputs() {
-    let models = TempDir::new(TMP, "batch-models");
-    let data = TempDir::new(TMP, "batch-data");
-    let model = compile_zoo("digits_mlp");
-    install_model(models.path(), "digits", &model);
-    let test = test_set("digits_mlp", model.n_features());
-    let mut config = Config::new(models.path(), data.path());
     // A wide window so that requests sent together surely meet; one evaluation at a time.
-    config.limits.batching = BatchPolicy {
+    let policy = BatchPolicy {
         window: Duration::from_millis(400),
         max_samples: 64,
         ..BatchPolicy::default()
     };
-    config.limits.concurrent_inferences = 1;
-    let server = TestServer::start(config).await;
+    let Setup {
+        server,
+        client,
+        model,
+        test,
+        _dirs,
+    } = serve("digits_mlp", "digits", policy, 1).await;
     let alice = KeyPair::generate(model.params);
     let bob = KeyPair::generate(model.params);
-    let client = Client::connect(&server.url()).await.unwrap();
     client.ensure_key(&alice, |_, _| {}).await.unwrap();
     client.ensure_key(&bob, |_, _| {}).await.unwrap();
     let remote = client.model("digits").await.unwrap();
@@ -111,20 +139,19 @@ async fn concurrent_requests_are_merged_and_each_gets_its_own_outputs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_window_never_merges() {
-    let models = TempDir::new(TMP, "nobatch-models");
-    let data = TempDir::new(TMP, "nobatch-data");
-    let model = compile_zoo("iris_logreg");
-    install_model(models.path(), "iris", &model);
-    let test = test_set("iris_logreg", model.n_features());
-    let mut config = Config::new(models.path(), data.path());
-    config.limits.batching = BatchPolicy {
+    let policy = BatchPolicy {
         window: Duration::ZERO,
         max_samples: 64,
         ..BatchPolicy::default()
     };
-    let server = TestServer::start(config).await;
+    let Setup {
+        server,
+        client,
+        model,
+        test,
+        _dirs,
+    } = serve("iris_logreg", "iris", policy, 2).await;
     let keys = KeyPair::generate(model.params);
-    let client = Client::connect(&server.url()).await.unwrap();
     client.ensure_key(&keys, |_, _| {}).await.unwrap();
     let remote = client.model("iris").await.unwrap();
     let mut tasks = Vec::new();
@@ -151,24 +178,24 @@ async fn a_zero_window_never_merges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_batches_stay_within_their_memory_bound() {
-    let models = TempDir::new(TMP, "membatch-models");
-    let data = TempDir::new(TMP, "membatch-data");
     let model = compile_zoo("iris_logreg");
-    install_model(models.path(), "iris", &model);
-    let test = test_set("iris_logreg", model.n_features());
-    let per_sample = veil_models::fhe::FheModel::new(model.clone())
+    let per_sample = veil_models::fhe::FheModel::new(model)
         .unwrap()
         .working_bytes_per_sample();
-    let mut config = Config::new(models.path(), data.path());
     // Room for two samples' working set, not three.
-    config.limits.batching = BatchPolicy {
+    let policy = BatchPolicy {
         window: Duration::from_millis(400),
         max_samples: 64,
         max_bytes: 2 * per_sample + per_sample / 2,
     };
-    let server = TestServer::start(config).await;
+    let Setup {
+        server,
+        client,
+        model,
+        test,
+        _dirs,
+    } = serve("iris_logreg", "iris", policy, 2).await;
     let keys = KeyPair::generate(model.params);
-    let client = Client::connect(&server.url()).await.unwrap();
     client.ensure_key(&keys, |_, _| {}).await.unwrap();
     let remote = client.model("iris").await.unwrap();
     let mut tasks = Vec::new();
