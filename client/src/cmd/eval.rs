@@ -182,7 +182,6 @@ fn fhe_run(
     // One untimed batch first: device tables upload, FFT plans, page faults.
     if let Some(x) = xs.first() {
         fhe.evaluate(backend.as_ref(), &[client.encrypt(&spec, x)?])?;
-        backend.take_phase_seconds();
     }
     let bar = ProgressBar::new(xs.len() as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}")

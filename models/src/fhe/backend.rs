@@ -139,14 +139,6 @@ impl LookupTables {
     pub fn host(&self) -> GlweCiphertextListView<'_, u64> {
         self.host.as_view()
     }
-
-    pub fn len(&self) -> usize {
-        self.host.glwe_ciphertext_count().0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Runs batches of keyswitch + bootstrap with one client's evaluation key. Input `i` is
@@ -209,22 +201,6 @@ impl EvalKey {
             )?)),
             #[cfg(not(feature = "gpu"))]
             BackendKind::Gpu => unreachable!("check_available refuses the GPU without the feature"),
-        }
-    }
-
-    pub fn kind(&self) -> BackendKind {
-        match self {
-            EvalKey::Cpu(_) => BackendKind::Cpu,
-            #[cfg(feature = "gpu")]
-            EvalKey::Gpu(_) => BackendKind::Gpu,
-        }
-    }
-
-    pub fn params(&self) -> ParamSet {
-        match self {
-            EvalKey::Cpu(k) => k.params(),
-            #[cfg(feature = "gpu")]
-            EvalKey::Gpu(k) => k.params(),
         }
     }
 

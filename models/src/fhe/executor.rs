@@ -126,7 +126,7 @@ impl FheModel {
         let mut x: Vec<u64> = vec![0u64; samples * per_sample];
         x.par_chunks_mut(per_sample)
             .zip(batch.par_iter())
-            .for_each(|(dst, s)| dst.copy_from_slice(s.expand().as_ref()));
+            .for_each(|(dst, s)| s.expand_into(dst));
         profile.expand_s += lap(&mut t);
 
         let modulus = CiphertextModulus::<u64>::new_native();

@@ -64,7 +64,6 @@ fn streams() -> CudaStreams {
 
 /// A client's evaluation key in device memory.
 pub struct GpuKey {
-    params: ParamSet,
     ksk: CudaLweKeyswitchKey<u64>,
     bsk: CudaLweBootstrapKey,
     small_dimension: tfhe::core_crypto::prelude::LweDimension,
@@ -132,16 +131,11 @@ impl GpuKey {
         let d_bsk = CudaLweBootstrapKey::from_lwe_bootstrap_key(&bsk, ms, &s);
         s.synchronize();
         Ok(GpuKey {
-            params,
             small_dimension: ksk.output_key_lwe_dimension(),
             ksk: d_ksk,
             bsk: d_bsk,
             device_bytes,
         })
-    }
-
-    pub fn params(&self) -> ParamSet {
-        self.params
     }
 
     /// Device bytes of the keyswitching key and the (Fourier-converted) bootstrapping key.

@@ -5,7 +5,8 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
 use tfhe::core_crypto::prelude::{
-    CiphertextModulus, LweCiphertextListOwned, LweSize, SeededLweCiphertextList,
+    CiphertextModulus, DefaultRandomGenerator, LweCiphertextList, LweCiphertextListOwned, LweSize,
+    SeededLweCiphertextList, par_decompress_seeded_lwe_ciphertext_list,
 };
 
 use crate::error::{ModelError, Result};
@@ -100,11 +101,18 @@ impl EncryptedInput {
         })
     }
 
-    /// Regenerates the masks from the seed, one ciphertext per rayon task (the mask stream
-    /// is forked per ciphertext, so the result equals the sequential expansion). A lone
-    /// sample then expands on every core rather than one.
-    pub(crate) fn expand(&self) -> LweCiphertextListOwned<u64> {
-        self.list.clone().par_decompress_into_lwe_ciphertext_list()
+    /// Regenerates the masks from the seed into `dst` (this sample's slice of a layer input),
+    /// one ciphertext per rayon task (the mask stream is forked per ciphertext, so the result
+    /// equals the sequential expansion). A lone sample then expands on every core.
+    pub(crate) fn expand_into(&self, dst: &mut [u64]) {
+        let mut out = LweCiphertextList::from_container(
+            dst,
+            self.list.lwe_size(),
+            self.list.ciphertext_modulus(),
+        );
+        par_decompress_seeded_lwe_ciphertext_list::<_, _, _, DefaultRandomGenerator>(
+            &mut out, &self.list,
+        );
     }
 }
 
