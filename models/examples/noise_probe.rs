@@ -8,8 +8,8 @@
 //! Positions are the 4096 steps of the modulus-switched circle (2048 programmable).
 
 use tfhe::core_crypto::prelude::*;
+use veil_models::compiled::{GUARD, POSITION, POSITIONS, ParamSet};
 use veil_models::fhe::{ClientKey, CpuBackend, PbsBackend, ServerKey};
-use veil_models::plan::{GUARD, POSITION, POSITIONS, ParamSet};
 
 struct Rng(u64);
 impl Rng {

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::compiled::CompiledModel;
 use crate::fhe::shortint_params;
-use crate::plan::CompiledModel;
 
 /// Throughput of this machine, measured by [`crate::fhe::calibrate`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -54,7 +54,7 @@ impl CompiledModel {
         let small = sp.lwe_dimension.0 + 1;
         let pbs = self.pbs_per_sample();
         let macs: usize =
-            self.hidden.iter().map(|h| h.weights.nnz()).sum::<usize>() + self.output.weights.nnz();
+            self.stages.iter().map(|h| h.weights.nnz()).sum::<usize>() + self.output.weights.nnz();
         // Keyswitching key: big dimension x levels x small LWE size, u64.
         let ksk = (big - 1) * sp.ks_level.0 * small * 8;
         // Fourier bootstrapping key: n GGSWs of (k+1)^2 x levels polynomials of N/2 complex f64.
@@ -62,7 +62,7 @@ impl CompiledModel {
         let bsk =
             sp.lwe_dimension.0 * glwe * glwe * sp.pbs_level.0 * (sp.polynomial_size.0 / 2) * 16;
         let lut_bytes: usize = self
-            .hidden
+            .stages
             .iter()
             .map(|h| h.weights.n_out() * glwe * sp.polynomial_size.0 * 8)
             .sum();
@@ -77,7 +77,7 @@ impl CompiledModel {
                 // Each layer's batch is split evenly over the threads; the throughput is the one
                 // measured at the nearest batch size per thread (at most 32 per call).
                 let pbs_ms: f64 = self
-                    .hidden
+                    .stages
                     .iter()
                     .map(|h| {
                         let per_thread = h.weights.n_out().div_ceil(t);

@@ -1,7 +1,7 @@
 //! Decoding outputs into predictions, shared by simulation, encrypted runs and the client.
 
-use crate::ir::{FloatModel, TailOp, apply_tail, predict_class, single_output_threshold};
-use crate::plan::{ClientSpec, CompiledModel, OutputDecoding};
+use crate::compiled::{ClientSpec, CompiledModel, OutputDecoding};
+use crate::graph::{FloatModel, TailOp, apply_tail, predict_class, single_output_threshold};
 
 /// A decoded sample.
 #[derive(Clone, Debug, PartialEq)]

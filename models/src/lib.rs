@@ -5,18 +5,20 @@
 //! calibration data and plans it into a [`CompiledModel`] (saved as a `.veil` file); the
 //! model then runs in [`simulate`](CompiledModel::simulate) or encrypted through [`fhe`].
 
+pub mod compiled;
 pub mod cost;
 pub mod data;
 pub mod error;
 pub mod eval;
 pub mod fhe;
-pub mod ir;
+pub mod graph;
 pub mod onnx;
 pub mod plan;
 pub mod quantize;
 pub mod simulate;
 
+pub use compiled::{ClientSpec, CompiledModel};
 pub use error::{ModelError, Result};
-pub use ir::FloatModel;
-pub use plan::{ClientSpec, CompiledModel, compile};
+pub use graph::FloatModel;
+pub use plan::compile;
 pub use quantize::QuantConfig;

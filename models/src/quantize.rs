@@ -1,27 +1,31 @@
-//! Post-training quantization from calibration data.
+//! Post-training quantization of the float graph from calibration data.
 //!
-//! Inputs get one uniform quantizer per feature, hidden activations one per neuron, weights
-//! one symmetric scale per output neuron. Per-feature and per-neuron scales cost nothing
-//! under FHE: input scales fold into the next layer's weights before they are rounded, and
-//! each neuron's output scale lives in its own lookup table.
+//! Every atom gets a uniform quantizer: input features one each (or the grid the model fixes),
+//! lookup outputs one each from their calibrated range, except where exactness needs a shared
+//! grid (the inputs of one MaxPool channel, the differences inside a pairwise maximum) or the
+//! model fixes one (QDQ). Every linear form (a lookup's input, an output) gets integer weights
+//! with one scale per form. Per-atom scales cost nothing under FHE: they fold into the
+//! consumer's weights before rounding, and each lookup's output scale lives in its table.
+
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::ir::{Activation, FloatModel};
+use crate::graph::{FloatModel, Lin, OutputGrid};
 
 /// Bit widths and range margin; recorded in the compiled model.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QuantConfig {
     /// Bits per input feature (unsigned, with a zero point).
     pub input_bits: u32,
-    /// Bits per weight of the first layer, sign included (symmetric, per output neuron). Its
-    /// inputs are fresh encryptions with negligible noise, so wide weights cost nothing.
+    /// Bits per weight on fresh inputs, sign included (symmetric, per linear form). Fresh
+    /// encryptions carry negligible noise, so wide weights cost nothing.
     pub first_weight_bits: u32,
-    /// Bits per weight of later layers. Their inputs are bootstrap outputs whose noise the
-    /// weights amplify (variance grows with the sum of squared weights), so they stay narrow.
+    /// Bits per weight on bootstrap outputs, whose noise the weights amplify (variance grows
+    /// with the sum of squared weights), so they stay narrow.
     pub weight_bits: u32,
-    /// Bits per hidden activation (unsigned, with a zero point, per neuron).
+    /// Bits per lookup output (unsigned, with a zero point), where the model fixes none.
     pub act_bits: u32,
     /// Extra room around each calibrated accumulator range, as a fraction of its width.
     pub range_margin: f64,
@@ -85,24 +89,65 @@ impl UniformQuant {
     pub fn dequantize(&self, q: i64) -> f64 {
         self.scale * (q - self.zero) as f64
     }
+
+    /// Bits an unsigned value of this quantizer needs.
+    pub fn bits(&self) -> u32 {
+        64 - (self.max_q.max(1) as u64).leading_zeros()
+    }
 }
 
-/// One linear layer in integers: `pre_n ~ scale[n] * sum_j rows[n][j].1 * q_j + offset[n]`.
+/// A linear form in integers: `value ~ scale * sum_k w_k * q_k + offset`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct QuantLayer {
-    pub n_in: usize,
-    pub rows: Vec<Vec<(u32, i64)>>,
-    pub scale: Vec<f64>,
-    pub offset: Vec<f64>,
+pub struct QuantLin {
+    pub terms: Vec<(u32, i64)>,
+    pub scale: f64,
+    pub offset: f64,
+    /// Weight bits used (sign included).
+    pub weight_bits: u32,
+    /// The weights are exact (no rounding): the accumulator's range is then known from the
+    /// atoms' grids, not only from calibration.
+    pub exact: bool,
+}
+
+impl QuantLin {
+    /// Smallest and largest accumulator over every grid value of the atoms read.
+    pub fn bounds(&self, atoms: &[UniformQuant]) -> (i64, i64) {
+        self.terms.iter().fold((0, 0), |(lo, hi), &(a, w)| {
+            let m = w * atoms[a as usize].max_q;
+            (lo + m.min(0), hi + m.max(0))
+        })
+    }
+}
+
+impl QuantLin {
+    pub fn acc(&self, q: &[i64]) -> i64 {
+        self.terms.iter().map(|&(a, w)| w * q[a as usize]).sum()
+    }
 }
 
 /// The quantized model, before the FHE plan fixes encodings and lookup tables.
 #[derive(Clone, Debug)]
 pub struct QuantModel {
-    pub input: Vec<UniformQuant>,
-    pub layers: Vec<QuantLayer>,
-    /// `acts[l]`: the activation chain after layer `l` and one output quantizer per neuron.
-    pub acts: Vec<(Vec<Activation>, Vec<UniformQuant>)>,
+    /// One quantizer per atom (inputs first, then lookups).
+    pub atoms: Vec<UniformQuant>,
+    /// The integer input form of each lookup.
+    pub lookups: Vec<QuantLin>,
+    pub outputs: Vec<QuantLin>,
+}
+
+impl QuantModel {
+    /// Every atom's integer for one sample, computed exactly as quantization intends (no
+    /// bootstrap rounding): the reference the plan sizes its encodings on.
+    pub fn ideal_atoms(&self, model: &FloatModel, x: &[f64]) -> Vec<i64> {
+        let nf = model.n_features();
+        let mut q: Vec<i64> = Vec::with_capacity(self.atoms.len());
+        q.extend(x.iter().zip(&self.atoms).map(|(&v, u)| u.quantize(v)));
+        for (i, (l, ql)) in model.lookups.iter().zip(&self.lookups).enumerate() {
+            let pre = ql.scale * ql.acc(&q) as f64 + ql.offset;
+            q.push(self.atoms[nf + i].quantize(l.func.eval(pre)));
+        }
+        q
+    }
 }
 
 /// Quantizes `model` using the value ranges seen on `calibration`.
@@ -115,99 +160,144 @@ pub fn quantize(
     if calibration.is_empty() {
         return Err(ModelError::Plan("the calibration set is empty".into()));
     }
-    let n_features = model.n_features();
-    if let Some(bad) = calibration.iter().find(|x| x.len() != n_features) {
+    let nf = model.n_features();
+    if let Some(bad) = calibration.iter().find(|x| x.len() != nf) {
         return Err(ModelError::Shape(format!(
-            "calibration row has {} features, the model takes {n_features}",
+            "calibration row has {} features, the model takes {nf}",
             bad.len()
         )));
     }
-
-    // Ranges: inputs per feature, then each hidden layer's activations per neuron.
-    let mut input_range = vec![(f64::INFINITY, f64::NEG_INFINITY); n_features];
-    let mut act_ranges: Vec<Vec<(f64, f64)>> = model
-        .affines
-        .iter()
-        .take(model.acts.len())
-        .map(|a| vec![(f64::INFINITY, f64::NEG_INFINITY); a.n_out()])
-        .collect();
-    let widen = |r: &mut (f64, f64), v: f64| {
-        r.0 = r.0.min(v);
-        r.1 = r.1.max(v);
-    };
+    // Float range of every atom.
+    let mut range = vec![(f64::INFINITY, f64::NEG_INFINITY); model.n_atoms()];
     for x in calibration {
-        x.iter()
-            .zip(&mut input_range)
-            .for_each(|(&v, r)| widen(r, v));
-        let mut v = x.clone();
-        for (l, acts) in model.acts.iter().enumerate() {
-            v = model.affines[l].apply(&v);
-            v.iter_mut()
-                .for_each(|e| *e = Activation::apply_chain(acts, *e));
-            v.iter()
-                .zip(&mut act_ranges[l])
-                .for_each(|(&e, r)| widen(r, e));
+        for (r, v) in range.iter_mut().zip(model.atoms(x)) {
+            r.0 = r.0.min(v);
+            r.1 = r.1.max(v);
         }
     }
-    let input: Vec<UniformQuant> = input_range
-        .iter()
-        .map(|&(lo, hi)| UniformQuant::from_range(lo, hi, cfg.input_bits))
-        .collect();
-    let act_quants: Vec<Vec<UniformQuant>> = act_ranges
-        .iter()
-        .map(|rs| {
-            rs.iter()
-                .map(|&(lo, hi)| UniformQuant::from_range(lo, hi, cfg.act_bits))
-                .collect()
+    let mut tied: HashMap<u32, (f64, f64)> = HashMap::new();
+    for (i, l) in model.lookups.iter().enumerate() {
+        if let OutputGrid::Tied(g) = l.grid {
+            let r = tied.entry(g).or_insert((f64::INFINITY, f64::NEG_INFINITY));
+            r.0 = r.0.min(range[nf + i].0);
+            r.1 = r.1.max(range[nf + i].1);
+        }
+    }
+    let fixed = |g: &crate::graph::Grid| UniformQuant {
+        scale: g.scale,
+        zero: g.zero - g.qmin,
+        max_q: g.qmax - g.qmin,
+    };
+    let mut atoms: Vec<UniformQuant> = (0..nf)
+        .map(|j| match &model.input_grids[j] {
+            Some(g) => fixed(g),
+            None => UniformQuant::from_range(range[j].0, range[j].1, cfg.input_bits),
         })
         .collect();
-
-    let mut layers = Vec::with_capacity(model.affines.len());
-    for (l, affine) in model.affines.iter().enumerate() {
-        let in_q: &[UniformQuant] = if l == 0 { &input } else { &act_quants[l - 1] };
-        let bits = if l == 0 {
-            cfg.first_weight_bits
-        } else {
-            cfg.weight_bits
+    for (i, l) in model.lookups.iter().enumerate() {
+        let (lo, hi) = range[nf + i];
+        let calibrated = UniformQuant::from_range(lo, hi, cfg.act_bits);
+        let u = match &l.grid {
+            OutputGrid::Calibrated => calibrated,
+            OutputGrid::Tied(g) => {
+                let (lo, hi) = tied[g];
+                UniformQuant::from_range(lo, hi, cfg.act_bits)
+            }
+            OutputGrid::Fixed(g) => fixed(g),
+            OutputGrid::DifferenceOfInputs => {
+                difference_grid(&l.input, &atoms).unwrap_or(calibrated)
+            }
         };
-        let w_max = ((1i64 << (bits - 1)) - 1) as f64;
-        let mut rows = Vec::with_capacity(affine.n_out());
-        let mut scale = Vec::with_capacity(affine.n_out());
-        let mut offset = Vec::with_capacity(affine.n_out());
-        for (row, &b) in affine.rows.iter().zip(&affine.bias) {
-            // Fold the input scales into the weights, then round with one scale per neuron.
-            let folded: Vec<(u32, f64)> = row
-                .iter()
-                .map(|&(c, w)| (c, w * in_q[c as usize].scale))
-                .collect();
-            let max_abs = folded.iter().fold(0.0f64, |m, &(_, v)| m.max(v.abs()));
-            let t = if max_abs > 0.0 { max_abs / w_max } else { 1.0 };
-            let int_row: Vec<(u32, i64)> = folded
-                .iter()
-                .map(|&(c, v)| (c, (v / t).round() as i64))
-                .filter(|&(_, w)| w != 0)
-                .collect();
-            let zero_term: i64 = int_row
-                .iter()
-                .map(|&(c, w)| w * in_q[c as usize].zero)
-                .sum();
-            offset.push(b - t * zero_term as f64);
-            scale.push(t);
-            rows.push(int_row);
-        }
-        layers.push(QuantLayer {
-            n_in: affine.n_in,
-            rows,
-            scale,
-            offset,
-        });
+        atoms.push(u);
     }
-    let acts = model.acts.iter().cloned().zip(act_quants).collect();
+    let lookups = model
+        .lookups
+        .iter()
+        .map(|l| quantize_form(&l.input, &atoms, nf, cfg))
+        .collect();
+    let outputs = model
+        .outputs
+        .iter()
+        .map(|o| quantize_form(o, &atoms, nf, cfg))
+        .collect();
     Ok(QuantModel {
-        input,
-        layers,
-        acts,
+        atoms,
+        lookups,
+        outputs,
     })
+}
+
+/// The grid of `relu(b - a)` inside a pairwise maximum: when every atom of the difference
+/// has one scale and unit weights, the difference is an exact multiple of that scale.
+fn difference_grid(input: &Lin, atoms: &[UniformQuant]) -> Option<UniformQuant> {
+    let first = atoms[input.terms.first()?.0 as usize];
+    let exact = input.bias == 0.0
+        && input.terms.iter().all(|&(a, w)| {
+            let u = atoms[a as usize];
+            (w == 1.0 || w == -1.0) && u.scale == first.scale
+        });
+    let max_q = input
+        .terms
+        .iter()
+        .map(|&(a, _)| atoms[a as usize].max_q)
+        .max()?;
+    exact.then_some(UniformQuant {
+        scale: first.scale,
+        zero: 0,
+        max_q,
+    })
+}
+
+/// Integer weights for one form: input scales folded in, then one rounding scale chosen so
+/// that weights on fresh inputs use `first_weight_bits` and weights on bootstrap outputs
+/// `weight_bits`.
+fn quantize_form(lin: &Lin, atoms: &[UniformQuant], nf: usize, cfg: &QuantConfig) -> QuantLin {
+    let folded: Vec<(u32, f64)> = lin
+        .terms
+        .iter()
+        .map(|&(a, w)| (a, w * atoms[a as usize].scale))
+        .collect();
+    let max_of = |fresh: bool| {
+        folded
+            .iter()
+            .filter(|&&(a, _)| ((a as usize) < nf) == fresh)
+            .fold(0.0f64, |m, &(_, v)| m.max(v.abs()))
+    };
+    let w_max = |bits: u32| ((1i64 << (bits - 1)) - 1) as f64;
+    let (fresh, later) = (max_of(true), max_of(false));
+    let t = (fresh / w_max(cfg.first_weight_bits)).max(later / w_max(cfg.weight_bits));
+    let t = if t > 0.0 { t } else { 1.0 };
+    // Weights that are already small integer multiples of one unit (a difference of values
+    // on one grid, a sum pooled by MaxPool) keep that unit: exact, and as narrow as can be.
+    let unit = folded
+        .iter()
+        .map(|t| t.1.abs())
+        .fold(f64::INFINITY, f64::min);
+    let exact_unit = unit.is_finite()
+        && unit >= t
+        && folded.iter().all(|&(_, v)| {
+            let r = v / unit;
+            (r - r.round()).abs() < 1e-9 && r.abs() <= w_max(cfg.first_weight_bits)
+        });
+    let t = if exact_unit { unit } else { t };
+    let terms: Vec<(u32, i64)> = folded
+        .iter()
+        .map(|&(a, v)| (a, (v / t).round() as i64))
+        .filter(|&(_, w)| w != 0)
+        .collect();
+    let zero_term: i64 = terms.iter().map(|&(a, w)| w * atoms[a as usize].zero).sum();
+    let weight_bits = if later > 0.0 {
+        cfg.weight_bits
+    } else {
+        cfg.first_weight_bits
+    };
+    QuantLin {
+        terms,
+        scale: t,
+        offset: lin.bias - t * zero_term as f64,
+        weight_bits,
+        exact: exact_unit,
+    }
 }
 
 #[cfg(test)]

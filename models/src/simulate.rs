@@ -6,8 +6,8 @@
 //! With noise it adds the Gaussian read error the plan predicts for each neuron, so that its
 //! accuracy predicts the encrypted accuracy.
 
+use crate::compiled::{CompiledModel, POSITION};
 use crate::error::Result;
-use crate::plan::{CompiledModel, HiddenLayer, POSITION, POSITIONS};
 
 /// A small deterministic Gaussian source (splitmix64 + Box-Muller) for noise injection.
 #[derive(Clone, Debug)]
@@ -55,56 +55,31 @@ pub struct SimOutput {
     pub overflows: usize,
 }
 
-/// Runs one hidden layer on integer inputs; returns the next layer's integers and the
-/// number of overflowing neurons.
-pub(crate) fn hidden_layer(
-    h: &HiddenLayer,
-    x: &[i64],
-    mut noise: Option<&mut NoiseRng>,
-) -> (Vec<i64>, usize) {
-    let mut overflows = 0;
-    let out = h
-        .weights
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(n, row)| {
-            let acc: i64 = row.iter().map(|&(c, w)| w * x[c as usize]).sum();
-            let mut phase = (acc as u64)
-                .wrapping_mul(h.delta_in)
-                .wrapping_add(h.offset[n]);
-            if let Some(rng) = noise.as_deref_mut() {
-                let e = rng.gaussian() * h.read_sigma[n] * POSITION as f64;
-                phase = phase.wrapping_add(e as i64 as u64);
-            }
-            // Round to one of the 4096 positions of the modulus switch.
-            let p = (phase.wrapping_add(1 << 51) >> 52) as i64;
-            if p < POSITIONS {
-                h.lut_of(n)[p as usize] as i64
-            } else {
-                // The negacyclic half: the bootstrap returns the negated table entry.
-                overflows += 1;
-                -(h.lut_of(n)[(p - POSITIONS) as usize] as i64)
-            }
-        })
-        .collect();
-    (out, overflows)
-}
-
 impl CompiledModel {
     /// Simulates one sample from its quantized inputs.
     pub fn simulate_quantized(&self, q: &[i64], mut noise: Option<&mut NoiseRng>) -> SimOutput {
-        let mut x = q.to_vec();
+        let mut values = Vec::with_capacity(self.n_values());
+        values.extend_from_slice(q);
         let mut overflows = 0;
-        for h in &self.hidden {
-            let (next, o) = hidden_layer(h, &x, noise.as_deref_mut());
-            x = next;
-            overflows += o;
+        for st in &self.stages {
+            let n_before = values.len();
+            for (n, row) in st.weights.rows.iter().enumerate() {
+                let acc: i64 = row.iter().map(|&(c, w)| w * values[c as usize]).sum();
+                let mut phase = st.phase(n, acc);
+                if let Some(rng) = noise.as_deref_mut() {
+                    let e = rng.gaussian() * st.read_sigma[n] * POSITION as f64;
+                    phase = phase.wrapping_add(e as i64 as u64);
+                }
+                let (v, overflow) = st.read(n, phase);
+                overflows += usize::from(overflow);
+                values.push(v);
+            }
+            debug_assert_eq!(values.len(), n_before + st.len());
         }
         let out = &self.output;
         let accs = out
             .weights
-            .apply(&x)
+            .apply(&values)
             .into_iter()
             .enumerate()
             .map(|(n, acc)| match noise.as_deref_mut() {

@@ -68,7 +68,7 @@ fn quantization_records_scales_and_plans_one_bootstrap_per_hidden_neuron() {
         assert!(q.scale > 0.0 && q.max_q == (1 << cfg.input_bits) - 1);
     }
     let first_max = (1i64 << (cfg.first_weight_bits - 1)) - 1;
-    let h = &model.hidden[0];
+    let h = &model.stages[0];
     // Weights are integers of the configured width (times the per-neuron range multiplier).
     for row in &h.weights.rows {
         let k_times_max = row.iter().map(|&(_, w)| w.abs()).max().unwrap();
@@ -110,7 +110,7 @@ fn compiled_model_file_round_trips_and_rejects_damage() {
     assert!(e.contains("format version 99"), "{e}");
     // A body that decodes but is inconsistent is caught by validation.
     let mut broken = model.clone();
-    broken.hidden[0].lut.pop();
+    broken.stages[0].lut.pop();
     let e = CompiledModel::from_bytes(&broken.to_bytes())
         .unwrap_err()
         .to_string();

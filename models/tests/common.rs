@@ -6,12 +6,16 @@ use std::path::PathBuf;
 use veil_models::data::{Dataset, Labels, read_csv};
 use veil_models::{CompiledModel, FloatModel, QuantConfig, compile, onnx};
 
-pub const ZOO: [&str; 5] = [
+pub const ZOO: [&str; 9] = [
     "digits_mlp",
     "digits_cnn",
     "breast_cancer_logreg",
     "iris_logreg",
     "wine_mlp",
+    "digits_maxpool_cnn",
+    "digits_resmlp",
+    "digits_qdq_mlp",
+    "digits_qdq_cnn",
 ];
 
 pub fn zoo_dir(name: &str) -> PathBuf {

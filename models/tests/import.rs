@@ -36,21 +36,24 @@ fn every_shipped_model_imports_and_matches_onnxruntime() {
 
 #[test]
 fn shipped_models_have_the_expected_structure() {
+    // One lookup per hidden neuron; linear ops compose into the forms around them.
     let mlp = float_model("digits_mlp");
     assert_eq!(
-        (mlp.affines.len(), mlp.n_features(), mlp.n_scores()),
-        (2, 64, 10)
+        (mlp.lookups.len(), mlp.n_features(), mlp.n_scores()),
+        (32, 64, 10)
     );
     let cnn = float_model("digits_cnn");
-    // Conv -> ReLU -> (AveragePool, Reshape, Gemm composed into one linear map)
-    assert_eq!(cnn.affines.len(), 2);
-    assert_eq!(cnn.affines[0].n_out(), 4 * 6 * 6);
-    assert_eq!(cnn.affines[1].n_in, 4 * 6 * 6);
-    // Scaler + LinearClassifier compose into one linear layer; the tail is clear-text.
+    // Conv -> ReLU -> (AveragePool, Reshape, Gemm composed into one linear form per score)
+    assert_eq!(cnn.lookups.len(), 4 * 6 * 6);
+    assert!(cnn.lookups.iter().all(|l| l.input.terms.len() <= 9));
+    assert!(
+        cnn.outputs
+            .iter()
+            .all(|o| o.terms.iter().all(|t| t.0 >= 64))
+    );
+    // Scaler + LinearClassifier compose into one linear form; the tail is clear-text.
     let lr = float_model("breast_cancer_logreg");
-    assert_eq!(lr.affines.len(), 1);
-    assert!(lr.acts.is_empty());
+    assert!(lr.lookups.is_empty());
     let wine = float_model("wine_mlp");
-    assert_eq!(wine.affines.len(), 2);
-    assert_eq!(wine.affines[0].n_out(), 16);
+    assert_eq!(wine.lookups.len(), 16);
 }

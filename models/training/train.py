@@ -15,12 +15,22 @@ Models:
 * ``breast_cancer_logreg`` sklearn StandardScaler + LogisticRegression (binary), skl2onnx defaults
 * ``iris_logreg``          sklearn StandardScaler + LogisticRegression (3 classes), skl2onnx defaults
 * ``wine_mlp``             sklearn StandardScaler + MLPClassifier((16,)), skl2onnx defaults
+* ``digits_maxpool_cnn``   torch   Conv2d(1,8,3,p=1) -> ReLU -> MaxPool2d(2) -> Conv2d(8,16,3,p=1) -> ReLU
+                                   -> MaxPool2d(2) -> Flatten -> Linear(64,10)
+* ``digits_resmlp``        torch   h1 = relu(fc0(x)); h2 = h1 + gelu(fc1(h1)); h3 = h2 + silu(fc2(h2));
+                                   logits = fc_out(h3)   (width 32, GELU in its default erf form)
+* ``digits_qdq_mlp``       torch MLP 64-32-10 (same recipe and seed as digits_mlp), then
+                                   onnxruntime quantize_static: QDQ, per-channel, QUInt8 activations, QInt8 weights
+* ``digits_qdq_cnn``       torch Conv2d(1,4,3) -> ReLU -> MaxPool2d(2) -> Flatten -> Linear(36,10), then
+                                   quantize_static: QDQ, per-tensor, QUInt8 activations, QInt8 weights
 
 Every split is ``train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)``.
 Everything is seeded; run from the repository root:
 
     python models/training/train.py            # writes models/zoo/
     python models/training/train.py --out DIR  # somewhere else
+    python models/training/train.py --only digits_resmlp,digits_qdq_mlp   # just these
+    python models/training/train.py --list     # model names, in run order
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from sklearn.preprocessing import StandardScaler
 
 import skl2onnx
 from skl2onnx import to_onnx
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 import torch
 from torch import nn
@@ -343,6 +354,166 @@ def make_digits_cnn(out_dir: Path) -> dict:
                   extra={"torch_exporter": how, "torch_version": torch.__version__})
 
 
+# --------------------------------------------------------------------------- more torch models
+
+
+class DigitsMaxPoolCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, kernel_size=3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 16, kernel_size=3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.pool1(self.relu1(self.conv1(x)))    # [B,8,4,4]
+        x = self.pool2(self.relu2(self.conv2(x)))    # [B,16,2,2]
+        return self.fc(self.flatten(x))
+
+
+def make_digits_maxpool_cnn(out_dir: Path) -> dict:
+    seed_everything()
+    X_train, X_test, y_train, y_test = digits_split()
+    model = DigitsMaxPoolCNN()
+    shape = [1, 8, 8]
+    acc, logits = train_torch(model, X_train, y_train, X_test, y_test,
+                              epochs=60, batch_size=32, lr=3e-3, input_shape=shape)
+    how = export_torch(model, torch.from_numpy(X_test[:2].reshape(2, 1, 8, 8)),
+                       out_dir / "digits_maxpool_cnn" / "model.onnx")
+    return finish(out_dir, "digits_maxpool_cnn", source="torch",
+                  dataset="sklearn.datasets.load_digits (pixels/16)",
+                  X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, n_classes=10,
+                  input_shape=shape, framework_accuracy=acc, framework_scores=logits,
+                  extra={"torch_exporter": how, "torch_version": torch.__version__})
+
+
+class DigitsResMLP(nn.Module):
+    """Residual MLP of width 32: one block with GELU (erf form), one with SiLU."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.fc0 = nn.Linear(64, width)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.fc_out = nn.Linear(width, 10)
+        self.relu = nn.ReLU()
+        self.gelu = nn.GELU()  # approximate="none": 0.5 * x * (1 + erf(x / sqrt(2)))
+        self.silu = nn.SiLU()  # x * sigmoid(x)
+
+    def forward(self, x):
+        h1 = self.relu(self.fc0(x))
+        h2 = h1 + self.gelu(self.fc1(h1))
+        h3 = h2 + self.silu(self.fc2(h2))
+        return self.fc_out(h3)
+
+
+def make_digits_resmlp(out_dir: Path) -> dict:
+    seed_everything()
+    X_train, X_test, y_train, y_test = digits_split()
+    model = DigitsResMLP()
+    acc, logits = train_torch(model, X_train, y_train, X_test, y_test,
+                              epochs=100, batch_size=32, lr=1e-3, input_shape=[64])
+    how = export_torch(model, torch.from_numpy(X_test[:2]), out_dir / "digits_resmlp" / "model.onnx")
+    return finish(out_dir, "digits_resmlp", source="torch", dataset="sklearn.datasets.load_digits (pixels/16)",
+                  X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, n_classes=10,
+                  input_shape=[64], framework_accuracy=acc, framework_scores=logits,
+                  extra={"torch_exporter": how, "torch_version": torch.__version__})
+
+
+# --------------------------------------------------------------------------- QDQ (onnxruntime static quantization)
+
+N_CALIBRATION = 200      # first rows of the training split
+CALIBRATION_BATCH = 50
+
+
+class RowsReader(CalibrationDataReader):
+    """Feeds the first N_CALIBRATION training rows, CALIBRATION_BATCH at a time."""
+
+    def __init__(self, input_name: str, X: np.ndarray, input_shape):
+        X = np.asarray(X[:N_CALIBRATION], np.float32).reshape([-1] + list(input_shape))
+        self._batches = [{input_name: X[i:i + CALIBRATION_BATCH]} for i in range(0, len(X), CALIBRATION_BATCH)]
+        self._it = iter(self._batches)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self._batches)
+
+
+class DigitsQDQCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, kernel_size=3)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(36, 10)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.relu(self.conv(x)))))
+
+
+def make_qdq(out_dir: Path, name: str, model: nn.Module, *, input_shape, per_channel: bool,
+             epochs: int, lr: float) -> dict:
+    X_train, X_test, y_train, y_test = digits_split()
+    acc, logits = train_torch(model, X_train, y_train, X_test, y_test,
+                              epochs=epochs, batch_size=32, lr=lr, input_shape=input_shape)
+    folder = out_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    float_path = folder / "model.float.onnx"  # temporary: the float export that gets quantized
+    qdq_path = folder / "model.onnx"
+    try:
+        how = export_torch(model, torch.from_numpy(X_test[:2].reshape([2] + list(input_shape))), float_path)
+        float_scores, float_labels = run_ort(float_path, X_test, input_shape)
+        float_ort_acc = float((float_labels == y_test).mean())
+        quantize_static(
+            str(float_path), str(qdq_path),
+            RowsReader("input", X_train, input_shape),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        if float_path.exists():
+            float_path.unlink()
+    return finish(out_dir, name, source="torch+onnxruntime.quantization.quantize_static",
+                  dataset="sklearn.datasets.load_digits (pixels/16)",
+                  X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, n_classes=10,
+                  input_shape=input_shape, framework_accuracy=acc, framework_scores=logits,
+                  extra={
+                      "torch_exporter": how, "torch_version": torch.__version__,
+                      "onnxruntime_version": ort.__version__,
+                      "float_onnx_onnxruntime_accuracy": float_ort_acc,
+                      "quantization": {
+                          "quant_format": "QDQ",
+                          "per_channel": per_channel,
+                          "activation_type": "QUInt8",
+                          "weight_type": "QInt8",
+                          "calibrate_method": "MinMax",
+                          "calibration_rows": f"first {N_CALIBRATION} rows of train.csv, batches of {CALIBRATION_BATCH}",
+                          "extra_options": {},
+                      },
+                  })
+
+
+def make_digits_qdq_mlp(out_dir: Path) -> dict:
+    seed_everything()
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # digits_mlp's recipe
+    return make_qdq(out_dir, "digits_qdq_mlp", model, input_shape=[64], per_channel=True, epochs=150, lr=1e-3)
+
+
+def make_digits_qdq_cnn(out_dir: Path) -> dict:
+    seed_everything()
+    return make_qdq(out_dir, "digits_qdq_cnn", DigitsQDQCNN(), input_shape=[1, 8, 8], per_channel=False,
+                    epochs=100, lr=1e-2)
+
+
 # --------------------------------------------------------------------------- sklearn models
 
 
@@ -378,22 +549,45 @@ def main() -> None:
         os.execv(sys.executable, [sys.executable] + sys.argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: models/zoo)")
+    ap.add_argument("--only", default="", help="comma-separated model names (default: all); see --list")
+    ap.add_argument("--list", action="store_true", help="print the model names and exit")
     args = ap.parse_args()
+    if args.list:
+        print("\n".join(MODELS))
+        return
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; known: {list(MODELS)}")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
     print(f"torch {torch.__version__}, sklearn {sklearn.__version__}, skl2onnx {skl2onnx.__version__}, "
           f"onnx {onnx.__version__}, onnxruntime {ort.__version__}")
-    make_digits_mlp(out)
-    make_digits_cnn(out)
-    make_digits_sweep(out)
-    make_sklearn(out, "breast_cancer_logreg", load_breast_cancer, "sklearn.datasets.load_breast_cancer",
-                 LogisticRegression(max_iter=5000))
-    make_sklearn(out, "iris_logreg", load_iris, "sklearn.datasets.load_iris",
-                 LogisticRegression(max_iter=5000))
-    make_sklearn(out, "wine_mlp", load_wine, "sklearn.datasets.load_wine",
-                 MLPClassifier(hidden_layer_sizes=(16,), max_iter=3000, random_state=0))
+    for name in MODELS:  # always in the table's order, whatever the order given to --only
+        if name in names:
+            MODELS[name](out)
 
+
+# Run order. The first six are the original zoo; their outputs do not depend on the
+# ones added after them (every maker reseeds).
+MODELS = {
+    "digits_mlp": make_digits_mlp,
+    "digits_cnn": make_digits_cnn,
+    "digits_sweep": make_digits_sweep,
+    "breast_cancer_logreg": lambda out: make_sklearn(
+        out, "breast_cancer_logreg", load_breast_cancer, "sklearn.datasets.load_breast_cancer",
+        LogisticRegression(max_iter=5000)),
+    "iris_logreg": lambda out: make_sklearn(
+        out, "iris_logreg", load_iris, "sklearn.datasets.load_iris", LogisticRegression(max_iter=5000)),
+    "wine_mlp": lambda out: make_sklearn(
+        out, "wine_mlp", load_wine, "sklearn.datasets.load_wine",
+        MLPClassifier(hidden_layer_sizes=(16,), max_iter=3000, random_state=0)),
+    "digits_maxpool_cnn": make_digits_maxpool_cnn,
+    "digits_resmlp": make_digits_resmlp,
+    "digits_qdq_mlp": make_digits_qdq_mlp,
+    "digits_qdq_cnn": make_digits_qdq_cnn,
+}
 
 if __name__ == "__main__":
     main()

@@ -11,8 +11,8 @@ use tfhe::core_crypto::prelude::{
 };
 
 use super::ServerKey;
+use crate::compiled::ParamSet;
 use crate::error::{ModelError, Result};
-use crate::plan::ParamSet;
 
 /// A modulus-switched LWE ciphertext, materialized once. tfhe's lazy form recomputes the
 /// switch on every access, and batched blind rotation reads mask element `i` of every

@@ -12,8 +12,8 @@ use tfhe::core_crypto::prelude::{
 use super::{
     ClientKey, CpuBackend, PbsBackend, ServerKey, keys::eval_key_to_bytes, shortint_params,
 };
+use crate::compiled::{POSITIONS, ParamSet};
 use crate::cost::MachineProfile;
-use crate::plan::{POSITIONS, ParamSet};
 
 /// Measures keyswitch + bootstrap latency and throughput with real keys (a few seconds).
 pub fn calibrate(params: ParamSet) -> MachineProfile {
@@ -203,7 +203,7 @@ pub fn bench_backend(
     };
     use tfhe::core_crypto::seeders::new_seeder;
 
-    use crate::plan::{GUARD, POSITION};
+    use crate::compiled::{GUARD, POSITION};
 
     let client = ClientKey::generate(params);
     let compressed = client.compressed_server_key();

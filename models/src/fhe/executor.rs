@@ -12,8 +12,49 @@ use std::time::Instant;
 use super::{
     EncryptedInput, EncryptedOutput, LookupTables, PbsBackend, big_lwe_size, shortint_params,
 };
+use crate::compiled::{CompiledModel, IntMatrix, POSITIONS};
 use crate::error::{ModelError, Result};
-use crate::plan::{CompiledModel, IntMatrix, POSITIONS};
+
+/// Where a model's values live during an evaluation: block 0 holds the inputs, block `s + 1`
+/// the outputs of stage `s`; a block is freed after the last step that reads it.
+struct Blocks {
+    /// First value index of each block, and one past the last value.
+    starts: Vec<usize>,
+    /// Last step reading each block (stage index; `stages.len()` for the outputs).
+    last_read: Vec<usize>,
+}
+
+impl Blocks {
+    fn new(model: &CompiledModel) -> Self {
+        let mut starts = vec![0, model.n_features()];
+        for st in &model.stages {
+            starts.push(starts.last().unwrap() + st.len());
+        }
+        let n_blocks = starts.len() - 1;
+        let mut last_read = vec![0usize; n_blocks];
+        let block_of = |v: u32| starts.partition_point(|&s| s <= v as usize) - 1;
+        let readers = model
+            .stages
+            .iter()
+            .map(|st| &st.weights)
+            .chain([&model.output.weights]);
+        for (step, w) in readers.enumerate() {
+            for &(c, _) in w.rows.iter().flatten() {
+                let b = block_of(c);
+                last_read[b] = last_read[b].max(step);
+            }
+        }
+        Blocks { starts, last_read }
+    }
+
+    fn block_of(&self, v: usize) -> usize {
+        self.starts.partition_point(|&s| s <= v) - 1
+    }
+
+    fn len(&self, b: usize) -> usize {
+        self.starts[b + 1] - self.starts[b]
+    }
+}
 
 /// The centered modulus switch moves every phase down by half a position; adding it back
 /// keeps the read centred on the position the plan (and the simulator) round to.
@@ -24,6 +65,7 @@ pub struct FheModel {
     model: CompiledModel,
     luts: Vec<LookupTables>,
     lwe_size: usize,
+    blocks: Blocks,
 }
 
 impl FheModel {
@@ -40,7 +82,7 @@ impl FheModel {
         }
         let modulus = CiphertextModulus::<u64>::new_native();
         let luts = model
-            .hidden
+            .stages
             .iter()
             .map(|h| {
                 let mut data = Vec::with_capacity(h.weights.n_out() * glwe_size.0 * poly.0);
@@ -53,7 +95,7 @@ impl FheModel {
                         POSITIONS as usize,
                         modulus,
                         1u64,
-                        |p: u64| (table[p as usize] as u64).wrapping_mul(h.delta_out),
+                        |p: u64| (table[p as usize] as u64).wrapping_mul(h.delta_out[n]),
                     );
                     data.extend_from_slice(glwe.as_ref());
                 }
@@ -63,10 +105,12 @@ impl FheModel {
             })
             .collect();
         let lwe_size = big_lwe_size(model.params);
+        let blocks = Blocks::new(&model);
         Ok(FheModel {
             model,
             luts,
             lwe_size,
+            blocks,
         })
     }
 
@@ -74,16 +118,22 @@ impl FheModel {
         &self.model
     }
 
-    /// Peak host bytes one sample occupies during [`Self::evaluate`]: the widest step's
-    /// input and output ciphertexts (plus the bootstrap outputs next to them), big-key LWE.
+    /// Peak host bytes one sample occupies during [`Self::evaluate`]: the values still to be
+    /// read, plus one stage's weighted sums and their bootstrapped copies (big-key LWE).
     pub fn working_bytes_per_sample(&self) -> u64 {
-        let widths = self.model.hidden.iter().map(|h| h.weights.n_out());
+        let b = &self.blocks;
+        let n_steps = self.model.stages.len() + 1;
         let mut peak = 0usize;
-        let mut n_in = self.model.n_features();
-        for n_out in widths.chain([self.model.output.weights.n_out()]) {
-            // Layer input, weighted sums, and the bootstrapped copy of the sums.
-            peak = peak.max(n_in + 2 * n_out);
-            n_in = n_out;
+        for step in 0..n_steps {
+            let live: usize = (0..=step.min(b.last_read.len() - 1))
+                .filter(|&k| b.last_read[k] >= step)
+                .map(|k| b.len(k))
+                .sum();
+            let n_out = match self.model.stages.get(step) {
+                Some(st) => 2 * st.len(),
+                None => self.model.n_outputs(),
+            };
+            peak = peak.max(live + n_out);
         }
         (peak * self.lwe_size * 8) as u64
     }
@@ -130,10 +180,17 @@ impl FheModel {
         profile.expand_s += lap(&mut t);
 
         let modulus = CiphertextModulus::<u64>::new_native();
-        for (h, luts) in self.model.hidden.iter().zip(&self.luts) {
-            let n_out = h.weights.n_out();
-            let acc = self.linear(&x, samples, &h.weights, Some(&h.offset));
+        let mut blocks: Vec<Vec<u64>> = vec![x];
+        for (step, (h, luts)) in self.model.stages.iter().zip(&self.luts).enumerate() {
+            let n_out = h.len();
+            let acc = self.linear(&blocks, samples, &h.weights, Some(&h.offset));
             profile.linear_s += lap(&mut t);
+            // Blocks no later step reads are freed before the bootstraps allocate.
+            for (b, block) in blocks.iter_mut().enumerate() {
+                if self.blocks.last_read[b] <= step {
+                    *block = Vec::new();
+                }
+            }
             let lut_index: Vec<usize> = (0..samples * n_out).map(|i| i % n_out).collect();
             let mut next = vec![0u64; samples * n_out * self.lwe_size];
             let acc_list =
@@ -146,10 +203,10 @@ impl FheModel {
             backend.bootstrap_layer(acc_list, luts, &lut_index, out_list);
             profile.bootstrap_s += lap(&mut t);
             profile.bootstraps += lut_index.len();
-            x = next;
+            blocks.push(next);
         }
         let out = &self.model.output.weights;
-        let acc = self.linear(&x, samples, out, None);
+        let acc = self.linear(&blocks, samples, out, None);
         profile.linear_s += lap(&mut t);
         profile.bootstrap_phases = backend.take_phase_seconds();
         let per_sample = out.n_out() * self.lwe_size;
@@ -166,28 +223,35 @@ impl FheModel {
         Ok((outputs, profile))
     }
 
-    /// `out[s][n] = sum_j w[n][j] * x[s][j] (+ offset[n])`: cleartext-weighted sums of LWE
-    /// ciphertexts, no bootstrap.
-    fn linear(&self, x: &[u64], samples: usize, w: &IntMatrix, offset: Option<&[u64]>) -> Vec<u64> {
+    /// `out[s][n] = sum_j w[n][j] * v[s][j] (+ offset[n])` over the model's values `v`, held
+    /// in `blocks`: cleartext-weighted sums of LWE ciphertexts, no bootstrap.
+    fn linear(
+        &self,
+        blocks: &[Vec<u64>],
+        samples: usize,
+        w: &IntMatrix,
+        offset: Option<&[u64]>,
+    ) -> Vec<u64> {
         let size = self.lwe_size;
-        let n_in = w.n_in as usize;
         let n_out = w.n_out();
         // A task computes a group of one sample's outputs, walking the group's weights input
         // by input, so each input ciphertext is read once per group rather than once per
         // output. Groups shrink until there are enough tasks for every core.
         let threads = rayon::current_num_threads().max(1);
         let group = (samples * n_out / (4 * threads)).clamp(1, 16);
-        let terms: Vec<Vec<(usize, usize, u64)>> = (0..n_out)
+        // (block, index in block, output in group, weight)
+        let terms: Vec<Vec<(usize, usize, usize, u64)>> = (0..n_out)
             .step_by(group)
             .map(|first| {
-                let mut t: Vec<(usize, usize, u64)> = (first..(first + group).min(n_out))
+                let mut t: Vec<(usize, usize, usize, u64)> = (first..(first + group).min(n_out))
                     .flat_map(|n| {
-                        w.rows[n]
-                            .iter()
-                            .map(move |&(c, wt)| (c as usize, n - first, wt as u64))
+                        w.rows[n].iter().map(move |&(c, wt)| {
+                            let b = self.blocks.block_of(c as usize);
+                            (b, c as usize - self.blocks.starts[b], n - first, wt as u64)
+                        })
                     })
                     .collect();
-                t.sort_unstable_by_key(|&(c, _, _)| c);
+                t.sort_unstable_by_key(|&(b, c, _, _)| (b, c));
                 t
             })
             .collect();
@@ -195,12 +259,13 @@ impl FheModel {
         out.par_chunks_mut(n_out * size)
             .enumerate()
             .for_each(|(s, sample_out)| {
-                let xs = &x[s * n_in * size..(s + 1) * n_in * size];
                 sample_out
                     .par_chunks_mut(group * size)
                     .enumerate()
                     .for_each(|(g, cts)| {
-                        for &(c, local, wt) in &terms[g] {
+                        for &(b, c, local, wt) in &terms[g] {
+                            let per_sample = self.blocks.len(b) * size;
+                            let xs = &blocks[b][s * per_sample..(s + 1) * per_sample];
                             slice_wrapping_add_scalar_mul_assign(
                                 &mut cts[local * size..(local + 1) * size],
                                 &xs[c * size..(c + 1) * size],

@@ -39,8 +39,8 @@ use tfhe::shortint::server_key::{
 
 use super::backend::{BackendKind, LookupTables, PbsBackend};
 use super::keys::check_key_dimensions;
+use crate::compiled::ParamSet;
 use crate::error::{ModelError, Result};
-use crate::plan::ParamSet;
 
 /// The device every key and table goes to. One GPU per server process; more GPUs would
 /// mean one process each, or keys spread over devices.

@@ -13,8 +13,8 @@ use tfhe::shortint::server_key::ModulusSwitchConfiguration;
 use tfhe::shortint::server_key::ShortintBootstrappingKey;
 
 use super::shortint_params;
+use crate::compiled::{ClientSpec, ParamSet};
 use crate::error::{ModelError, Result};
-use crate::plan::{ClientSpec, ParamSet};
 
 /// The client's secret key. It never leaves the client.
 pub struct ClientKey {

@@ -26,7 +26,7 @@ pub use wire::{EncryptedInput, EncryptedOutput};
 
 use tfhe::shortint::ClassicPBSParameters;
 
-use crate::plan::ParamSet;
+use crate::compiled::ParamSet;
 
 /// The tfhe parameter set behind a [`ParamSet`].
 pub fn shortint_params(p: ParamSet) -> ClassicPBSParameters {

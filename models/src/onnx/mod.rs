@@ -1,20 +1,26 @@
-//! ONNX import: decodes a model file and maps its nodes onto the float IR ([`FloatModel`]).
+//! ONNX import: decodes a model file and maps its nodes onto the float graph
+//! ([`FloatModel`]).
 //!
-//! Graphs must be a chain (each node reads the previous node's activation); constants come
-//! from initializers or `Constant` nodes. Everything after the last linear op that only turns
-//! scores into probabilities or a label (Softmax, ArgMax, Cast, ZipMap, ...) becomes the tail
-//! that the client computes in the clear.
+//! The walker visits nodes in file order (ONNX requires topological order). Constants fold as
+//! they come (initializers, `Constant`, `Shape` of a computed tensor, and any op whose inputs
+//! are all constant); computed tensors carry one symbolic element per value (see
+//! [`symbolic`]). Everything after the scores that only turns them into probabilities or a
+//! label (Softmax, ArgMax, Cast, ZipMap, ...) becomes the tail the client computes in the
+//! clear, and so do element-wise functions applied to the final scores.
 
+mod nd;
 mod ops;
+mod symbolic;
 mod tensor;
 
+use prost::Message;
 use std::collections::HashMap;
 
-use prost::Message;
-
 use crate::error::{ModelError, Result};
-use crate::ir::{Activation, Affine, FloatModel, TailOp};
-pub use tensor::Tensor;
+use crate::graph::{FloatModel, Grid, Lin, TailOp};
+pub(crate) use symbolic::DynTensor;
+use symbolic::{Elem, GraphBuilder};
+pub use tensor::{Nd, Tensor};
 
 /// Code generated from `proto/onnx_subset.proto`.
 #[allow(clippy::all, missing_docs)]
@@ -24,13 +30,21 @@ pub mod pb {
 
 /// Largest ONNX file the importer reads; the models Veil can run under FHE are far smaller.
 pub const MAX_ONNX_BYTES: usize = 256 << 20;
+/// Most values (tensor elements) one computed tensor may hold.
+const MAX_DYN_ELEMENTS: usize = 1 << 20;
+/// Most lookups (bootstraps per sample) an imported model may create.
+const MAX_LOOKUPS: usize = 1 << 20;
 
 /// Op types the importer knows, listed in errors.
-pub const SUPPORTED_OPS: &str = "Gemm, MatMul, Add, Sub, Mul, Div (by a constant), Conv (2-D), \
-AveragePool, GlobalAveragePool, BatchNormalization, Flatten, Reshape, Identity, Dropout, Relu, \
-Sigmoid, Tanh, LeakyRelu, Elu, Selu, Softplus, Softsign, HardSigmoid, HardSwish, Clip, Abs, Neg, \
-Exp, Constant, Cast; tail ops Softmax, ArgMax, ZipMap, Normalizer; ai.onnx.ml Scaler and \
-LinearClassifier";
+pub const SUPPORTED_OPS: &str = "linear: Gemm, MatMul, Conv (1-D, 2-D), AveragePool, \
+GlobalAveragePool, BatchNormalization, ReduceMean, ReduceSum, Add, Sub, Mul, Div, Sum, Neg; \
+re-indexing: Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Concat, Split, Slice, Gather, \
+Pad (constant), Identity, Dropout, Cast, Shape, Constant, ConstantOfShape; non-linear (one \
+bootstrap per value): MaxPool, GlobalMaxPool, Relu, PRelu, LeakyRelu, Sigmoid, Tanh, Elu, Celu, \
+Selu, Softplus, Softsign, HardSigmoid, HardSwish, Mish, ThresholdedRelu, Clip, Abs, Exp, Log, \
+Sqrt, Reciprocal, Erf, Gelu, Sin, Cos, Sign, Floor, Ceil, Round, Pow, Mul/Div of computed \
+tensors, QuantizeLinear + DequantizeLinear; tail ops Softmax, LogSoftmax, ArgMax, ZipMap, \
+Normalizer; ai.onnx.ml Scaler and LinearClassifier";
 
 /// Reads and imports an ONNX file.
 pub fn import_file(path: &std::path::Path) -> Result<FloatModel> {
@@ -69,44 +83,35 @@ pub fn import_bytes(bytes: &[u8]) -> Result<FloatModel> {
 
 /// A named value in the graph.
 #[derive(Clone, Debug)]
-enum Value {
+pub(crate) enum Value {
     Const(Tensor),
-    /// The model's activation, at a given step of the chain.
-    Main(usize),
+    Dyn(DynTensor),
+    /// A QuantizeLinear's integer output, waiting for its DequantizeLinear.
+    Quantized(DynTensor, Vec<Grid>),
     /// Derived from the scores by a tail op; ignored under FHE.
     Tail,
 }
 
-/// Walks the nodes in order, building the chain of affine maps and activations.
+/// Walks the nodes in order, building the graph.
 struct GraphWalker {
     values: HashMap<String, Value>,
-    /// Shape of the current activation, without the batch dimension.
-    shape: Vec<usize>,
-    main_step: usize,
-    affines: Vec<Affine>,
-    acts: Vec<Vec<Activation>>,
-    cur_affine: Option<Affine>,
-    cur_acts: Vec<Activation>,
-    tail: Vec<TailOp>,
-    tail_started: bool,
-    class_labels: Option<Vec<i64>>,
+    /// ONNX element type of each constant (QuantizeLinear's range depends on it).
+    types: HashMap<String, i32>,
+    builder: GraphBuilder,
     input_shape: Vec<usize>,
+    /// The scores the tail starts from, once a tail op has read them.
+    scores: Option<DynTensor>,
+    tail: Vec<TailOp>,
+    class_labels: Option<Vec<i64>>,
 }
 
-/// What one node does to the chain.
+/// What one node produces.
 pub(crate) enum NodeEffect {
-    /// A linear map of the activation, with the shape after it.
-    Affine(Affine, Vec<usize>),
-    /// An element-wise function of the activation.
-    Activation(Activation),
-    /// The activation passes through unchanged with a new shape (Flatten, Reshape).
-    Reshape(Vec<usize>),
-    /// The activation passes through unchanged (Identity, Dropout, Cast to float).
-    PassThrough,
-    /// The node starts the clear-text tail; `affine` is applied first when present
-    /// (LinearClassifier), then `ops`.
+    /// One value per node output.
+    Values(Vec<Value>),
+    /// The node starts the clear-text tail: `scores` are the model's outputs, then `ops`.
     StartTail {
-        affine: Option<(Affine, Vec<usize>)>,
+        scores: DynTensor,
         ops: Vec<TailOp>,
         class_labels: Option<Vec<i64>>,
     },
@@ -115,8 +120,10 @@ pub(crate) enum NodeEffect {
 impl GraphWalker {
     fn new(graph: &pb::GraphProto) -> Result<Self> {
         let mut values = HashMap::new();
+        let mut types = HashMap::new();
         for init in &graph.initializer {
             values.insert(init.name.clone(), Value::Const(Tensor::from_proto(init)?));
+            types.insert(init.name.clone(), init.data_type);
         }
         let inputs: Vec<&pb::ValueInfoProto> = graph
             .input
@@ -130,19 +137,24 @@ impl GraphWalker {
             )));
         };
         let input_shape = input_sample_shape(input)?;
-        values.insert(input.name.clone(), Value::Main(0));
+        let n: usize = input_shape.iter().product();
+        if n > MAX_DYN_ELEMENTS {
+            return Err(ModelError::InvalidOnnx(format!(
+                "the input has {n} values per sample, more than {MAX_DYN_ELEMENTS}"
+            )));
+        }
+        let mut dims = vec![1];
+        dims.extend_from_slice(&input_shape);
+        let data = (0..n).map(|i| Elem::linear(Lin::atom(i as u32))).collect();
+        values.insert(input.name.clone(), Value::Dyn(DynTensor { dims, data }));
         Ok(GraphWalker {
             values,
-            shape: input_shape.clone(),
-            main_step: 0,
-            affines: Vec::new(),
-            acts: Vec::new(),
-            cur_affine: None,
-            cur_acts: Vec::new(),
-            tail: Vec::new(),
-            tail_started: false,
-            class_labels: None,
+            types,
+            builder: GraphBuilder::new(n),
             input_shape,
+            scores: None,
+            tail: Vec::new(),
+            class_labels: None,
         })
     }
 
@@ -152,43 +164,33 @@ impl GraphWalker {
             match self.visit(node) {
                 Ok(()) => {}
                 Err(e @ ModelError::Unsupported { .. }) => {
-                    // Keep going as if the node passed its input through, so that one error
-                    // lists every unsupported node of the model.
+                    // Keep going as if the node passed its first computed input through, so
+                    // that one error lists every unsupported node of the model.
                     unsupported.push(e);
+                    let pass = node
+                        .input
+                        .iter()
+                        .find_map(|i| match self.values.get(i) {
+                            Some(v @ Value::Dyn(_)) => Some(v.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or(Value::Tail);
                     for out in &node.output {
-                        self.values.insert(out.clone(), Value::Main(self.main_step));
+                        self.values.insert(out.clone(), pass.clone());
                     }
                 }
                 // Follow-on errors after an unsupported node say nothing new.
-                Err(_) if !unsupported.is_empty() => break,
+                Err(_) if !unsupported.is_empty() => {}
                 Err(e) => return Err(e),
+            }
+            if self.builder.lookups.len() > MAX_LOOKUPS {
+                return Err(ModelError::InvalidOnnx(format!(
+                    "the model needs more than {MAX_LOOKUPS} bootstraps per sample"
+                )));
             }
         }
         if !unsupported.is_empty() {
-            let first = unsupported.remove(0);
-            if unsupported.is_empty() {
-                return Err(first);
-            }
-            let rest: Vec<String> = unsupported.iter().map(|e| e.to_string()).collect();
-            let ModelError::Unsupported {
-                node,
-                op_type,
-                reason,
-                supported,
-            } = first
-            else {
-                unreachable!("only Unsupported errors are collected")
-            };
-            return Err(ModelError::Unsupported {
-                node,
-                op_type,
-                reason: format!(
-                    "{reason}; {} more unsupported: {}",
-                    rest.len(),
-                    rest.join("; ")
-                ),
-                supported,
-            });
+            return Err(merge_unsupported(unsupported));
         }
         for out in &graph.output {
             if !self.values.contains_key(&out.name) {
@@ -198,7 +200,18 @@ impl GraphWalker {
                 )));
             }
         }
-        self.finish()
+        let scores = match self.scores.take() {
+            Some(s) => s,
+            None => match graph.output.first().and_then(|o| self.values.get(&o.name)) {
+                Some(Value::Dyn(t)) => t.clone(),
+                _ => {
+                    return Err(ModelError::InvalidOnnx(
+                        "the first graph output is not computed from the input".into(),
+                    ));
+                }
+            },
+        };
+        self.finish(scores)
     }
 
     fn visit(&mut self, node: &pb::NodeProto) -> Result<()> {
@@ -207,25 +220,27 @@ impl GraphWalker {
         } else {
             node.name.clone()
         };
-        let ctx = ops::NodeCtx { node, name: &name };
-        // Resolve inputs: constants by value, the activation by its step.
-        let mut main_inputs = Vec::new();
-        let mut consts: Vec<Option<Tensor>> = Vec::new();
-        let mut reads_tail = false;
+        let ctx = ops::NodeCtx {
+            node,
+            name: &name,
+            input_types: node
+                .input
+                .iter()
+                .map(|i| self.types.get(i).copied())
+                .collect(),
+        };
+        let mut inputs = Vec::with_capacity(node.input.len());
+        let (mut reads_tail, mut reads_dyn) = (false, false);
         for input in &node.input {
             if input.is_empty() {
-                consts.push(None); // optional input left out
+                inputs.push(None); // optional input left out
                 continue;
             }
             match self.values.get(input) {
-                Some(Value::Const(t)) => consts.push(Some(t.clone())),
-                Some(Value::Main(step)) => {
-                    main_inputs.push(*step);
-                    consts.push(None);
-                }
-                Some(Value::Tail) => {
-                    reads_tail = true;
-                    consts.push(None);
+                Some(v) => {
+                    reads_tail |= matches!(v, Value::Tail);
+                    reads_dyn |= matches!(v, Value::Dyn(_) | Value::Quantized(..));
+                    inputs.push(Some(v.clone()));
                 }
                 None => {
                     return Err(ModelError::InvalidOnnx(format!(
@@ -235,86 +250,54 @@ impl GraphWalker {
                 }
             }
         }
-
-        if node.op_type == "Constant" {
-            let t = ops::constant(&ctx)?;
-            if let Some(out) = node.output.first() {
-                self.values.insert(out.clone(), Value::Const(t));
-            }
-            return Ok(());
-        }
-        if main_inputs.is_empty() && !reads_tail {
-            return Err(ctx.unsupported(
-                "constant sub-graphs are not folded; the node must read the model's activation",
-            ));
-        }
-        if reads_tail || self.tail_started {
+        if reads_tail || (self.scores.is_some() && reads_dyn) {
             if !ops::is_tail_op(node) {
                 return Err(ctx.unsupported(
                     "only ops that turn scores into probabilities or a label (Softmax, ArgMax, \
-                     Cast, ZipMap, Normalizer) may follow the last linear layer's tail",
+                     Cast, ZipMap, Normalizer) may follow the model's scores",
                 ));
             }
-            if !main_inputs.is_empty() {
+            if reads_dyn {
                 // e.g. Softmax on the scores beside an ArgMax taken from them
-                self.record_tail(ops::tail_ops_of(&ctx)?);
+                self.tail.extend(ops::tail_ops_of(&ctx));
             }
             self.mark_outputs(node, Value::Tail);
             return Ok(());
         }
-        if main_inputs.len() > 1 {
-            return Err(ctx.unsupported(
-                "reads the activation twice (residual or branching graphs are not supported)",
-            ));
-        }
-        if main_inputs[0] != self.main_step {
-            return Err(ctx.unsupported("reads an activation that was already consumed (branching graphs are not supported)"));
-        }
-        let main_pos = node
-            .input
-            .iter()
-            .position(|i| matches!(self.values.get(i), Some(Value::Main(_))))
-            .unwrap_or(0);
-
-        match ops::map_node(&ctx, &self.shape, main_pos, &consts)? {
-            NodeEffect::Affine(a, shape) => {
-                self.push_affine(a);
-                self.shape = shape;
-            }
-            NodeEffect::Activation(act) => {
-                if self.cur_affine.is_none() {
-                    self.cur_affine = Some(Affine::identity(self.shape.iter().product()));
+        match ops::map_node(&ctx, &mut self.builder, &inputs)? {
+            NodeEffect::Values(vals) => {
+                for (out, v) in node.output.iter().zip(vals) {
+                    if let Value::Dyn(t) = &v
+                        && t.data.len() > MAX_DYN_ELEMENTS
+                    {
+                        return Err(ctx.unsupported(format!(
+                            "produces {} values per sample, more than {MAX_DYN_ELEMENTS}",
+                            t.data.len()
+                        )));
+                    }
+                    if !out.is_empty() {
+                        if node.op_type == "Constant" {
+                            let t = node.attribute.iter().find_map(|a| a.t.as_ref());
+                            if let Some(t) = t {
+                                self.types.insert(out.clone(), t.data_type);
+                            }
+                        }
+                        self.values.insert(out.clone(), v);
+                    }
                 }
-                self.cur_acts.push(act);
             }
-            NodeEffect::Reshape(shape) => self.shape = shape,
-            NodeEffect::PassThrough => {}
             NodeEffect::StartTail {
-                affine,
+                scores,
                 ops,
                 class_labels,
             } => {
-                if let Some((a, shape)) = affine {
-                    self.push_affine(a);
-                    self.shape = shape;
-                }
-                self.record_tail(ops);
+                self.scores = Some(scores);
+                self.tail.extend(ops);
                 if class_labels.is_some() {
                     self.class_labels = class_labels;
                 }
-                self.tail_started = true;
                 self.mark_outputs(node, Value::Tail);
-                return Ok(());
             }
-        }
-        self.main_step += 1;
-        let step = self.main_step;
-        // Dropout's optional mask output is never read by inference graphs.
-        if let Some(out) = node.output.first() {
-            self.values.insert(out.clone(), Value::Main(step));
-        }
-        for extra in node.output.iter().skip(1) {
-            self.values.insert(extra.clone(), Value::Tail);
         }
         Ok(())
     }
@@ -325,49 +308,35 @@ impl GraphWalker {
         }
     }
 
-    /// The first tail op moves any trailing activations into the tail, ahead of it.
-    fn record_tail(&mut self, ops: Vec<TailOp>) {
-        if !self.tail_started {
-            let trailing = std::mem::take(&mut self.cur_acts);
-            self.tail
-                .extend(trailing.into_iter().map(TailOp::Activation));
-            self.tail_started = true;
-        }
-        self.tail.extend(ops);
-    }
-
-    fn push_affine(&mut self, a: Affine) {
-        if !self.cur_acts.is_empty() {
-            let prev = self
-                .cur_affine
-                .take()
-                .expect("activations always follow an affine map");
-            self.affines.push(prev);
-            self.acts.push(std::mem::take(&mut self.cur_acts));
-            self.cur_affine = Some(a);
-        } else {
-            self.cur_affine = Some(match self.cur_affine.take() {
-                Some(prev) => prev.then(&a),
-                None => a,
-            });
-        }
-    }
-
-    fn finish(mut self) -> Result<FloatModel> {
-        let last = self.cur_affine.take().ok_or_else(|| {
-            ModelError::InvalidOnnx("the model has no linear layer (Gemm, MatMul or Conv)".into())
-        })?;
-        self.affines.push(last);
-        if !self.cur_acts.is_empty() {
-            // Activations after the last linear op only transform the scores: clear-text tail.
-            let mut tail: Vec<TailOp> = self.cur_acts.drain(..).map(TailOp::Activation).collect();
+    fn finish(mut self, scores: DynTensor) -> Result<FloatModel> {
+        let n_inputs = self.builder.n_inputs;
+        let mut outputs: Vec<Lin> = scores.data.iter().map(|e| (*e.lin).clone()).collect();
+        // Element-wise functions of the final scores run in the clear, not under FHE: when
+        // every output is the same chain of activations of a linear value, that chain moves to
+        // the front of the tail.
+        let views: Vec<_> = scores.data.iter().map(Elem::view).collect();
+        let chain = views[0].1.as_chain().filter(|c| !c.is_empty());
+        if let Some(chain) = chain
+            && scores
+                .data
+                .iter()
+                .all(|e| e.lin.as_atom().is_some_and(|a| a as usize >= n_inputs))
+            && views
+                .iter()
+                .all(|(_, f)| f.as_chain().as_ref() == Some(&chain))
+        {
+            outputs = views.iter().map(|(s, _)| (**s).clone()).collect();
+            let mut tail: Vec<TailOp> = chain.into_iter().map(TailOp::Activation).collect();
             tail.append(&mut self.tail);
             self.tail = tail;
         }
+        if outputs.iter().all(Lin::is_constant) {
+            return Err(ModelError::InvalidOnnx(
+                "the model's outputs do not depend on its input".into(),
+            ));
+        }
         if let Some(labels) = &self.class_labels {
-            let n_out =
-                crate::ir::apply_tail(&self.tail, vec![0.0; self.affines.last().unwrap().n_out()])
-                    .len();
+            let n_out = crate::graph::apply_tail(&self.tail, vec![0.0; outputs.len()]).len();
             if labels.len() != n_out {
                 return Err(ModelError::InvalidOnnx(format!(
                     "{} class labels for {n_out} outputs",
@@ -375,13 +344,44 @@ impl GraphWalker {
                 )));
             }
         }
-        Ok(FloatModel {
+        let mut model = FloatModel {
             input_shape: self.input_shape,
-            affines: self.affines,
-            acts: self.acts,
+            input_grids: self.builder.input_grids,
+            lookups: self.builder.lookups,
+            outputs,
             tail: self.tail,
             class_labels: self.class_labels,
-        })
+        };
+        model.prune();
+        Ok(model)
+    }
+}
+
+/// One error naming every unsupported node.
+fn merge_unsupported(mut errors: Vec<ModelError>) -> ModelError {
+    let first = errors.remove(0);
+    if errors.is_empty() {
+        return first;
+    }
+    let rest: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let ModelError::Unsupported {
+        node,
+        op_type,
+        reason,
+        supported,
+    } = first
+    else {
+        unreachable!("only Unsupported errors are collected")
+    };
+    ModelError::Unsupported {
+        node,
+        op_type,
+        reason: format!(
+            "{reason}; {} more unsupported: {}",
+            rest.len(),
+            rest.join("; ")
+        ),
+        supported,
     }
 }
 

@@ -6,13 +6,42 @@ use crate::error::{ModelError, Result};
 /// Most elements one constant may hold (guards against absurd dims in a hostile file).
 const MAX_ELEMENTS: usize = 64 << 20;
 
+/// An n-dimensional array in row-major order: constants hold `f64`, computed tensors hold
+/// symbolic elements.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Tensor {
+pub struct Nd<T> {
     pub dims: Vec<usize>,
-    pub data: Vec<f64>,
+    pub data: Vec<T>,
+}
+
+/// A constant tensor (initializer or `Constant` node).
+pub type Tensor = Nd<f64>;
+
+impl<T> Nd<T> {
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
 }
 
 impl Tensor {
+    pub fn scalar(v: f64) -> Self {
+        Nd {
+            dims: vec![],
+            data: vec![v],
+        }
+    }
+
+    pub fn vector(v: Vec<f64>) -> Self {
+        Nd {
+            dims: vec![v.len()],
+            data: v,
+        }
+    }
+
     pub fn from_proto(t: &pb::TensorProto) -> Result<Self> {
         let bad = |why: String| ModelError::InvalidOnnx(format!("tensor '{}': {why}", t.name));
         if t.data_location == 1 {
@@ -74,9 +103,21 @@ impl Tensor {
                 .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
                 .collect(),
             6 => t.int32_data.iter().map(|&v| v as f64).collect(),
+            // UINT8, INT8, UINT16, INT16, BOOL: raw bytes, or widened into int32_data
+            2 | 9 if !raw.is_empty() => from_raw(1)?.iter().map(|b| b[0] as f64).collect(),
+            3 if !raw.is_empty() => from_raw(1)?.iter().map(|b| b[0] as i8 as f64).collect(),
+            4 if !raw.is_empty() => from_raw(2)?
+                .iter()
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as f64)
+                .collect(),
+            5 if !raw.is_empty() => from_raw(2)?
+                .iter()
+                .map(|b| i16::from_le_bytes([b[0], b[1]]) as f64)
+                .collect(),
+            2..=5 | 9 => t.int32_data.iter().map(|&v| v as f64).collect(),
             other => {
                 return Err(bad(format!(
-                    "element type {other} is not supported (float, double, int32 and int64 are)"
+                    "element type {other} is not supported (float, double and 8- to 64-bit integers are)"
                 )));
             }
         };
@@ -91,14 +132,6 @@ impl Tensor {
             return Err(bad("holds NaN or infinite values".into()));
         }
         Ok(Tensor { dims, data })
-    }
-
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
     }
 
     /// Broadcasts this tensor (numpy rules, batch dimension included) against one sample of

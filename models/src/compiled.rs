@@ -1,0 +1,462 @@
+//! The compiled-model format: the contract the server and the client share.
+//!
+//! A model is a list of values: the client's encrypted input features, then the outputs of
+//! each [`Stage`] of lookups, each neuron a weighted sum of earlier values, shifted onto the
+//! torus and read by one programmable bootstrap; then linear outputs the client decrypts.
+//!
+//! Encoding (see ARCHITECTURE.md): values are LWE encryptions of integers `q * delta`. A
+//! neuron's accumulator `acc = sum_j w_j q_j` is computed with no bootstrap, scaled by an
+//! integer `k` and shifted by a constant so that its calibrated range (with a margin) covers
+//! the programmable half of the torus, positions `[GUARD, 2048 - GUARD)` of the 2N = 4096
+//! circle the bootstrap reads. The bootstrap reads the position `p`, about 11 bits with a few
+//! positions of noise, and its lookup table returns the neuron's quantized output times its
+//! `delta_out`. [`Stage::phase`] and [`Stage::read`] are the one definition of that integer
+//! arithmetic, shared by the planner, the simulator and the tests.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use bincode::Options;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::graph::TailOp;
+use crate::quantize::{QuantConfig, UniformQuant};
+
+/// Positions on the 2N = 4096 circle (2048 programmable with one padding bit).
+pub const POSITIONS: i64 = 2048;
+/// One position in torus units: 2^64 / 4096.
+pub const POSITION: i128 = 1 << 52;
+/// Positions kept free at each end of the programmable half, against noise and overflow.
+pub const GUARD: i64 = 64;
+
+/// Read noise of one keyswitch + centered modulus switch, in positions squared
+/// (measured with real keys on the project machines: keyswitch std 1.94, modulus-switch
+/// rounding std 4.38 positions; `examples/noise_probe.rs` reads the sum end to end).
+pub const KS_MS_VARIANCE: f64 = 23.9;
+/// Noise of one bootstrap output, in positions squared (std 0.137).
+pub const PBS_OUTPUT_VARIANCE: f64 = 0.0187;
+
+/// The tfhe parameter set a model is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParamSet {
+    /// `tfhe::shortint::parameters::PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128`, tfhe 1.8.
+    Message2Carry2KsPbsTuniform2m128,
+}
+
+impl ParamSet {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ParamSet::Message2Carry2KsPbsTuniform2m128 => {
+                "PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128"
+            }
+        }
+    }
+}
+
+/// How the client turns a feature vector into plaintexts: `q_j = clamp(round(x_j / scale_j) +
+/// zero_j, 0, 2^bits - 1)`, encrypted as `q_j * delta`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InputEncoding {
+    pub quant: Vec<UniformQuant>,
+    pub delta: u64,
+}
+
+impl InputEncoding {
+    pub fn quantize(&self, x: &[f64]) -> Result<Vec<i64>> {
+        if x.len() != self.quant.len() {
+            return Err(ModelError::Shape(format!(
+                "{} features given, the model takes {}",
+                x.len(),
+                self.quant.len()
+            )));
+        }
+        Ok(x.iter()
+            .zip(&self.quant)
+            .map(|(&v, q)| q.quantize(v))
+            .collect())
+    }
+}
+
+/// How the client turns decrypted accumulators into scores: `score_n = scale_n * acc_n +
+/// offset_n`, where `acc_n = phase_n / delta` (phase read as a signed 64-bit value).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutputDecoding {
+    pub delta: u64,
+    pub scale: Vec<f64>,
+    pub offset: Vec<f64>,
+}
+
+impl OutputDecoding {
+    pub fn scores(&self, accs: &[f64]) -> Vec<f64> {
+        accs.iter()
+            .zip(self.scale.iter().zip(&self.offset))
+            .map(|(a, (s, o))| s * a + o)
+            .collect()
+    }
+}
+
+/// Integer weights of one layer: row `n` lists `(input, weight)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IntMatrix {
+    pub n_in: u32,
+    pub rows: Vec<Vec<(u32, i64)>>,
+}
+
+impl IntMatrix {
+    pub fn apply(&self, q: &[i64]) -> Vec<i64> {
+        self.rows
+            .iter()
+            .map(|row| row.iter().map(|&(c, w)| w * q[c as usize]).sum())
+            .collect()
+    }
+
+    pub fn sum_sq(&self, n: usize) -> f64 {
+        self.rows[n].iter().map(|&(_, w)| (w * w) as f64).sum()
+    }
+
+    pub fn n_out(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Number of nonzero weights (the multiply-accumulates of one sample).
+    pub fn nnz(&self) -> usize {
+        self.rows.iter().map(Vec::len).sum()
+    }
+}
+
+/// The lookups of one stage: every neuron reads values computed before the stage (inputs and
+/// earlier stages' outputs) and ends in one bootstrap. A stage's outputs are appended to the
+/// value list, after the inputs and the earlier stages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    /// Integer weights over the values before this stage, the per-neuron range multiplier
+    /// `k` already folded in.
+    pub weights: IntMatrix,
+    /// Per-neuron torus constant added to the accumulator (`GUARD` positions minus the
+    /// scaled range start), so that `phase = delta_in * acc + offset` lands in `[0, 2^63)`.
+    pub offset: Vec<u64>,
+    /// `POSITIONS` entries per neuron: the neuron's quantized output at each position.
+    pub lut: Vec<u16>,
+    /// Torus scale of the values each neuron reads (they share one).
+    pub delta_in: Vec<u64>,
+    /// Torus scale each neuron's table writes its output at.
+    pub delta_out: Vec<u64>,
+    /// Predicted read noise per neuron, in positions (one standard deviation).
+    pub read_sigma: Vec<f64>,
+    /// Widest calibrated accumulator range of the stage (before `k`), in integer units.
+    pub max_acc_width: u64,
+}
+
+impl Stage {
+    pub fn lut_of(&self, n: usize) -> &[u16] {
+        &self.lut[n * POSITIONS as usize..(n + 1) * POSITIONS as usize]
+    }
+
+    pub fn len(&self) -> usize {
+        self.weights.n_out()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.weights.rows.is_empty()
+    }
+
+    /// The torus phase neuron `n` bootstraps, from its integer accumulator (wrapping, as the
+    /// ciphertexts do).
+    pub fn phase(&self, n: usize, acc: i64) -> u64 {
+        (acc as u64)
+            .wrapping_mul(self.delta_in[n])
+            .wrapping_add(self.offset[n])
+    }
+
+    /// What the bootstrap of neuron `n` returns for `phase`: the table entry at the nearest of
+    /// the 4096 positions, negated in the negacyclic half (an overflow, reported as `true`).
+    pub fn read(&self, n: usize, phase: u64) -> (i64, bool) {
+        let p = (phase.wrapping_add(1 << 51) >> 52) as i64;
+        if p < POSITIONS {
+            (self.lut_of(n)[p as usize] as i64, false)
+        } else {
+            (-(self.lut_of(n)[(p - POSITIONS) as usize] as i64), true)
+        }
+    }
+}
+
+/// The linear outputs: computed without bootstrap and decrypted by the client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutputLayer {
+    /// Integer weights over every value (inputs and all stages).
+    pub weights: IntMatrix,
+    pub decoding: OutputDecoding,
+    /// Predicted noise of each output, in positions.
+    pub sigma: Vec<f64>,
+    pub max_acc_width: u64,
+}
+
+/// What one ONNX node costs, for `veil compile --json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeCost {
+    pub node: String,
+    pub pbs: usize,
+    /// Widest output grid of the node's lookups, in bits.
+    pub output_bits: u32,
+    /// Widest weights of the lookups' inputs, in bits (sign included).
+    pub weight_bits: u32,
+    /// Widest accumulator of the node's lookups, in bits.
+    pub acc_bits: u32,
+}
+
+/// A model ready for simulation and encrypted execution; what a `.veil` file holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompiledModel {
+    pub input_shape: Vec<usize>,
+    pub params: ParamSet,
+    pub config: QuantConfig,
+    pub input: InputEncoding,
+    pub stages: Vec<Stage>,
+    pub output: OutputLayer,
+    /// Clear-text ops the client applies to the decoded scores.
+    pub tail: Vec<TailOp>,
+    pub class_labels: Option<Vec<i64>>,
+    /// Bootstraps and widths per ONNX node, in graph order.
+    pub nodes: Vec<NodeCost>,
+}
+
+/// What a client needs to encrypt inputs and decode outputs; holds no weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientSpec {
+    pub params: ParamSet,
+    pub input_shape: Vec<usize>,
+    pub input: InputEncoding,
+    pub output: OutputDecoding,
+    pub tail: Vec<TailOp>,
+    pub class_labels: Option<Vec<i64>>,
+    pub pbs_per_sample: usize,
+}
+
+/// File format: magic, format version (u32 little-endian), then the bincode body.
+const MAGIC: &[u8; 8] = b"VEILMDL\0";
+pub const FORMAT_VERSION: u32 = 2;
+/// Largest compiled model a reader accepts.
+pub const MAX_MODEL_BYTES: u64 = 256 << 20;
+
+fn bincode_options() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_limit(MAX_MODEL_BYTES)
+        .reject_trailing_bytes()
+}
+
+impl CompiledModel {
+    pub fn pbs_per_sample(&self) -> usize {
+        self.stages.iter().map(Stage::len).sum()
+    }
+
+    /// Values one sample holds: inputs plus every stage's outputs.
+    pub fn n_values(&self) -> usize {
+        self.n_features() + self.pbs_per_sample()
+    }
+
+    pub fn n_features(&self) -> usize {
+        self.input.quant.len()
+    }
+
+    pub fn n_outputs(&self) -> usize {
+        self.output.weights.n_out()
+    }
+
+    pub fn client_spec(&self) -> ClientSpec {
+        ClientSpec {
+            params: self.params,
+            input_shape: self.input_shape.clone(),
+            input: self.input.clone(),
+            output: self.output.decoding.clone(),
+            tail: self.tail.clone(),
+            class_labels: self.class_labels.clone(),
+            pbs_per_sample: self.pbs_per_sample(),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend(
+            bincode_options()
+                .serialize(self)
+                .expect("a compiled model always serializes"),
+        );
+        out
+    }
+
+    /// Parses and checks a compiled model; never panics on damaged or hostile bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let bad = |why: String| ModelError::InvalidCompiledModel(why);
+        if bytes.len() < 12 || &bytes[..8] != MAGIC {
+            return Err(bad("not a Veil compiled model (bad magic bytes)".into()));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        if version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {version}; this build reads version {FORMAT_VERSION}"
+            )));
+        }
+        let model: CompiledModel = bincode_options()
+            .deserialize(&bytes[12..])
+            .map_err(|e| bad(format!("damaged body: {e}")))?;
+        model.validate()?;
+        Ok(model)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut f = std::fs::File::create(path)
+            .map_err(|e| ModelError::io(format!("creating {}", path.display()), e))?;
+        f.write_all(&self.to_bytes())
+            .map_err(|e| ModelError::io(format!("writing {}", path.display()), e))
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let f = std::fs::File::open(path)
+            .map_err(|e| ModelError::io(format!("opening {}", path.display()), e))?;
+        let mut bytes = Vec::new();
+        f.take(MAX_MODEL_BYTES + 13)
+            .read_to_end(&mut bytes)
+            .map_err(|e| ModelError::io(format!("reading {}", path.display()), e))?;
+        if bytes.len() as u64 > MAX_MODEL_BYTES + 12 {
+            return Err(ModelError::InvalidCompiledModel(format!(
+                "{} is larger than {MAX_MODEL_BYTES} bytes",
+                path.display()
+            )));
+        }
+        Self::from_bytes(&bytes)
+    }
+
+    /// Checks every size and index the simulator and executor rely on.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(ModelError::InvalidCompiledModel(why));
+        let n_features = self.n_features();
+        if n_features == 0 || self.input_shape.iter().product::<usize>() != n_features {
+            return bad(format!(
+                "input shape {:?} does not match {n_features} input quantizers",
+                self.input_shape
+            ));
+        }
+        let quant_ok = |u: &UniformQuant| {
+            u.scale.is_finite() && u.scale > 0.0 && (1..=1 << 16).contains(&u.max_q)
+        };
+        if !self.input.quant.iter().all(quant_ok) || self.input.delta == 0 {
+            return bad("invalid input encoding".into());
+        }
+        let check_matrix = |m: &IntMatrix, n_in: usize, what: &str| -> Result<()> {
+            if m.n_in as usize != n_in || m.rows.is_empty() {
+                return bad(format!(
+                    "{what}: reads {} values, {n_in} are computed before it",
+                    m.n_in
+                ));
+            }
+            for row in &m.rows {
+                if row
+                    .iter()
+                    .any(|&(c, w)| c as usize >= n_in || w.unsigned_abs() > 1 << 40)
+                {
+                    return bad(format!("{what}: weight index or value out of range"));
+                }
+            }
+            Ok(())
+        };
+        let mut n_in = n_features;
+        let mut deltas: Vec<u64> = vec![self.input.delta; n_features];
+        for (l, h) in self.stages.iter().enumerate() {
+            let what = format!("stage {l}");
+            check_matrix(&h.weights, n_in, &what)?;
+            let n_out = h.weights.n_out();
+            if h.offset.len() != n_out
+                || h.read_sigma.len() != n_out
+                || h.delta_in.len() != n_out
+                || h.delta_out.len() != n_out
+                || h.lut.len() != n_out * POSITIONS as usize
+            {
+                return bad(format!("{what}: per-neuron tables have the wrong length"));
+            }
+            for (n, row) in h.weights.rows.iter().enumerate() {
+                if h.delta_out[n] == 0
+                    || row
+                        .iter()
+                        .any(|&(c, _)| deltas[c as usize] != h.delta_in[n])
+                {
+                    return bad(format!("{what}: encoding scales do not match"));
+                }
+            }
+            deltas.extend_from_slice(&h.delta_out);
+            n_in += n_out;
+        }
+        check_matrix(&self.output.weights, n_in, "output layer")?;
+        let d = &self.output.decoding;
+        let n_out = self.output.weights.n_out();
+        if d.delta == 0
+            || d.scale.len() != n_out
+            || d.offset.len() != n_out
+            || self.output.sigma.len() != n_out
+            || self
+                .output
+                .weights
+                .rows
+                .iter()
+                .flatten()
+                .any(|&(c, _)| deltas[c as usize] != d.delta)
+        {
+            return bad("output decoding does not match the output layer".into());
+        }
+        if let Some(labels) = &self.class_labels {
+            let n = crate::graph::apply_tail(&self.tail, vec![0.0; n_out]).len();
+            if labels.len() != n {
+                return bad(format!("{} class labels for {n} outputs", labels.len()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A summary for `veil compile --json` and logs.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut stages = Vec::new();
+        let mut widest = 0u64;
+        for h in &self.stages {
+            widest = widest.max(h.max_acc_width);
+            stages.push(serde_json::json!({
+                "kind": "linear+pbs",
+                "reads": h.weights.n_in,
+                "outputs": h.weights.n_out(),
+                "weights": h.weights.nnz(),
+                "pbs": h.weights.n_out(),
+                "acc_bits": bits(h.max_acc_width),
+                "max_read_sigma_positions": h.read_sigma.iter().cloned().fold(0.0, f64::max),
+            }));
+        }
+        widest = widest.max(self.output.max_acc_width);
+        stages.push(serde_json::json!({
+            "kind": "linear (decrypted by the client)",
+            "reads": self.output.weights.n_in,
+            "outputs": self.output.weights.n_out(),
+            "weights": self.output.weights.nnz(),
+            "pbs": 0,
+            "acc_bits": bits(self.output.max_acc_width),
+        }));
+        serde_json::json!({
+            "input_shape": self.input_shape,
+            "stages": stages,
+            "nodes": self.nodes,
+            "input_bits": self.input.quant.iter().map(|q| 64 - (q.max_q.max(1) as u64).leading_zeros()).max(),
+            "first_layer_weight_bits": self.config.first_weight_bits,
+            "weight_bits": self.config.weight_bits,
+            "activation_bits": self.config.act_bits,
+            "widest_accumulator_bits": bits(widest),
+            "pbs_per_sample": self.pbs_per_sample(),
+            "parameter_set": self.params.name(),
+            "outputs": self.n_outputs(),
+        })
+    }
+}
+
+/// Bits needed to hold `width + 1` distinct values.
+pub(crate) fn bits(width: u64) -> u32 {
+    64 - width.leading_zeros()
+}

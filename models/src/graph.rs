@@ -1,0 +1,589 @@
+//! The float model the importer produces: a directed acyclic graph of *linear* values and
+//! *lookups*.
+//!
+//! Every value is an [`Lin`], a sparse affine form over *atoms*. The atoms are the model's
+//! input features and the outputs of [`Lookup`]s: one univariate function of one linear value,
+//! which costs one programmable bootstrap under FHE. Linear ONNX ops (Gemm, Conv, pooling by
+//! averages, residual Adds, Concat, Slice, ...) never create atoms: they combine forms, so
+//! linear work composes for free. The model's outputs are linear forms the client decrypts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// An atom: an input feature (`0..n_inputs`) or a lookup (`n_inputs + i`).
+pub type AtomId = u32;
+
+/// A sparse affine form `sum_k w_k * atom_k + bias`; terms sorted by atom, no zero weights.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Lin {
+    pub terms: Vec<(AtomId, f64)>,
+    pub bias: f64,
+}
+
+impl Lin {
+    pub fn constant(c: f64) -> Self {
+        Lin {
+            terms: Vec::new(),
+            bias: c,
+        }
+    }
+
+    pub fn atom(a: AtomId) -> Self {
+        Lin {
+            terms: vec![(a, 1.0)],
+            bias: 0.0,
+        }
+    }
+
+    /// `sum_i k_i * parts_i + bias`.
+    pub fn combine<'a>(parts: impl IntoIterator<Item = (f64, &'a Lin)>, bias: f64) -> Lin {
+        let mut acc: HashMap<AtomId, f64> = HashMap::new();
+        let mut b = bias;
+        for (k, lin) in parts {
+            if k == 0.0 {
+                continue;
+            }
+            b += k * lin.bias;
+            for &(a, w) in &lin.terms {
+                *acc.entry(a).or_insert(0.0) += k * w;
+            }
+        }
+        let mut terms: Vec<(AtomId, f64)> = acc.into_iter().filter(|&(_, w)| w != 0.0).collect();
+        terms.sort_unstable_by_key(|t| t.0);
+        Lin { terms, bias: b }
+    }
+
+    pub fn scaled(&self, k: f64, offset: f64) -> Lin {
+        if k == 0.0 {
+            return Lin::constant(offset);
+        }
+        Lin {
+            terms: self.terms.iter().map(|&(a, w)| (a, w * k)).collect(),
+            bias: self.bias * k + offset,
+        }
+    }
+
+    pub fn is_constant(&self) -> bool {
+        self.terms.is_empty()
+    }
+
+    /// The atom this form is exactly (weight one, no bias), if any.
+    pub fn as_atom(&self) -> Option<AtomId> {
+        match self.terms.as_slice() {
+            [(a, w)] if *w == 1.0 && self.bias == 0.0 => Some(*a),
+            _ => None,
+        }
+    }
+
+    pub fn eval(&self, atoms: &[f64]) -> f64 {
+        self.terms
+            .iter()
+            .map(|&(a, w)| w * atoms[a as usize])
+            .sum::<f64>()
+            + self.bias
+    }
+}
+
+/// An element-wise function. Under FHE each one (or any univariate expression of them) is a
+/// lookup table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Activation {
+    Relu,
+    Sigmoid,
+    Tanh,
+    LeakyRelu {
+        alpha: f64,
+    },
+    Elu {
+        alpha: f64,
+    },
+    Celu {
+        alpha: f64,
+    },
+    Selu {
+        alpha: f64,
+        gamma: f64,
+    },
+    Softplus,
+    Softsign,
+    HardSigmoid {
+        alpha: f64,
+        beta: f64,
+    },
+    HardSwish,
+    Mish,
+    ThresholdedRelu {
+        alpha: f64,
+    },
+    Clip {
+        min: f64,
+        max: f64,
+    },
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Reciprocal,
+    Erf,
+    Sin,
+    Cos,
+    Sign,
+    Floor,
+    Ceil,
+    /// Round half to even, as ONNX's Round.
+    Round,
+    /// `x^p` for a constant exponent.
+    Pow {
+        p: f64,
+    },
+    /// ONNX Gelu: `x * Phi(x)`, exact (erf) or with the tanh approximation.
+    Gelu {
+        tanh: bool,
+    },
+    /// `x >= 0 ? x : slope * x` (PRelu, one slope per element).
+    PRelu {
+        slope: f64,
+    },
+    /// A QuantizeLinear + DequantizeLinear pair.
+    FakeQuant(Grid),
+}
+
+/// An integer grid a model fixes (QuantizeLinear): `x = scale * (q - zero)`, `q` in
+/// `qmin..=qmax`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Grid {
+    pub scale: f64,
+    pub zero: i64,
+    pub qmin: i64,
+    pub qmax: i64,
+}
+
+impl Grid {
+    /// `scale * (clamp(round_half_even(x / scale) + zero, qmin, qmax) - zero)`.
+    pub fn fake_quant(&self, x: f64) -> f64 {
+        let q = (round_half_even(x / self.scale) + self.zero as f64)
+            .clamp(self.qmin as f64, self.qmax as f64);
+        self.scale * (q - self.zero as f64)
+    }
+}
+
+fn erf(x: f64) -> f64 {
+    // Abramowitz-Stegun 7.1.26 is too coarse for an 11-bit table near 0; use the series /
+    // continued fraction split of W. J. Cody's rational approximations via libm-free code.
+    // A Taylor series converges fast for |x| < 2.5, the complement's asymptotic form beyond.
+    let ax = x.abs();
+    let r = if ax < 2.5 {
+        let mut sum = ax;
+        let mut term = ax;
+        let x2 = ax * ax;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs() {
+            n += 1.0;
+            term *= -x2 / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(x) ~ e^{-x^2} / (x sqrt(pi)) * continued fraction (Lentz), accurate for x >= 2.5
+        let x2 = ax * ax;
+        let mut f = ax;
+        for k in (1..60).rev() {
+            f = ax + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-x2).exp() / (f * std::f64::consts::PI.sqrt())
+    };
+    r.copysign(x)
+}
+
+fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 {
+        2.0 * (x / 2.0).round()
+    } else {
+        r
+    }
+}
+
+impl Activation {
+    pub fn apply(&self, x: f64) -> f64 {
+        match *self {
+            Activation::Relu => x.max(0.0),
+            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Activation::Tanh => x.tanh(),
+            Activation::LeakyRelu { alpha } => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    alpha * x
+                }
+            }
+            Activation::Elu { alpha } => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    alpha * (x.exp() - 1.0)
+                }
+            }
+            Activation::Celu { alpha } => x.max(0.0) + (alpha * ((x / alpha).exp() - 1.0)).min(0.0),
+            Activation::Selu { alpha, gamma } => {
+                if x > 0.0 {
+                    gamma * x
+                } else {
+                    gamma * alpha * (x.exp() - 1.0)
+                }
+            }
+            Activation::Softplus => softplus(x),
+            Activation::Softsign => x / (1.0 + x.abs()),
+            Activation::HardSigmoid { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
+            Activation::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
+            Activation::Mish => x * softplus(x).tanh(),
+            Activation::ThresholdedRelu { alpha } => {
+                if x > alpha {
+                    x
+                } else {
+                    0.0
+                }
+            }
+            Activation::Clip { min, max } => x.max(min).min(max),
+            Activation::Abs => x.abs(),
+            Activation::Exp => x.min(700.0).exp(),
+            // Out-of-domain inputs only occur off the calibrated range; keep tables finite.
+            Activation::Log => x.max(1e-30).ln(),
+            Activation::Sqrt => x.max(0.0).sqrt(),
+            Activation::Reciprocal => {
+                if x.abs() < 1e-30 {
+                    1e30f64.copysign(x)
+                } else {
+                    1.0 / x
+                }
+            }
+            Activation::Erf => erf(x),
+            Activation::Sin => x.sin(),
+            Activation::Cos => x.cos(),
+            Activation::Sign => {
+                if x > 0.0 {
+                    1.0
+                } else if x < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::Floor => x.floor(),
+            Activation::Ceil => x.ceil(),
+            Activation::Round => round_half_even(x),
+            Activation::Pow { p } => {
+                let v = x.powf(p);
+                if v.is_finite() { v } else { 0.0 }
+            }
+            Activation::Gelu { tanh: false } => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+            Activation::Gelu { tanh: true } => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+            }
+            Activation::PRelu { slope } => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    slope * x
+                }
+            }
+            Activation::FakeQuant(g) => g.fake_quant(x),
+        }
+    }
+}
+
+fn softplus(x: f64) -> f64 {
+    // log(1 + e^x) without overflow for large x
+    if x > 30.0 { x } else { x.exp().ln_1p() }
+}
+
+/// A univariate function as an expression of its one input `X`: how element-wise subgraphs
+/// (`x * sigmoid(x)`, erf-based GELU, chains of activations) become one lookup table.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UFn {
+    X,
+    Const(f64),
+    Act(Activation, Arc<UFn>),
+    Add(Arc<UFn>, Arc<UFn>),
+    Mul(Arc<UFn>, Arc<UFn>),
+    Div(Arc<UFn>, Arc<UFn>),
+    /// `k * f + c`.
+    Affine(f64, f64, Arc<UFn>),
+}
+
+impl UFn {
+    pub fn eval(&self, x: f64) -> f64 {
+        match self {
+            UFn::X => x,
+            UFn::Const(c) => *c,
+            UFn::Act(a, f) => a.apply(f.eval(x)),
+            UFn::Add(f, g) => f.eval(x) + g.eval(x),
+            UFn::Mul(f, g) => f.eval(x) * g.eval(x),
+            UFn::Div(f, g) => {
+                let d = g.eval(x);
+                if d == 0.0 { 0.0 } else { f.eval(x) / d }
+            }
+            UFn::Affine(k, c, f) => k * f.eval(x) + c,
+        }
+    }
+
+    /// The activation chain this function is, innermost first, when it is only that.
+    pub fn as_chain(&self) -> Option<Vec<Activation>> {
+        match self {
+            UFn::X => Some(Vec::new()),
+            UFn::Act(a, f) => {
+                let mut c = f.as_chain()?;
+                c.push(a.clone());
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How a lookup's output is quantized.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OutputGrid {
+    /// From the calibrated range, with the configured activation bits.
+    Calibrated,
+    /// Shared by every lookup of one tie group (the inputs of one MaxPool channel), so that
+    /// differences between them are exact.
+    Tied(u32),
+    /// The grid of the atoms this lookup's input reads, with zero at 0: the `relu(b - a)` of a
+    /// pairwise maximum is then exact when `a` and `b` share a grid.
+    DifferenceOfInputs,
+    /// Fixed by the model (a QuantizeLinear).
+    Fixed(Grid),
+}
+
+/// One univariate function of one linear value: one bootstrap per sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lookup {
+    pub input: Lin,
+    pub func: Arc<UFn>,
+    pub grid: OutputGrid,
+    /// The ONNX node that created it, for summaries and errors.
+    pub origin: Arc<str>,
+}
+
+/// What the client does with the decrypted scores, in the clear.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum TailOp {
+    Activation(Activation),
+    /// Softmax over all outputs.
+    Softmax,
+    /// One score `s` becomes the two class scores `[-s, s]` (binary linear classifiers).
+    BinaryScores,
+    /// One probability `p` becomes `[1 - p, p]`.
+    BinaryProbabilities,
+}
+
+/// The float model: inputs, lookups in topological order, linear outputs, clear-text tail.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FloatModel {
+    /// Shape of one sample, without the batch dimension (e.g. `[64]` or `[1, 8, 8]`).
+    pub input_shape: Vec<usize>,
+    /// Grids the model fixes on input features (QDQ models); the client quantizes on them.
+    pub input_grids: Vec<Option<Grid>>,
+    /// Lookup `i` is atom `n_features() + i`; its input reads only earlier atoms.
+    pub lookups: Vec<Lookup>,
+    pub outputs: Vec<Lin>,
+    pub tail: Vec<TailOp>,
+    /// The label of each output class, when the exporter recorded them.
+    pub class_labels: Option<Vec<i64>>,
+}
+
+impl FloatModel {
+    pub fn n_features(&self) -> usize {
+        self.input_shape.iter().product()
+    }
+
+    pub fn n_scores(&self) -> usize {
+        self.outputs.len()
+    }
+
+    pub fn n_atoms(&self) -> usize {
+        self.n_features() + self.lookups.len()
+    }
+
+    /// Every atom's value for one sample.
+    pub fn atoms(&self, x: &[f64]) -> Vec<f64> {
+        let mut v = Vec::with_capacity(self.n_atoms());
+        v.extend(x.iter().zip(&self.input_grids).map(|(&x, g)| match g {
+            Some(g) => g.fake_quant(x),
+            None => x,
+        }));
+        for l in &self.lookups {
+            let y = l.func.eval(l.input.eval(&v));
+            v.push(y);
+        }
+        v
+    }
+
+    /// Runs the float model up to the scores (the linear outputs).
+    pub fn scores(&self, x: &[f64]) -> Vec<f64> {
+        let atoms = self.atoms(x);
+        self.outputs.iter().map(|o| o.eval(&atoms)).collect()
+    }
+
+    /// Runs the full float model, tail included: what the exported model outputs.
+    pub fn outputs(&self, x: &[f64]) -> Vec<f64> {
+        apply_tail(&self.tail, self.scores(x))
+    }
+
+    /// Stage of each atom: 0 for inputs, `1 + max stage of its input's atoms` for lookups.
+    pub fn stages(&self) -> Vec<usize> {
+        let nf = self.n_features();
+        let mut st = vec![0usize; self.n_atoms()];
+        for (i, l) in self.lookups.iter().enumerate() {
+            st[nf + i] = 1 + l
+                .input
+                .terms
+                .iter()
+                .map(|&(a, _)| st[a as usize])
+                .max()
+                .unwrap_or(0);
+        }
+        st
+    }
+
+    /// Drops lookups that no output reads (left behind when activations fuse), renumbering.
+    pub fn prune(&mut self) {
+        let nf = self.n_features();
+        let mut live = vec![false; self.n_atoms()];
+        for o in &self.outputs {
+            o.terms.iter().for_each(|&(a, _)| live[a as usize] = true);
+        }
+        for i in (0..self.lookups.len()).rev() {
+            if live[nf + i] {
+                for &(a, _) in &self.lookups[i].input.terms {
+                    live[a as usize] = true;
+                }
+            }
+        }
+        let mut map: Vec<AtomId> = (0..nf as AtomId).collect();
+        let mut next = nf as AtomId;
+        for i in 0..self.lookups.len() {
+            map.push(next);
+            if live[nf + i] {
+                next += 1;
+            }
+        }
+        let remap = |lin: &mut Lin| lin.terms.iter_mut().for_each(|t| t.0 = map[t.0 as usize]);
+        let old = std::mem::take(&mut self.lookups);
+        for (i, mut l) in old.into_iter().enumerate() {
+            if live[nf + i] {
+                remap(&mut l.input);
+                self.lookups.push(l);
+            }
+        }
+        self.outputs.iter_mut().for_each(remap);
+    }
+}
+
+/// Applies the clear-text tail to decrypted scores.
+pub fn apply_tail(tail: &[TailOp], mut v: Vec<f64>) -> Vec<f64> {
+    for op in tail {
+        match op {
+            TailOp::Activation(a) => v.iter_mut().for_each(|e| *e = a.apply(*e)),
+            TailOp::Softmax => {
+                let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let s: f64 = v.iter().map(|e| (e - m).exp()).sum();
+                v.iter_mut().for_each(|e| *e = (*e - m).exp() / s);
+            }
+            TailOp::BinaryScores if v.len() == 1 => v = vec![-v[0], v[0]],
+            TailOp::BinaryProbabilities if v.len() == 1 => v = vec![1.0 - v[0], v[0]],
+            TailOp::BinaryScores | TailOp::BinaryProbabilities => {}
+        }
+    }
+    v
+}
+
+/// The predicted class index for a model output vector: argmax, or for a single output a
+/// threshold at `threshold` (0 for raw scores, 0.5 for probabilities).
+pub fn predict_class(outputs: &[f64], single_output_threshold: f64) -> usize {
+    if outputs.len() == 1 {
+        return usize::from(outputs[0] > single_output_threshold);
+    }
+    let mut best = 0;
+    for (i, v) in outputs.iter().enumerate() {
+        if *v > outputs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The threshold for a single-output model: 0.5 after a sigmoid-like tail, else 0.
+pub fn single_output_threshold(tail: &[TailOp]) -> f64 {
+    match tail.last() {
+        Some(TailOp::Activation(Activation::Sigmoid | Activation::HardSigmoid { .. })) => 0.5,
+        _ => 0.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_combine_and_prune() {
+        let a = Lin::combine([(2.0, &Lin::atom(0)), (1.0, &Lin::atom(1))], 0.5);
+        let b = Lin::combine([(1.0, &a), (-2.0, &Lin::atom(0))], 0.0);
+        assert_eq!(b.terms, vec![(1, 1.0)]);
+        assert_eq!(b.bias, 0.5);
+        let mut m = FloatModel {
+            input_shape: vec![2],
+            input_grids: vec![None; 2],
+            lookups: vec![
+                Lookup {
+                    input: Lin::atom(0),
+                    func: Arc::new(UFn::X),
+                    grid: OutputGrid::Calibrated,
+                    origin: "dead".into(),
+                },
+                Lookup {
+                    input: Lin::atom(1),
+                    func: Arc::new(UFn::Act(Activation::Relu, Arc::new(UFn::X))),
+                    grid: OutputGrid::Calibrated,
+                    origin: "live".into(),
+                },
+            ],
+            outputs: vec![Lin::combine([(3.0, &Lin::atom(3))], 1.0)],
+            tail: vec![],
+            class_labels: None,
+        };
+        assert_eq!(m.scores(&[1.0, -2.0]), vec![1.0]);
+        assert_eq!(m.scores(&[1.0, 2.0]), vec![7.0]);
+        m.prune();
+        assert_eq!(m.lookups.len(), 1);
+        assert_eq!(m.outputs[0].terms, vec![(2, 3.0)]);
+        assert_eq!(m.scores(&[1.0, 2.0]), vec![7.0]);
+    }
+
+    #[test]
+    fn erf_and_gelu_match_known_values() {
+        for (x, e) in [
+            (0.5, 0.520_499_877_813_046_5),
+            (1.5, 0.966_105_146_475_310_7),
+            (3.0, 0.999_977_909_503_001_4),
+        ] {
+            assert!((erf(x) - e).abs() < 1e-12, "erf({x})");
+            assert!((erf(-x) + e).abs() < 1e-12);
+        }
+        let g = Activation::Gelu { tanh: false }.apply(1.0);
+        assert!((g - 0.841_344_746_068_542_9).abs() < 1e-12);
+    }
+
+    #[test]
+    fn tail_binary_and_softmax() {
+        let out = apply_tail(&[TailOp::BinaryScores, TailOp::Softmax], vec![0.0]);
+        assert!((out[0] - 0.5).abs() < 1e-12 && (out[1] - 0.5).abs() < 1e-12);
+        assert_eq!(predict_class(&[0.1, 0.7, 0.2], 0.0), 1);
+        assert_eq!(predict_class(&[0.7], 0.5), 1);
+        assert_eq!(predict_class(&[-0.2], 0.0), 0);
+    }
+}
