@@ -10,8 +10,8 @@ use tfhe::shortint::parameters::v1_8::{
     V1_8_PARAM_MESSAGE_1_CARRY_1_KS_PBS_TUNIFORM_2M128,
     V1_8_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128,
 };
+use veil_models::compiled::{POSITIONS, ParamSet};
 use veil_models::fhe::{ClientKey, CpuBackend, PbsBackend, ServerKey, big_lwe_size};
-use veil_models::plan::{POSITIONS, ParamSet};
 
 /// shortint's own KS + PBS (`apply_lookup_table`, centered modulus switch) for each
 /// parameter set small enough for this machine. MESSAGE_3_CARRY_3 (917 MB key, ~200 ms per

@@ -6,9 +6,9 @@ use std::io::Read;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
+use veil_models::compiled::ParamSet;
 use veil_models::fhe::ClientKey;
 use veil_models::fhe::keys::{MAX_CLIENT_KEY_BYTES, MAX_EVAL_KEY_BYTES, eval_key_to_bytes};
-use veil_models::plan::ParamSet;
 
 use crate::error::{ClientError, Result};
 

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
+use veil_models::compiled::ParamSet;
 use veil_models::fhe::keys::{MAX_EVAL_KEY_BYTES, eval_key_from_bytes};
 use veil_models::fhe::{BackendKind, EvalKey};
-use veil_models::plan::ParamSet;
 
 use crate::error::{Result, ServiceError};
 

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use veil_models::CompiledModel;
+use veil_models::compiled::ParamSet;
 use veil_models::fhe::keys::eval_key_to_bytes;
 use veil_models::fhe::{ClientKey, FheModel, big_lwe_size};
-use veil_models::plan::ParamSet;
 use veil_proto::v1;
 
 use crate::error::{Result, ServiceError};

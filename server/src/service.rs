@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
+use veil_models::compiled::ParamSet;
 use veil_models::fhe::EncryptedInput;
 use veil_models::fhe::keys::MAX_EVAL_KEY_BYTES;
-use veil_models::plan::ParamSet;
 use veil_proto::v1;
 use veil_proto::v1::upload_key_request::Part;
 

@@ -1,8 +1,8 @@
 //! `veil bench-pbs`: keyswitch + bootstrap throughput by batch size on one backend, with
 //! real keys, and how that backend's reads compare with the CPU's.
 
+use veil_models::compiled::ParamSet;
 use veil_models::fhe::calibrate::bench_backend;
-use veil_models::plan::ParamSet;
 
 use super::eval::Backend;
 

@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use veil_models::compiled::ParamSet;
 use veil_models::cost::MachineProfile;
 use veil_models::data::{Labels, read_csv};
 use veil_models::eval::accuracy;
 use veil_models::fhe::calibrate::{calibrate, cpu_model};
-use veil_models::plan::ParamSet;
 use veil_models::{CompiledModel, QuantConfig, compile, onnx};
 
 #[derive(clap::Args)]
