@@ -23,6 +23,10 @@ pub enum ClientError {
     #[error(transparent)]
     Model(#[from] ModelError),
 
+    /// Connection options that do not fit together (TLS options for http://, a bad token).
+    #[error("{0}")]
+    Config(String),
+
     /// A key directory that is missing, incomplete or inconsistent.
     #[error("{0}")]
     Keys(String),
