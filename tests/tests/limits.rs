@@ -117,3 +117,33 @@ async fn a_full_queue_refuses_at_once_and_expired_requests_never_run() {
     check_sample_against_simulation(&model, &test.features[0], &accs);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_not_serving_while_draining() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let models = TempDir::new(TMP, "drain-models");
+    let data = TempDir::new(TMP, "drain-data");
+    install_model(models.path(), "iris", &compile_zoo("iris_logreg"));
+    let mut config = Config::new(models.path(), data.path());
+    // Longer than the test: the server drains for its whole remaining life.
+    config.drain = Duration::from_secs(600);
+    let mut server = TestServer::start(config).await;
+    assert_healthy(&server.url()).await;
+    server.begin_stop();
+    // Still answering, but saying NOT_SERVING, overall and for the service.
+    loop {
+        let (overall, veil) = health(&server.url()).await;
+        if overall == ServingStatus::NotServing {
+            assert_eq!(veil, ServingStatus::NotServing);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(metric(&server.metrics().await, "veil_draining"), 1.0);
+    let client = Client::connect(&server.url()).await.unwrap();
+    assert_eq!(
+        client.list_models().await.unwrap().len(),
+        1,
+        "calls still served"
+    );
+}
