@@ -145,12 +145,35 @@ async fn main() {
     let _ = std::fs::remove_dir_all(&root);
 
     let total = clients * requests;
-    let key_mib = 120.0;
-    let bound = idle_rss as f64 / 1024.0 + (KEY_CACHE + CONCURRENT + UPLOADS + 1) as f64 * key_mib;
+    // Expanded keys: the cache's, plus one held by each running evaluation after eviction.
+    // An expansion (upload or load from disk) holds the key's bytes, its deserialized form
+    // and a standard-domain bootstrapping key besides its result: count twice the result.
+    // Plus the evaluations' working memory.
+    let csk = veil_models::fhe::keys::eval_key_from_bytes(model.params, &keys[0].eval_key).unwrap();
+    let expanded = veil_models::fhe::EvalKey::from_compressed(
+        veil_models::fhe::BackendKind::Cpu,
+        model.params,
+        &csk,
+    )
+    .unwrap()
+    .memory_bytes() as f64
+        / 1048576.0;
+    let compressed = keys[0].eval_key.len() as f64 / 1048576.0;
+    let working = CONCURRENT as f64
+        * veil_models::fhe::FheModel::new(model.clone())
+            .unwrap()
+            .working_bytes_per_sample() as f64
+        / 1048576.0;
+    let bound = idle_rss as f64 / 1024.0
+        + (KEY_CACHE + CONCURRENT) as f64 * expanded
+        + (UPLOADS + 1) as f64 * 2.0 * expanded
+        + working;
     println!(
         "{clients} clients x {requests} requests: {total} answers, all within the simulation's \
          noise, {agree} labels equal to the simulation's; {:.1} s ({:.2} requests/s); key cache \
-         hits {} misses {}; peak RSS {} MiB (idle {} MiB; bound from the limits ~{bound:.0} MiB)",
+         hits {} misses {}; peak RSS {} MiB (idle {} MiB; bound from the limits ~{bound:.0} MiB, \
+         with {expanded:.0} MiB per expanded key, {compressed:.1} MiB per serialized key, \
+         {working:.0} MiB of evaluation working memory)",
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
         metric(&metrics, "veil_key_cache_hits_total"),

@@ -3,7 +3,7 @@
 //! error, never a panic. The decoders bound their allocations by the input size or an
 //! explicit limit, so a case that allocated without bound would abort the run.
 //!
-//! Cases per decoder: `VEIL_FUZZ_CASES` (default 64; the evaluation-key decoder, whose real
+//! Cases per decoder: `VEIL_FUZZ_CASES` (default 256; the evaluation-key decoder, whose real
 //! input is 30 MB, runs an eighth of them). For a long run:
 //! `VEIL_FUZZ_CASES=5000 cargo test --release --workspace --test fuzz_decoders`.
 
@@ -26,7 +26,7 @@ fn cases() -> u32 {
     std::env::var("VEIL_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
+        .unwrap_or(256)
 }
 
 fn runner(cases: u32) -> TestRunner {
@@ -97,12 +97,28 @@ struct Mutation {
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
-    (
-        prop::collection::vec((any::<Index>(), any::<u8>()), 0..8),
-        prop::option::of(any::<Index>()),
-        prop::collection::vec(any::<u8>(), 0..16),
-    )
-        .prop_map(|(edits, cut, tail)| Mutation { edits, cut, tail })
+    let edits = || prop::collection::vec((any::<Index>(), any::<u8>()), 1..8);
+    // One kind at a time, so that byte changes alone (the structure intact, the content
+    // hostile) get a third of the cases.
+    prop_oneof![
+        edits().prop_map(|edits| Mutation {
+            edits,
+            cut: None,
+            tail: vec![],
+        }),
+        (edits(), any::<Index>()).prop_map(|(edits, c)| Mutation {
+            edits,
+            cut: Some(c),
+            tail: vec![],
+        }),
+        (edits(), prop::collection::vec(any::<u8>(), 1..16)).prop_map(|(edits, tail)| {
+            Mutation {
+                edits,
+                cut: None,
+                tail,
+            }
+        }),
+    ]
 }
 
 impl Mutation {
@@ -180,8 +196,17 @@ fn evaluation_and_client_keys() {
 #[test]
 fn compiled_models() {
     let c = corpus();
+    let x = vec![0.5; c.model.n_features()];
+    // What the server does with a model file it accepted: build its executor and describe it;
+    // and a simulation, as `veil eval` runs it.
     fuzz("compiled models", cases(), &c.model_bytes, |b| {
-        CompiledModel::from_bytes(b).is_ok()
+        let Ok(m) = CompiledModel::from_bytes(b) else {
+            return false;
+        };
+        let _ = m.client_spec();
+        let _ = m.simulate(&x, None);
+        let _ = veil_models::fhe::FheModel::new(m).map(|f| f.working_bytes_per_sample());
+        true
     });
 }
 
