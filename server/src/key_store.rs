@@ -465,7 +465,16 @@ impl KeyStore {
             .get(k)
             .map(|e| e.params)
             .ok_or_else(|| ServiceError::UnknownKey(k.id.clone()))?;
-        let bytes = read_bounded(&path)?;
+        let bytes = match read_bounded(&path) {
+            // Deleted or evicted since the request was checked.
+            Err(ServiceError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                self.forget(k);
+                return Err(ServiceError::UnknownKey(k.id.clone()));
+            }
+            r => r?,
+        };
         let checked = if key_id(&bytes) != k.id {
             Err("its content no longer matches its hash".to_string())
         } else {
