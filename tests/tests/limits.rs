@@ -147,3 +147,39 @@ async fn health_says_not_serving_while_draining() {
         "calls still served"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_never_ends_meets_the_overall_deadline() {
+    use veil_proto::v1;
+    let models = TempDir::new(TMP, "upload-deadline-models");
+    let data = TempDir::new(TMP, "upload-deadline-data");
+    install_model(models.path(), "iris", &compile_zoo("iris_logreg"));
+    let mut config = Config::new(models.path(), data.path());
+    config.limits.upload_idle_timeout = Duration::from_secs(60);
+    config.limits.upload_timeout = Duration::from_secs(1);
+    let server = TestServer::start(config).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    // A client that keeps sending a little, never idle long enough for the idle timeout,
+    // and never finishing.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let trickle = tokio::spawn(async move {
+        loop {
+            let chunk = v1::UploadKeyRequest {
+                part: Some(v1::upload_key_request::Part::Chunk(vec![0; 1024])),
+            };
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let err = client
+        .rpc()
+        .upload_key(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    trickle.abort();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("longer than"), "{err:?}");
+    server.stop().await;
+}
