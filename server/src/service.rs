@@ -257,8 +257,26 @@ impl VeilService {
         deadline: Option<Instant>,
         req: v1::InferRequest,
     ) -> Result<v1::InferResponse> {
-        let model = Arc::clone(self.models.get(&req.model)?);
-        tenant.check_model(&model.name)?;
+        // Permission first, so a restricted tenant learns nothing of other models, and the
+        // list in NOT_FOUND names only the models it may use.
+        tenant.check_model(&req.model)?;
+        let model = match self.models.get(&req.model) {
+            Ok(m) => Arc::clone(m),
+            Err(ServiceError::UnknownModel { name, .. }) => {
+                return Err(ServiceError::UnknownModel {
+                    name,
+                    served: self
+                        .models
+                        .models
+                        .keys()
+                        .filter(|m| tenant.may_use(m))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let n = req.samples.len();
         if n == 0 {
             return Err(ServiceError::InvalidRequest(

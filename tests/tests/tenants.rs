@@ -136,11 +136,18 @@ async fn tenants_are_authenticated_isolated_and_held_to_their_quotas() {
     assert!(alice.key_info(&alice_keys.key_id).await.unwrap().is_some());
     infer_ok(&alice, &remote, &model, &alice_keys).await;
 
-    // A model she may not use.
+    // A model she may not use; Bob's error for an unknown model lists what he may use.
     assert_eq!(
-        code(alice.infer("iris_private", &alice_keys.key_id, x).await),
+        code(
+            alice
+                .infer("iris_private", &alice_keys.key_id, x.clone())
+                .await
+        ),
         Code::PermissionDenied
     );
+    let err = bob.infer("nope", &alice_keys.key_id, x).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    assert!(err.to_string().contains("iris, iris_private"), "{err}");
 
     // Her quota is one key.
     let second = KeyPair::generate(model.params);
