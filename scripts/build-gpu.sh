@@ -44,9 +44,9 @@ export PKG_CONFIG_PATH=$TOOLS/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 export CARGO_TARGET_DIR=$ROOT/target/gpu
 
 if [ "${VEIL_GPU_CHECK:-0}" = 1 ]; then
-  cargo clippy --release --workspace --all-targets --features veil-models/gpu,veil-server/gpu,veil-client/gpu "$@"
+  cargo clippy --release --workspace --all-targets --features veil-models/gpu,veil-server/gpu,veil-client/gpu,veil-cli/gpu "$@"
 else
-  if [ $# -eq 0 ]; then set -- -p veil-server -p veil-client --features veil-server/gpu,veil-client/gpu; fi
+  if [ $# -eq 0 ]; then set -- -p veil-server -p veil-cli --features veil-server/gpu,veil-cli/gpu; fi
   cargo build --release "$@"
   echo "build-gpu: binaries in $CARGO_TARGET_DIR/release/" >&2
 fi

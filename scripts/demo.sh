@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 LIMIT="${1:-5}"
 BIN=target/release
 echo "== building (release; the first build takes ~15 min on 2 cores, mostly tfhe)"
-cargo build --release -p veil-server -p veil-client
+cargo build --release -p veil-server -p veil-cli
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/veil-demo.XXXXXX")"
 SERVER_PID=""

@@ -5,15 +5,15 @@ use veil_models::ModelError;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}: {}", chain(.source))]
     Connect {
         url: String,
         #[source]
         source: tonic::transport::Error,
     },
 
-    /// The server answered with an error status.
-    #[error("server says {:?}: {}", .0.code(), .0.message())]
+    /// The server answered with an error status (or the transport failed under the call).
+    #[error("server says {:?}: {}", .0.code(), chain(.0))]
     Status(#[from] tonic::Status),
 
     #[error("unknown model '{name}'; the server serves: {served}")]
@@ -22,6 +22,10 @@ pub enum ClientError {
     /// Encryption, decryption, decoding or data errors from the engine.
     #[error(transparent)]
     Model(#[from] ModelError),
+
+    /// Connection options that do not fit together (TLS options for http://, a bad token).
+    #[error("{0}")]
+    Config(String),
 
     /// A key directory that is missing, incomplete or inconsistent.
     #[error("{0}")]
@@ -37,6 +41,25 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// An error's message followed by its sources' (a TLS failure says why, not only
+/// "transport error").
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = match e.downcast_ref::<tonic::Status>() {
+        Some(s) => s.message().to_string(),
+        None => e.to_string(),
+    };
+    let mut next = e.source();
+    while let Some(s) = next {
+        let m = s.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        next = s.source();
+    }
+    out
 }
 
 impl ClientError {

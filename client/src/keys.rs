@@ -4,6 +4,7 @@
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use veil_models::compiled::ParamSet;
@@ -33,7 +34,8 @@ const KEYS_FORMAT: &str = "veil-keys-v1";
 /// A client's key pair: the secret key and the serialized evaluation key.
 pub struct KeyPair {
     pub params: ParamSet,
-    pub client: ClientKey,
+    /// Shared so that encryption can run on another thread without copying it.
+    pub client: Arc<ClientKey>,
     /// The compressed evaluation key, serialized with tfhe's safe serialization.
     pub eval_key: Vec<u8>,
     /// [`key_id`] of `eval_key`.
@@ -43,7 +45,7 @@ pub struct KeyPair {
 impl KeyPair {
     /// Generates a fresh key pair (about two seconds for MESSAGE_2_CARRY_2).
     pub fn generate(params: ParamSet) -> Self {
-        let client = ClientKey::generate(params);
+        let client = Arc::new(ClientKey::generate(params));
         let eval_key = eval_key_to_bytes(&client.compressed_server_key());
         let key_id = key_id(&eval_key);
         KeyPair {
@@ -120,7 +122,7 @@ impl KeyPair {
             )));
         }
         let client_bytes = read_bounded(&dir.join("client.key"), MAX_CLIENT_KEY_BYTES)?;
-        let client = ClientKey::from_bytes(params, &client_bytes)?;
+        let client = Arc::new(ClientKey::from_bytes(params, &client_bytes)?);
         Ok(KeyPair {
             params,
             client,

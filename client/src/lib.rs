@@ -4,7 +4,7 @@
 //! # async fn demo() -> veil_client::Result<()> {
 //! use veil_client::{Client, KeyPair};
 //! let keys = KeyPair::load("keys".as_ref())?;           // from `veil keygen -o keys`
-//! let client = Client::connect("http://127.0.0.1:50051").await?;
+//! let client = Client::connect("http://127.0.0.1:50051").await?; // or connect_with(url, &options)
 //! let model = client.model("digits_mlp").await?;        // public metadata, no weights
 //! client.ensure_key(&keys, |_sent, _total| {}).await?; // uploads only if the server lacks it
 //! let x = vec![0.0; model.n_features()];
@@ -19,11 +19,15 @@
 pub mod error;
 pub mod keys;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use veil_models::ClientSpec;
 use veil_models::eval::Prediction;
 use veil_models::fhe::{EncryptedOutput, big_lwe_size};
@@ -32,6 +36,7 @@ use veil_proto::v1::veil_client::VeilClient;
 
 pub use error::{ClientError, Result};
 pub use keys::{KeyPair, key_id, param_set_by_name};
+pub use tonic::Code;
 pub use veil_proto::v1::{KeyInfo, ModelInfo};
 
 /// Bytes per upload message.
@@ -104,6 +109,39 @@ impl RemoteModel {
     pub fn decrypt(&self, keys: &KeyPair, output: &[u8]) -> Result<Prediction> {
         Ok(self.spec.decode(&self.decrypt_accs(keys, output)?))
     }
+
+    /// [`RemoteModel::encrypt`] for many samples, on the blocking pool.
+    pub async fn encrypt_batch(&self, keys: &KeyPair, xs: Vec<Vec<f64>>) -> Result<Vec<Vec<u8>>> {
+        self.check_keys(keys)?;
+        let (spec, client) = (self.spec.clone(), Arc::clone(&keys.client));
+        blocking(move || {
+            xs.iter()
+                .map(|x| Ok(client.encrypt(&spec, x)?.to_bytes()))
+                .collect()
+        })
+        .await
+    }
+
+    /// [`RemoteModel::decrypt`] for many samples, on the blocking pool.
+    pub async fn decrypt_batch(
+        &self,
+        keys: &KeyPair,
+        outputs: Vec<Vec<u8>>,
+    ) -> Result<Vec<Prediction>> {
+        self.check_keys(keys)?;
+        let (spec, client) = (self.spec.clone(), Arc::clone(&keys.client));
+        let (n, lwe) = (self.n_outputs(), big_lwe_size(self.spec.params));
+        blocking(move || {
+            outputs
+                .iter()
+                .map(|o| {
+                    let out = EncryptedOutput::from_bytes(o, n, lwe)?;
+                    Ok(spec.decode(&client.decrypt(&spec, &out)?))
+                })
+                .collect()
+        })
+        .await
+    }
 }
 
 /// Whether [`Client::ensure_key`] had to upload.
@@ -131,40 +169,147 @@ pub struct InferReply {
     pub merged_samples: usize,
 }
 
+/// How to reach a server: TLS trust and identity, and the bearer token.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// PEM certificate(s) of the CA that signed the server's certificate, for `https://` URLs.
+    /// Without it the system's trusted roots are used.
+    pub ca_cert_pem: Option<Vec<u8>>,
+    /// PEM certificate and private key of this client, for servers that require client
+    /// certificates (mutual TLS).
+    pub client_identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// Sent as `authorization: Bearer <token>` with every call.
+    pub token: Option<String>,
+    /// The name to check the server's certificate against, when it differs from the URL's host.
+    pub tls_domain: Option<String>,
+}
+
+impl ConnectOptions {
+    /// Reads the PEM files named (any of them may be absent).
+    pub fn with_pem_files(
+        mut self,
+        ca_cert: Option<&std::path::Path>,
+        client_cert: Option<&std::path::Path>,
+        client_key: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClientError::io(format!("reading {}", p.display()), e))
+        };
+        if let Some(p) = ca_cert {
+            self.ca_cert_pem = Some(read(p)?);
+        }
+        match (client_cert, client_key) {
+            (Some(c), Some(k)) => self.client_identity_pem = Some((read(c)?, read(k)?)),
+            (None, None) => {}
+            _ => {
+                return Err(ClientError::Config(
+                    "a client certificate needs its key and the key its certificate \
+                     (give both --client-cert and --client-key)"
+                        .into(),
+                ));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The generated stub with the token interceptor.
+pub type Rpc = VeilClient<InterceptedService<Channel, Auth>>;
+
 /// A connection to a `veil-server`. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
-    rpc: VeilClient<Channel>,
+    rpc: Rpc,
+    deadline: Option<Duration>,
 }
 
 impl Client {
-    /// Connects to `url`, e.g. `http://127.0.0.1:50051`.
+    /// Connects to `url`, e.g. `http://127.0.0.1:50051`, without TLS options or a token.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, &ConnectOptions::default()).await
+    }
+
+    /// Connects to `url` (`http://` or `https://`) with TLS options and a token.
+    pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Self> {
         let connect_err = |source| ClientError::Connect {
             url: url.to_string(),
             source,
         };
-        let channel = Endpoint::from_shared(url.to_string())
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(connect_err)?
             .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(connect_err)?;
-        Ok(Self::from_channel(channel))
+            .tcp_nodelay(true);
+        let tls = options.ca_cert_pem.is_some()
+            || options.client_identity_pem.is_some()
+            || options.tls_domain.is_some();
+        if url.starts_with("https://") {
+            let mut config = ClientTlsConfig::new();
+            config = match &options.ca_cert_pem {
+                Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
+                None => config.with_native_roots(),
+            };
+            if let Some((cert, key)) = &options.client_identity_pem {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(d) = &options.tls_domain {
+                config = config.domain_name(d.clone());
+            }
+            endpoint = endpoint.tls_config(config).map_err(connect_err)?;
+        } else if tls {
+            return Err(ClientError::Config(format!(
+                "TLS options given for {url}; use an https:// URL"
+            )));
+        }
+        let auth = match &options.token {
+            None => Auth(None),
+            Some(t) => Auth(Some(
+                MetadataValue::try_from(format!("Bearer {}", t.trim())).map_err(|_| {
+                    ClientError::Config(
+                        "the token has characters that cannot go in a header".into(),
+                    )
+                })?,
+            )),
+        };
+        let channel = endpoint.connect().await.map_err(connect_err)?;
+        Ok(Self::from_channel_with_auth(channel, auth))
     }
 
     /// Wraps an existing channel (the message-size limits are set to the server's).
     pub fn from_channel(channel: Channel) -> Self {
+        Self::from_channel_with_auth(channel, Auth(None))
+    }
+
+    fn from_channel_with_auth(channel: Channel, auth: Auth) -> Self {
         Client {
-            rpc: VeilClient::new(channel)
+            rpc: VeilClient::with_interceptor(channel, auth)
                 .max_decoding_message_size(MAX_RESPONSE_BYTES)
                 .max_encoding_message_size(MAX_REQUEST_BYTES),
+            deadline: None,
         }
     }
 
+    /// The same connection, with a gRPC deadline on each Infer call (`None`: no deadline).
+    /// A request still waiting for its turn when the deadline passes is never evaluated.
+    pub fn with_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
     /// The raw generated stub, for calls the helpers do not cover.
-    pub fn rpc(&self) -> VeilClient<Channel> {
+    pub fn rpc(&self) -> Rpc {
         self.rpc.clone()
     }
 
@@ -211,6 +356,19 @@ impl Client {
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
             Err(s) => Err(s.into()),
         }
+    }
+
+    /// Removes the key from the server (disk and memory); the bytes it freed. NOT_FOUND when
+    /// the server holds no such key of this caller.
+    pub async fn delete_key(&self, key_id: &str) -> Result<u64> {
+        Ok(self
+            .rpc()
+            .delete_key(v1::DeleteKeyRequest {
+                key_id: key_id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .size_bytes)
     }
 
     /// Uploads the evaluation key in 1 MiB chunks; `progress(sent, total)` is called as
@@ -287,6 +445,10 @@ impl Client {
             samples,
         };
         let request_bytes = req.encoded_len();
+        let mut req = tonic::Request::new(req);
+        if let Some(d) = self.deadline {
+            req.set_timeout(d);
+        }
         let reply = self.rpc().infer(req).await?.into_inner();
         if reply.outputs.len() != n {
             return Err(ClientError::Protocol(format!(
@@ -304,7 +466,8 @@ impl Client {
     }
 
     /// Encrypts, infers (in batches the server accepts), decrypts and decodes `xs`.
-    /// The key must be on the server already (see [`Client::ensure_key`]).
+    /// The key must be on the server already (see [`Client::ensure_key`]). Encryption and
+    /// decryption run on the blocking pool, off the async runtime.
     pub async fn predict(
         &self,
         model: &RemoteModel,
@@ -313,15 +476,17 @@ impl Client {
     ) -> Result<Vec<Prediction>> {
         let mut out = Vec::with_capacity(xs.len());
         for chunk in xs.chunks(model.max_batch()) {
-            let samples = chunk
-                .iter()
-                .map(|x| model.encrypt(keys, x))
-                .collect::<Result<Vec<_>>>()?;
+            let samples = model.encrypt_batch(keys, chunk.to_vec()).await?;
             let reply = self.infer(model.name(), &keys.key_id, samples).await?;
-            for o in &reply.outputs {
-                out.push(model.decrypt(keys, o)?);
-            }
+            out.extend(model.decrypt_batch(keys, reply.outputs).await?);
         }
         Ok(out)
     }
+}
+
+/// Runs CPU-bound work on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ClientError::Protocol(format!("encryption task failed: {e}")))?
 }

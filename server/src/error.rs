@@ -1,5 +1,7 @@
 //! The server's typed errors. They become gRPC statuses in one place: [`crate::status`].
 
+use std::sync::Arc;
+
 use thiserror::Error;
 use veil_models::ModelError;
 
@@ -25,9 +27,34 @@ pub enum ServiceError {
     #[error("{0}")]
     WrongParameterSet(String),
 
-    /// An upload stream that stopped sending.
+    /// An upload stream that stopped sending, or took longer than the upload deadline.
     #[error("{0}")]
     Stalled(String),
+
+    /// A request whose gRPC deadline passed before its evaluation started.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+
+    /// A missing or unknown bearer token.
+    #[error("{0}")]
+    Unauthenticated(String),
+
+    /// A tenant asking for a model it may not use.
+    #[error("{0}")]
+    PermissionDenied(String),
+
+    /// A limit of the server or the tenant that a retry later may pass: a full inference queue,
+    /// a key quota, the request rate, a full key store.
+    #[error("{0}")]
+    Exhausted(String),
+
+    /// One error reported to every request of a merged batch.
+    #[error(transparent)]
+    Shared(Arc<ServiceError>),
+
+    /// A configuration the server cannot start with (tenants file, TLS files).
+    #[error("{0}")]
+    Config(String),
 
     /// An engine error: bad ciphertexts or keys, shapes, damaged models.
     #[error(transparent)]

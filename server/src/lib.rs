@@ -3,14 +3,17 @@
 //! The server holds the models and the clients' evaluation keys; it never sees a secret key,
 //! a plaintext input or a plaintext result. [`Server::load`] reads the models and opens the
 //! key store; [`Server::serve`] serves `veil.v1.Veil`, `grpc.health.v1.Health` and server
-//! reflection until a shutdown signal.
+//! reflection (over TLS when configured) until a shutdown signal, and Prometheus metrics on
+//! a second listener when one is given.
 
 pub mod batcher;
 pub mod error;
 pub mod key_store;
+pub mod metrics;
 pub mod models;
 pub mod service;
 pub mod status;
+pub mod tenants;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -23,12 +26,44 @@ use veil_proto::v1::veil_server::VeilServer;
 
 pub use batcher::BatchPolicy;
 pub use error::{Result, ServiceError};
+pub use metrics::Metrics;
 pub use service::Limits;
+pub use tenants::{Tenants, token_sha256};
 pub use veil_models::fhe::BackendKind;
 
 use key_store::KeyStore;
 use models::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Registry};
 use service::VeilService;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+/// PEM files of the server's TLS identity, and the CA its clients' certificates must chain
+/// to when client certificates are required (mutual TLS).
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsFiles {
+    fn config(&self) -> ServerTlsConfig {
+        let mut c = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .timeout(Duration::from_secs(10));
+        if let Some(ca) = &self.client_ca_pem {
+            c = c.client_ca_root(Certificate::from_pem(ca));
+        }
+        c
+    }
+}
 
 /// Largest message the server decodes on health and reflection (they are tiny).
 const MAX_SMALL_MESSAGE: usize = 64 << 10;
@@ -49,6 +84,15 @@ pub struct Config {
     /// After a shutdown signal, how long in-flight requests may take before the server
     /// drops them and stops anyway.
     pub shutdown_grace: Duration,
+    /// After a shutdown signal, how long the server keeps accepting calls while health says
+    /// NOT_SERVING, so that load balancers stop sending before it closes.
+    pub drain: Duration,
+    /// Who may call, with which limits; `None`: an open server (no token needed).
+    pub tenants: Option<Arc<Tenants>>,
+    /// Most bytes of keys on disk (least recently used evicted first); `None`: unbounded.
+    pub max_key_store_bytes: Option<u64>,
+    /// Serve gRPC over TLS.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Config {
@@ -61,6 +105,10 @@ impl Config {
             backend: BackendKind::Cpu,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(30),
+            drain: Duration::ZERO,
+            tenants: None,
+            max_key_store_bytes: None,
+            tls: None,
         }
     }
 }
@@ -69,8 +117,13 @@ impl Config {
 pub struct Server {
     registry: Arc<Registry>,
     keys: Arc<KeyStore>,
+    tenants: Arc<Tenants>,
+    metrics: Arc<Metrics>,
     limits: Limits,
     shutdown_grace: Duration,
+    drain: Duration,
+    tls: Option<ServerTlsConfig>,
+    metrics_listener: Option<TcpListener>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,19 +148,81 @@ impl Server {
             backend,
             limits,
             shutdown_grace,
+            drain,
+            tenants,
+            max_key_store_bytes,
+            tls,
         } = config;
         backend.check_available().map_err(ServiceError::Model)?;
-        let registry =
-            tokio::task::spawn_blocking(move || Registry::load(&models_dir, max_batch.max(1)))
-                .await
-                .map_err(|e| ServiceError::Internal(format!("loading models: {e}")))??;
-        let keys = KeyStore::open(&data_dir, key_cache, backend)?;
+        let tls = match tls {
+            None => None,
+            Some(files) => {
+                let c = files.config();
+                // Parse the PEM files now, so a bad one stops the server at start.
+                tonic::transport::Server::builder()
+                    .tls_config(c.clone())
+                    .map_err(|e| ServiceError::Config(format!("TLS: {e}")))?;
+                Some(c)
+            }
+        };
+        let max_bytes = limits.batching.max_bytes;
+        let registry = tokio::task::spawn_blocking(move || {
+            Registry::load(&models_dir, max_batch.max(1), max_bytes)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("loading models: {e}")))??;
+        let tenants = match tenants {
+            Some(t) => {
+                for (name, models) in t.model_lists() {
+                    for m in models {
+                        if !registry.models.contains_key(m) {
+                            tracing::warn!(tenant = name, model = %m, "the tenants file allows a model this server does not serve");
+                        }
+                    }
+                }
+                tracing::info!(tenants = ?t.names(), "tenants loaded; calls need a bearer token");
+                t
+            }
+            None => {
+                tracing::warn!(
+                    "NO TENANTS FILE: this server is OPEN. Anyone who can reach it can upload \
+                     keys and run inference, without a token or quota. Use --tenants FILE \
+                     unless it listens only for you."
+                );
+                Arc::new(Tenants::open())
+            }
+        };
+        let metrics = Metrics::new();
+        let keys = KeyStore::open(
+            &data_dir,
+            key_cache,
+            backend,
+            max_key_store_bytes,
+            &registry.params,
+            Arc::clone(&metrics),
+        )?;
         Ok(Server {
             registry: Arc::new(registry),
             keys: Arc::new(keys),
+            tenants,
+            metrics,
             limits,
             shutdown_grace,
+            drain,
+            tls,
+            metrics_listener: None,
         })
+    }
+
+    /// Also serves Prometheus metrics at `GET /metrics` on `listener`, while the server runs.
+    pub fn with_metrics_listener(mut self, listener: TcpListener) -> Self {
+        self.metrics_listener = Some(listener);
+        self
+    }
+
+    /// The server's metrics (also served over HTTP with [`Server::with_metrics_listener`]).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     pub fn model_names(&self) -> Vec<String> {
@@ -133,21 +248,51 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?
             .max_decoding_message_size(MAX_SMALL_MESSAGE);
-        let veil = VeilServer::new(VeilService::new(self.registry, self.keys, self.limits))
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
-            .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        let veil = VeilServer::new(VeilService::new(
+            self.registry,
+            self.keys,
+            self.tenants,
+            Arc::clone(&self.metrics),
+            self.limits,
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
         let health_service = health_service.max_decoding_message_size(MAX_SMALL_MESSAGE);
 
         let reporter = health.clone();
         let (grace_tx, grace_rx) = tokio::sync::oneshot::channel::<()>();
+        let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let grace = self.shutdown_grace;
+        let drain = self.drain;
+        let metrics = Arc::clone(&self.metrics);
         let shutdown = async move {
             shutdown.await;
+            // Health says NOT_SERVING first (overall and for the service), while calls are
+            // still accepted for the drain period; then the listener closes.
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            reporter.set_not_serving::<VeilServer<VeilService>>().await;
+            metrics.draining.set(1);
+            tracing::info!(
+                drain_s = drain.as_secs_f64(),
+                "draining: health says NOT_SERVING"
+            );
+            tokio::time::sleep(drain).await;
             let _ = grace_tx.send(());
             tracing::info!("shutting down: no new requests, finishing those in flight");
-            reporter.set_not_serving::<VeilServer<VeilService>>().await;
         };
-        let serve = tonic::transport::Server::builder()
+        if let Some(l) = self.metrics_listener {
+            let m = Arc::clone(&self.metrics);
+            tokio::spawn(metrics::serve_http(l, m, async move {
+                let _ = metrics_stop_rx.await;
+            }));
+        }
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let serve = builder
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -164,13 +309,18 @@ impl Server {
                 std::future::pending::<()>().await;
             }
         };
-        tokio::select! {
-            r = serve => r?,
-            _ = grace_over => tracing::warn!(
-                grace_s = grace.as_secs_f64(),
-                "requests still open after the shutdown grace period; stopping anyway"
-            ),
-        }
+        let result = tokio::select! {
+            r = serve => r,
+            _ = grace_over => {
+                tracing::warn!(
+                    grace_s = grace.as_secs_f64(),
+                    "requests still open after the shutdown grace period; stopping anyway"
+                );
+                Ok(())
+            }
+        };
+        let _ = metrics_stop_tx.send(());
+        result?;
         Ok(())
     }
 }

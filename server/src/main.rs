@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use veil_server::{BackendKind, BatchPolicy, Config, Limits, Server};
+use veil_server::{BackendKind, BatchPolicy, Config, Limits, Server, Tenants, TlsFiles};
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
     s.parse()
@@ -37,9 +37,37 @@ struct Args {
     /// Evaluations running at once; further requests wait.
     #[arg(long, default_value_t = 2)]
     concurrent_inferences: usize,
+    /// Infer requests that may wait for an evaluation; more get RESOURCE_EXHAUSTED at once.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Key uploads received and validated at once (each buffers the key and expands it).
+    #[arg(long, default_value_t = 2)]
+    concurrent_uploads: usize,
     /// Seconds an upload may stay silent before it is dropped.
     #[arg(long, default_value_t = 60)]
     upload_idle_timeout: u64,
+    /// Seconds an upload may take in all before it is dropped.
+    #[arg(long, default_value_t = 600)]
+    upload_timeout: u64,
+    /// Tenants file (TOML: [[tenant]] name, token_sha256, max_keys, max_key_bytes, models,
+    /// requests_per_second, burst). Without it the server is open to anyone who reaches it.
+    #[arg(long)]
+    tenants: Option<PathBuf>,
+    /// Most bytes of evaluation keys kept on disk; least recently used keys are removed first.
+    #[arg(long)]
+    max_key_store_bytes: Option<u64>,
+    /// PEM certificate chain of the server: serve gRPC over TLS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): require client certificates signed by it (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Where bootstraps run: cpu, or gpu (needs a `gpu` build and a CUDA device). Default:
     /// the GPU when this binary has it and a device is present, else the CPU.
     #[arg(long, value_parser = parse_backend)]
@@ -57,6 +85,14 @@ struct Args {
     /// Seconds in-flight requests get to finish after SIGINT / SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
+    /// Milliseconds health reports NOT_SERVING, still answering calls, after SIGINT / SIGTERM
+    /// and before the listener closes.
+    #[arg(long, default_value_t = 0)]
+    drain_ms: u64,
+}
+
+fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
 }
 
 #[tokio::main]
@@ -81,32 +117,67 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(BackendKind::default_for_this_machine);
     backend.check_available()?;
     tracing::info!(backend = backend.name(), "bootstrap backend");
+    let tenants = match &a.tenants {
+        Some(p) => Some(std::sync::Arc::new(Tenants::load(p)?)),
+        None => None,
+    };
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(TlsFiles {
+            cert_pem: read(c, "TLS certificate")?,
+            key_pem: read(k, "TLS key")?,
+            client_ca_pem: match &a.client_ca {
+                Some(p) => Some(read(p, "client CA certificate")?),
+                None => None,
+            },
+        }),
+        _ => None,
+    };
     let config = Config {
         backend,
         key_cache: a.key_cache,
         max_batch: a.max_batch,
         limits: Limits {
             concurrent_inferences: a.concurrent_inferences,
+            max_queue: a.max_queue,
+            concurrent_uploads: a.concurrent_uploads.max(1),
             upload_idle_timeout: Duration::from_secs(a.upload_idle_timeout.max(1)),
+            upload_timeout: Duration::from_secs(a.upload_timeout.max(1)),
             batching: BatchPolicy {
                 window: Duration::from_millis(a.batch_window_ms),
                 max_samples: a.max_merged_samples.max(1),
                 max_bytes: a.max_merged_mib.max(1) << 20,
             },
-            ..Limits::default()
         },
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
+        drain: Duration::from_millis(a.drain_ms),
+        tenants,
+        max_key_store_bytes: a.max_key_store_bytes,
+        tls: tls.clone(),
         ..Config::new(&a.models, &a.data_dir)
     };
     tracing::info!(models = %a.models.display(), data_dir = %a.data_dir.display(), "loading");
-    let server = Server::load(config).await?;
+    let mut server = Server::load(config).await?;
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, models = ?server.model_names(), "ready");
-    // A machine-readable line for scripts that start the server on port 0.
+    if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "serving plaintext gRPC on a non-loopback address; use --tls-cert and --tls-key");
+    }
+    let mut metrics_addr = None;
+    if let Some(m) = &a.metrics_listen {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .map_err(|e| format!("cannot listen for metrics on {m}: {e}"))?;
+        metrics_addr = Some(l.local_addr()?);
+        server = server.with_metrics_listener(l);
+    }
+    tracing::info!(%addr, tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()), models = ?server.model_names(), "ready");
+    // Machine-readable lines for scripts that start the server on port 0.
     println!("veil-server listening on {addr}");
+    if let Some(m) = metrics_addr {
+        println!("veil-server metrics on http://{m}/metrics");
+    }
     server.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -38,8 +38,9 @@ pub struct Registry {
 
 impl Registry {
     /// Loads every `*.veil` file in `dir` (blocking). A file that does not load stops the
-    /// server with a message naming it, rather than being skipped silently.
-    pub fn load(dir: &Path, max_batch: usize) -> Result<Self> {
+    /// server with a message naming it, rather than being skipped silently. A request holds at
+    /// most `max_batch` samples, and no more than fit `max_batch_bytes` of working memory.
+    pub fn load(dir: &Path, max_batch: usize, max_batch_bytes: u64) -> Result<Self> {
         let entries = std::fs::read_dir(dir).map_err(|e| {
             ServiceError::io(format!("reading the models dir {}", dir.display()), e)
         })?;
@@ -93,13 +94,15 @@ impl Registry {
                 .iter()
                 .find(|(p, _)| *p == model.params)
                 .map_or(0, |(_, s)| *s);
-            let served = ServedModel::new(name.clone(), model, key_bytes, max_batch)?;
+            let served =
+                ServedModel::new(name.clone(), model, key_bytes, max_batch, max_batch_bytes)?;
             tracing::info!(
                 model = %name,
                 features = served.n_features,
                 outputs = served.info.n_outputs,
                 pbs_per_sample = served.info.pbs_per_sample,
                 max_batch = served.max_batch,
+                working_mib_per_sample = served.fhe.working_bytes_per_sample() as f64 / 1048576.0,
                 "serving model"
             );
             models.insert(name, Arc::new(served));
@@ -128,18 +131,23 @@ impl ServedModel {
         model: CompiledModel,
         eval_key_bytes: u64,
         max_batch: usize,
+        max_batch_bytes: u64,
     ) -> Result<Self> {
         let spec = model.client_spec();
         let params = model.params;
         let n_features = model.n_features();
         let n_outputs = model.n_outputs();
         let lwe_size = big_lwe_size(params);
-        // Keep every request and response inside the message-size limits.
+        let fhe = Arc::new(FheModel::new(model)?);
+        // Keep every request and response inside the message-size limits, and its
+        // evaluation inside the working-memory bound (estimated from the plan).
         let in_bytes = 64 + 8 * n_features + 16;
         let out_bytes = 64 + 8 * n_outputs * lwe_size + 16;
+        let per_sample = fhe.working_bytes_per_sample().max(1);
         let max_batch = max_batch
             .min((MAX_REQUEST_BYTES - 4096) / in_bytes)
             .min((MAX_RESPONSE_BYTES - 4096) / out_bytes)
+            .min((max_batch_bytes / per_sample).min(usize::MAX as u64) as usize)
             .max(1);
         let info = v1::ModelInfo {
             name: name.clone(),
@@ -179,7 +187,7 @@ impl ServedModel {
             n_features,
             lwe_size,
             max_batch,
-            fhe: Arc::new(FheModel::new(model)?),
+            fhe,
             info,
         })
     }

@@ -1,10 +1,11 @@
-//! The `veil.v1.Veil` service: validates requests, calls the engine off the async runtime,
-//! encodes the results. Errors go through [`crate::status`].
+//! The `veil.v1.Veil` service: authenticates the caller, validates requests, calls the
+//! engine off the async runtime, encodes the results. Errors go through [`crate::status`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use veil_models::compiled::ParamSet;
 use veil_models::fhe::EncryptedInput;
@@ -12,20 +13,28 @@ use veil_models::fhe::keys::MAX_EVAL_KEY_BYTES;
 use veil_proto::v1;
 use veil_proto::v1::upload_key_request::Part;
 
-use crate::batcher::{BatchPolicy, Batcher};
+use crate::batcher::{BatchPolicy, Batcher, Job};
 use crate::error::{Result, ServiceError};
-use crate::key_store::{KeyStore, StoredKey, check_key_id, short};
+use crate::key_store::{KeyStore, Quota, StoredKey, check_key_id, short};
+use crate::metrics::Metrics;
 use crate::models::Registry;
+use crate::status::code_of;
+use crate::tenants::{Tenant, Tenants};
 
 /// Limits of the service, besides the message sizes set on the transport.
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Most evaluations running at once; more requests wait their turn.
     pub concurrent_inferences: usize,
-    /// Most uploads being received at once (each buffers up to the key size limit).
+    /// Most Infer requests waiting for an evaluation slot; one more gets RESOURCE_EXHAUSTED.
+    pub max_queue: usize,
+    /// Most uploads being received and validated at once (each buffers up to the key size
+    /// limit, then expands the key).
     pub concurrent_uploads: usize,
     /// An upload that sends nothing for this long is dropped.
     pub upload_idle_timeout: Duration,
+    /// An upload that has not finished arriving after this long is dropped.
+    pub upload_timeout: Duration,
     /// How requests for the same model and key are merged into one evaluation.
     pub batching: BatchPolicy,
 }
@@ -34,8 +43,10 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             concurrent_inferences: 2,
+            max_queue: 64,
             concurrent_uploads: 2,
             upload_idle_timeout: Duration::from_secs(60),
+            upload_timeout: Duration::from_secs(600),
             batching: BatchPolicy::default(),
         }
     }
@@ -44,23 +55,43 @@ impl Default for Limits {
 pub struct VeilService {
     models: Arc<Registry>,
     keys: Arc<KeyStore>,
+    tenants: Arc<Tenants>,
+    metrics: Arc<Metrics>,
     limits: Limits,
     batcher: Arc<Batcher>,
     upload_permits: Arc<Semaphore>,
 }
 
 impl VeilService {
-    pub fn new(models: Arc<Registry>, keys: Arc<KeyStore>, limits: Limits) -> Self {
+    pub fn new(
+        models: Arc<Registry>,
+        keys: Arc<KeyStore>,
+        tenants: Arc<Tenants>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Self {
         VeilService {
             batcher: Batcher::new(
                 limits.batching.clone(),
-                Arc::new(Semaphore::new(limits.concurrent_inferences.max(1))),
+                limits.concurrent_inferences,
+                limits.max_queue,
+                Arc::clone(&keys),
+                Arc::clone(&metrics),
             ),
             upload_permits: Arc::new(Semaphore::new(limits.concurrent_uploads.max(1))),
             models,
             keys,
+            tenants,
+            metrics,
             limits,
         }
+    }
+
+    /// The caller's tenant, after its request rate.
+    fn tenant(&self, metadata: &MetadataMap) -> Result<Arc<Tenant>> {
+        let t = self.tenants.authenticate(metadata)?;
+        t.check_rate()?;
+        Ok(t)
     }
 
     fn key_info(k: StoredKey) -> v1::KeyInfo {
@@ -72,12 +103,35 @@ impl VeilService {
         }
     }
 
-    async fn upload(&self, mut stream: Streaming<v1::UploadKeyRequest>) -> Result<v1::KeyInfo> {
-        let _permit = self
-            .upload_permits
-            .acquire()
+    async fn upload(
+        &self,
+        tenant: Arc<Tenant>,
+        stream: Streaming<v1::UploadKeyRequest>,
+    ) -> Result<v1::KeyInfo> {
+        // The permit covers receiving and validating; the validation task owns it, so an
+        // upload that is cancelled mid-validation still counts until the work stops.
+        let permit = Arc::clone(&self.upload_permits)
+            .acquire_owned()
             .await
             .map_err(|_| ServiceError::Internal("upload semaphore closed".into()))?;
+        let overall = self.limits.upload_timeout;
+        let (bytes, candidates) = tokio::time::timeout(overall, self.receive(stream))
+            .await
+            .map_err(|_| {
+                ServiceError::Stalled(format!(
+                    "upload took longer than the server's limit of {} s",
+                    overall.as_secs()
+                ))
+            })??;
+        self.validate_and_store(tenant, permit, bytes, candidates)
+            .await
+    }
+
+    /// Receives an upload's key bytes, with the idle timeout and the size limit.
+    async fn receive(
+        &self,
+        mut stream: Streaming<v1::UploadKeyRequest>,
+    ) -> Result<(Vec<u8>, Vec<ParamSet>)> {
         let mut candidates: Vec<ParamSet> = self.models.params.clone();
         let mut declared: Option<u64> = None;
         let mut bytes: Vec<u8> = Vec::new();
@@ -163,12 +217,31 @@ impl VeilService {
                 bytes.len()
             )));
         }
+        Ok((bytes, candidates))
+    }
+
+    async fn validate_and_store(
+        &self,
+        tenant: Arc<Tenant>,
+        permit: OwnedSemaphorePermit,
+        bytes: Vec<u8>,
+        candidates: Vec<ParamSet>,
+    ) -> Result<v1::KeyInfo> {
         let keys = Arc::clone(&self.keys);
         let t = Instant::now();
-        let stored = tokio::task::spawn_blocking(move || keys.store(&bytes, &candidates))
-            .await
-            .map_err(|e| ServiceError::Internal(format!("key validation task failed: {e}")))??;
+        let quota = Quota {
+            max_keys: tenant.max_keys,
+            max_bytes: tenant.max_key_bytes,
+        };
+        let owner = tenant.name.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            keys.store(&owner, &bytes, &candidates, quota)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("key validation task failed: {e}")))??;
         tracing::info!(
+            tenant = %tenant.label(),
             key = %short(&stored.id),
             bytes = stored.size,
             newly_stored = stored.newly_stored,
@@ -178,8 +251,32 @@ impl VeilService {
         Ok(Self::key_info(stored))
     }
 
-    async fn infer(&self, req: v1::InferRequest) -> Result<v1::InferResponse> {
-        let model = Arc::clone(self.models.get(&req.model)?);
+    async fn infer(
+        &self,
+        tenant: Arc<Tenant>,
+        deadline: Option<Instant>,
+        req: v1::InferRequest,
+    ) -> Result<v1::InferResponse> {
+        // Permission first, so a restricted tenant learns nothing of other models, and the
+        // list in NOT_FOUND names only the models it may use.
+        tenant.check_model(&req.model)?;
+        let model = match self.models.get(&req.model) {
+            Ok(m) => Arc::clone(m),
+            Err(ServiceError::UnknownModel { name, .. }) => {
+                return Err(ServiceError::UnknownModel {
+                    name,
+                    served: self
+                        .models
+                        .models
+                        .keys()
+                        .filter(|m| tenant.may_use(m))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let n = req.samples.len();
         if n == 0 {
             return Err(ServiceError::InvalidRequest(
@@ -193,26 +290,50 @@ impl VeilService {
             )));
         }
         check_key_id(&req.key_id)?;
-        // Decode (and size-check) every ciphertext before touching the key or the CPU.
-        let inputs = req
-            .samples
-            .iter()
-            .enumerate()
-            .map(|(i, bytes)| decode_sample(i, bytes, model.n_features, model.lwe_size))
-            .collect::<Result<Vec<_>>>()?;
-        let key = self
+        // Check that every ciphertext decodes before queueing; the decoded form is dropped
+        // (the evaluation decodes again once it has a slot), so a waiting request holds only
+        // its wire bytes.
+        for (i, bytes) in req.samples.iter().enumerate() {
+            decode_sample(i, bytes, model.n_features, model.lwe_size)?;
+        }
+        match self
             .keys
-            .get(&req.key_id, model.params, &self.models.params)
-            .await?;
+            .find(&tenant.name, &req.key_id, &self.models.params)?
+        {
+            None => return Err(ServiceError::UnknownKey(req.key_id)),
+            Some(k) if k.params != model.params => {
+                return Err(ServiceError::WrongParameterSet(format!(
+                    "key {} is for {}, the model uses {}; generate a key for {}",
+                    req.key_id,
+                    k.params.name(),
+                    model.params.name(),
+                    model.params.name()
+                )));
+            }
+            Some(_) => {}
+        }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(ServiceError::DeadlineExceeded(
+                "the request's deadline passed before it was queued".into(),
+            ));
+        }
+        let key_id = req.key_id;
         let reply = self
             .batcher
-            .submit(Arc::clone(&model), &req.key_id, key, inputs)
+            .submit(Job {
+                model: Arc::clone(&model),
+                owner: tenant.name.clone(),
+                key_id: key_id.clone(),
+                samples: req.samples,
+                deadline,
+            })
             .await?;
         tracing::info!(
+            tenant = %tenant.label(),
             model = %model.name,
             samples = n,
             batch_samples = reply.batch_samples,
-            key = %short(&req.key_id),
+            key = %short(&key_id),
             eval_ms = reply.eval.as_millis() as u64,
             "infer"
         );
@@ -221,6 +342,25 @@ impl VeilService {
             eval_micros: reply.eval.as_micros() as u64,
             merged_samples: reply.batch_samples as u32,
         })
+    }
+
+    /// Runs one call of `method`, counting it and its status code in the metrics.
+    async fn observed<T>(
+        &self,
+        method: &'static str,
+        f: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<Response<T>, Status> {
+        let call = self.metrics.call(method);
+        match f.await {
+            Ok(v) => {
+                call.finish(tonic::Code::Ok);
+                Ok(Response::new(v))
+            }
+            Err(e) => {
+                call.finish(code_of(&e));
+                Err(e.into())
+            }
+        }
     }
 
     fn served_param_names(&self) -> String {
@@ -269,45 +409,107 @@ fn decode_sample(
     })
 }
 
+/// The gRPC deadline of a request (`grpc-timeout`), as an instant.
+fn deadline(metadata: &MetadataMap) -> Option<Instant> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(d)
+}
+
 #[tonic::async_trait]
 impl v1::veil_server::Veil for VeilService {
     async fn list_models(
         &self,
-        _req: Request<v1::ListModelsRequest>,
+        req: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
-        Ok(Response::new(v1::ListModelsResponse {
-            models: self
-                .models
-                .models
-                .values()
-                .map(|m| m.info.clone())
-                .collect(),
-        }))
+        self.observed("ListModels", async {
+            let tenant = self.tenant(req.metadata())?;
+            Ok(v1::ListModelsResponse {
+                models: self
+                    .models
+                    .models
+                    .values()
+                    .filter(|m| tenant.may_use(&m.name))
+                    .map(|m| m.info.clone())
+                    .collect(),
+            })
+        })
+        .await
     }
 
     async fn get_key(
         &self,
         req: Request<v1::GetKeyRequest>,
     ) -> Result<Response<v1::KeyInfo>, Status> {
-        let id = req.into_inner().key_id;
-        let found = self.keys.find(&id, &self.models.params)?;
-        match found {
-            Some(k) => Ok(Response::new(Self::key_info(k))),
-            None => Err(ServiceError::UnknownKey(id).into()),
-        }
+        self.observed("GetKey", async {
+            let tenant = self.tenant(req.metadata())?;
+            let id = req.into_inner().key_id;
+            match self.keys.find(&tenant.name, &id, &self.models.params)? {
+                Some(k) => Ok(Self::key_info(k)),
+                None => Err(ServiceError::UnknownKey(id)),
+            }
+        })
+        .await
     }
 
     async fn upload_key(
         &self,
         req: Request<Streaming<v1::UploadKeyRequest>>,
     ) -> Result<Response<v1::KeyInfo>, Status> {
-        Ok(Response::new(self.upload(req.into_inner()).await?))
+        self.observed("UploadKey", async {
+            let tenant = self.tenant(req.metadata())?;
+            self.upload(tenant, req.into_inner()).await
+        })
+        .await
     }
 
     async fn infer(
         &self,
         req: Request<v1::InferRequest>,
     ) -> Result<Response<v1::InferResponse>, Status> {
-        Ok(Response::new(self.infer(req.into_inner()).await?))
+        self.observed("Infer", async {
+            let tenant = self.tenant(req.metadata())?;
+            let deadline = deadline(req.metadata());
+            self.infer(tenant, deadline, req.into_inner()).await
+        })
+        .await
+    }
+
+    async fn delete_key(
+        &self,
+        req: Request<v1::DeleteKeyRequest>,
+    ) -> Result<Response<v1::DeleteKeyResponse>, Status> {
+        self.observed("DeleteKey", async {
+            let tenant = self.tenant(req.metadata())?;
+            let id = req.into_inner().key_id;
+            let keys = Arc::clone(&self.keys);
+            let params = self.models.params.clone();
+            let owner = tenant.name.clone();
+            let id2 = id.clone();
+            let freed = tokio::task::spawn_blocking(move || keys.delete(&owner, &id2, &params))
+                .await
+                .map_err(|e| ServiceError::Internal(format!("key deletion task failed: {e}")))??;
+            match freed {
+                Some(size_bytes) => {
+                    tracing::info!(tenant = %tenant.label(), key = %short(&id), "key deleted");
+                    Ok(v1::DeleteKeyResponse { size_bytes })
+                }
+                None => Err(ServiceError::UnknownKey(id)),
+            }
+        })
+        .await
     }
 }

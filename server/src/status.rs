@@ -5,8 +5,10 @@
 //! | undecodable key or ciphertext bytes, wrong number of ciphertexts, malformed request | INVALID_ARGUMENT |
 //! | unknown model, unknown key id | NOT_FOUND |
 //! | a valid key for another parameter set (at upload or for the model) | FAILED_PRECONDITION |
-//! | upload over the key size limit, batch over the sample limit | RESOURCE_EXHAUSTED |
-//! | upload stream that stalls | DEADLINE_EXCEEDED |
+//! | missing or unknown bearer token | UNAUTHENTICATED |
+//! | a model the tenant may not use | PERMISSION_DENIED |
+//! | upload over the key size limit, batch over the sample limit, full queue, key quota, request rate, full key store | RESOURCE_EXHAUSTED |
+//! | upload stream that stalls or outlasts its deadline; a request whose deadline passed while it waited | DEADLINE_EXCEEDED |
 //! | anything else (I/O, damaged model file, panics) | INTERNAL, details logged only |
 //!
 //! A key for another parameter set is FAILED_PRECONDITION rather than INVALID_ARGUMENT: the
@@ -18,22 +20,55 @@ use veil_models::ModelError;
 
 use crate::error::ServiceError;
 
+/// The gRPC code of an error.
+pub fn code_of(e: &ServiceError) -> Code {
+    match e {
+        ServiceError::UnknownModel { .. } | ServiceError::UnknownKey(_) => Code::NotFound,
+        ServiceError::InvalidRequest(_) => Code::InvalidArgument,
+        ServiceError::TooLarge(_) | ServiceError::Exhausted(_) => Code::ResourceExhausted,
+        ServiceError::WrongParameterSet(_) => Code::FailedPrecondition,
+        ServiceError::Stalled(_) | ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        ServiceError::Unauthenticated(_) => Code::Unauthenticated,
+        ServiceError::PermissionDenied(_) => Code::PermissionDenied,
+        ServiceError::Shared(inner) => code_of(inner),
+        ServiceError::Model(m) => match m {
+            ModelError::Shape(_) | ModelError::Crypto(_) | ModelError::Csv { .. } => {
+                Code::InvalidArgument
+            }
+            _ => Code::Internal,
+        },
+        ServiceError::Io { .. } | ServiceError::Internal(_) | ServiceError::Config(_) => {
+            Code::Internal
+        }
+    }
+}
+
+/// The name Prometheus labels and logs use for a code (`NOT_FOUND`).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
-        let code = match &e {
-            ServiceError::UnknownModel { .. } | ServiceError::UnknownKey(_) => Code::NotFound,
-            ServiceError::InvalidRequest(_) => Code::InvalidArgument,
-            ServiceError::TooLarge(_) => Code::ResourceExhausted,
-            ServiceError::WrongParameterSet(_) => Code::FailedPrecondition,
-            ServiceError::Stalled(_) => Code::DeadlineExceeded,
-            ServiceError::Model(m) => match m {
-                ModelError::Shape(_) | ModelError::Crypto(_) | ModelError::Csv { .. } => {
-                    Code::InvalidArgument
-                }
-                _ => Code::Internal,
-            },
-            ServiceError::Io { .. } | ServiceError::Internal(_) => Code::Internal,
-        };
+        let code = code_of(&e);
         if code == Code::Internal {
             tracing::error!(error = %e, "internal error");
             Status::internal("internal server error (logged on the server)")
@@ -67,6 +102,24 @@ mod tests {
         assert_eq!(
             code(ServiceError::WrongParameterSet("p".into())),
             Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(ServiceError::Unauthenticated("u".into())),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            code(ServiceError::PermissionDenied("p".into())),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            code(ServiceError::Exhausted("q".into())),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(ServiceError::Shared(std::sync::Arc::new(
+                ServiceError::UnknownKey("k".into())
+            ))),
+            Code::NotFound
         );
         let internal = Status::from(ServiceError::io(
             "reading /secret/path",

@@ -31,7 +31,13 @@ fn binary_serves_health_and_reflection_and_stops_on_sigterm() {
         .unwrap();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_veil-server"))
-        .args(["--listen", "127.0.0.1:0", "--models"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--models",
+        ])
         .arg(&models)
         .arg("--data-dir")
         .arg(root.join("data"))
@@ -40,9 +46,26 @@ fn binary_serves_health_and_reflection_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
+    let mut metrics_line = String::new();
+    stdout.read_line(&mut metrics_line).unwrap();
+    let metrics_addr = metrics_line
+        .trim()
+        .strip_prefix("veil-server metrics on http://")
+        .and_then(|s| s.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("unexpected second line {metrics_line:?}"))
+        .to_string();
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&metrics_addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics:.200}");
+    assert!(metrics.contains("veil_inferences_in_flight 0"), "{metrics}");
     let addr = line
         .trim()
         .strip_prefix("veil-server listening on ")
@@ -109,6 +132,37 @@ fn binary_serves_health_and_reflection_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A tenants file the server cannot use stops it at start, saying why.
+#[test]
+fn a_bad_tenants_file_is_refused_at_start() {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("binary-tenants-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("models")).unwrap();
+    let tenants = root.join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        "[[tenant]]\nname = \"a\"\ntoken_sha256 = \"not hex\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_veil-server"))
+        .args(["--listen", "127.0.0.1:0", "--models"])
+        .arg(root.join("models"))
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .arg("--tenants")
+        .arg(&tenants)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("tenants file") && err.contains("64 hex"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "never listened");
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -70,9 +70,12 @@ impl Drop for TempDir {
     }
 }
 
-/// The real server, running in-process on a loopback port until [`TestServer::stop`].
+/// The real server, running in-process on a loopback port until [`TestServer::stop`], with
+/// its metrics on a second loopback port.
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    tls: bool,
     stop: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<()>,
 }
@@ -80,11 +83,17 @@ pub struct TestServer {
 impl TestServer {
     /// Loads the models and serves on 127.0.0.1 with a free port.
     pub async fn start(config: Config) -> TestServer {
+        let tls = config.tls.is_some();
         let server = Server::load(config).await.expect("server loads");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
         let addr = listener.local_addr().unwrap();
+        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let metrics_addr = metrics_listener.local_addr().unwrap();
+        let server = server.with_metrics_listener(metrics_listener);
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             server
@@ -96,13 +105,29 @@ impl TestServer {
         });
         TestServer {
             addr,
+            metrics_addr,
+            tls,
             stop: Some(tx),
             handle,
         }
     }
 
+    /// `http://` or, when the server has TLS, `https://` and its loopback address.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The Prometheus text the server exports, fetched over HTTP as a scraper would.
+    pub async fn metrics(&self) -> String {
+        scrape(self.metrics_addr).await
+    }
+
+    /// Asks the server to stop (as SIGTERM does) without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
     }
 
     /// Graceful shutdown, as on SIGTERM; waits until the server has stopped.
@@ -115,6 +140,98 @@ impl TestServer {
             .expect("server stops within 30 s")
             .expect("server task ends cleanly");
     }
+}
+
+/// `GET /metrics` on `addr`; the body.
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics port");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: veil\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "metrics answer: {out:.200}"
+    );
+    out.split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string())
+}
+
+/// The value of one sample of the exposition text: `name` with its labels exactly as printed
+/// (`veil_requests_total{code="OK",method="Infer"}`), or a bare name; 0 when absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+/// A test CA and certificates it signed: the server's (for 127.0.0.1 and localhost) and a
+/// client's; plus an unrelated CA.
+pub struct Pki {
+    pub ca_pem: String,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+    pub other_ca_pem: String,
+}
+
+impl Pki {
+    pub fn generate() -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, SanType,
+        };
+        let ca = |name: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, name);
+            CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+        };
+        let root = ca("Veil test CA");
+        let other = ca("Another CA");
+        let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(names).unwrap();
+            p.subject_alt_names
+                .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+            p.extended_key_usages = vec![usage];
+            let cert = p.signed_by(&key, &root).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert_pem, server_key_pem) = leaf(
+            vec!["localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert_pem, client_key_pem) = leaf(
+            vec!["client.test".into()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        Pki {
+            ca_pem: root.pem(),
+            server_cert_pem,
+            server_key_pem,
+            client_cert_pem,
+            client_key_pem,
+            other_ca_pem: other.pem(),
+        }
+    }
+}
+
+/// A tenants file's `[[tenant]]` table for `name` with bearer `token` and extra TOML lines.
+pub fn tenant_toml(name: &str, token: &str, extra: &str) -> String {
+    format!(
+        "[[tenant]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\n{extra}\n",
+        veil_server::token_sha256(token)
+    )
 }
 
 /// Writes `model` as `<dir>/<name>.veil`.

@@ -125,31 +125,39 @@ async fn encrypted_inference_over_grpc_and_keys_survive_restarts() {
     let labels: Vec<i64> = accs.iter().map(|a| remote.spec.decode(a).label).collect();
     check_against_simulation(&model, xs, &accs, &labels);
 
-    // Health and listing stay responsive while the server evaluates a batch.
-    let busy = {
-        let client = client.clone();
-        let name = remote.name().to_string();
-        let id = keys.key_id.clone();
-        let samples: Vec<Vec<u8>> = test.features[..6]
-            .iter()
-            .map(|x| remote.encrypt(&keys, x).unwrap())
-            .collect();
-        tokio::spawn(async move { client.infer(&name, &id, samples).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let t = Instant::now();
-    assert_healthy(&server.url()).await;
-    client.list_models().await.unwrap();
-    let answered = t.elapsed();
-    let still_busy = !busy.is_finished();
-    busy.await.unwrap().unwrap();
-    eprintln!(
-        "health + list during inference: {answered:?} (inference still running: {still_busy})"
-    );
-    assert!(
-        still_busy,
-        "health and listing answered only after the inference finished ({answered:?})"
-    );
+    // Health and listing stay responsive while the server evaluates a batch: they answer
+    // between two metric readings that both show the evaluation running. (A machine fast
+    // enough to finish the batch in between gets another try, not a failure.)
+    let mut bracketed = None;
+    for _ in 0..5 {
+        let busy = {
+            let client = client.clone();
+            let name = remote.name().to_string();
+            let id = keys.key_id.clone();
+            let samples = remote
+                .encrypt_batch(&keys, test.features[..8].to_vec())
+                .await
+                .unwrap();
+            tokio::spawn(async move { client.infer(&name, &id, samples).await })
+        };
+        let running = || async { metric(&server.metrics().await, "veil_inferences_in_flight") };
+        while running().await < 1.0 && !busy.is_finished() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = running().await;
+        let t = Instant::now();
+        assert_healthy(&server.url()).await;
+        client.list_models().await.unwrap();
+        let answered = t.elapsed();
+        let after = running().await;
+        busy.await.unwrap().unwrap();
+        if before >= 1.0 && after >= 1.0 {
+            bracketed = Some(answered);
+            break;
+        }
+    }
+    let answered = bracketed.expect("health and listing answered while an evaluation ran");
+    eprintln!("health + list during inference: {answered:?}");
 
     server.stop().await;
 

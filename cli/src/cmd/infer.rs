@@ -3,17 +3,17 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use veil_client::{Client, KeyPair};
+use veil_client::KeyPair;
 use veil_models::data::{Labels, read_csv};
 use veil_models::eval::accuracy;
 
+use super::conn::Conn;
 use super::eval::median;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Server URL, e.g. http://127.0.0.1:50051.
-    #[arg(long)]
-    server: String,
+    #[command(flatten)]
+    conn: Conn,
     /// Model name, as `veil models` lists it.
     #[arg(long)]
     model: String,
@@ -29,6 +29,10 @@ pub struct Args {
     /// Samples per request; 1 measures single-sample latency.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// gRPC deadline of each Infer request, in milliseconds; a request still queued on the
+    /// server when it passes is never evaluated (DEADLINE_EXCEEDED).
+    #[arg(long)]
+    deadline_ms: Option<u64>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -49,7 +53,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         bail!("--batch must be at least 1");
     }
     let keys = KeyPair::load(&a.keys)?;
-    let client = Client::connect(&a.server).await?;
+    if a.deadline_ms == Some(0) {
+        bail!("--deadline-ms must be at least 1");
+    }
+    let client = a
+        .conn
+        .connect()
+        .await?
+        .with_deadline(a.deadline_ms.map(std::time::Duration::from_millis));
     let model = client.model(&a.model).await?;
     if model.spec.params != keys.params {
         bail!(
@@ -105,26 +116,25 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     for chunk in data.features.chunks(batch) {
         let n = chunk.len() as f64;
         let t0 = Instant::now();
-        let samples = chunk
-            .iter()
-            .map(|x| model.encrypt(&keys, x))
-            .collect::<Result<Vec<_>, _>>()?;
+        let samples = model.encrypt_batch(&keys, chunk.to_vec()).await?;
         ciphertext_bytes += samples.iter().map(Vec::len).sum::<usize>();
         let t1 = Instant::now();
         let reply = client.infer(model.name(), &keys.key_id, samples).await?;
         let t2 = Instant::now();
-        for o in &reply.outputs {
-            predictions.push(model.decrypt(&keys, o)?.label);
+        let (request_len, response_len, server_eval) =
+            (reply.request_bytes, reply.response_bytes, reply.server_eval);
+        for p in model.decrypt_batch(&keys, reply.outputs).await? {
+            predictions.push(p.label);
         }
         let t3 = Instant::now();
-        request_bytes += reply.request_bytes;
-        response_bytes += reply.response_bytes;
+        request_bytes += request_len;
+        response_bytes += response_len;
         for _ in chunk {
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n;
             latency.push(ms(t3 - t0));
             encrypt.push(ms(t1 - t0));
             rpc.push(ms(t2 - t1));
-            server.push(ms(reply.server_eval));
+            server.push(ms(server_eval));
             decrypt.push(ms(t3 - t2));
         }
         pb.inc(chunk.len() as u64);
@@ -167,7 +177,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     println!(
         "model {} on {}: {n} samples, key {} ({})",
         model.name(),
-        a.server,
+        a.conn.server,
         &keys.key_id[..12],
         if key_uploaded {
             format!(

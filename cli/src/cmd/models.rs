@@ -1,17 +1,16 @@
-use veil_client::Client;
+use super::conn::Conn;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Server URL, e.g. http://127.0.0.1:50051.
-    #[arg(long)]
-    server: String,
+    #[command(flatten)]
+    conn: Conn,
     /// Print the server's metadata as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let client = Client::connect(&a.server).await?;
+    let client = a.conn.connect().await?;
     let models = client.list_models().await?;
     if a.json {
         let list: Vec<_> = models

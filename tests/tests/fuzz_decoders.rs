@@ -1,0 +1,262 @@
+//! Randomized robustness of every decoder of untrusted bytes: arbitrary bytes and mutations
+//! (byte changes, truncation, appended bytes) of real encodings must give a value or an
+//! error, never a panic. The decoders bound their allocations by the input size or an
+//! explicit limit, so a case that allocated without bound would abort the run.
+//!
+//! Cases per decoder: `VEIL_FUZZ_CASES` (default 256; the evaluation-key decoder, whose real
+//! input is 30 MB, runs an eighth of them). For a long run:
+//! `VEIL_FUZZ_CASES=5000 cargo test --release --workspace --test fuzz_decoders`.
+
+use std::sync::OnceLock;
+
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::{Config, TestRunner};
+use prost::Message;
+use veil_client::KeyPair;
+use veil_models::data::{Labels, parse_csv};
+use veil_models::fhe::keys::eval_key_from_bytes;
+use veil_models::fhe::{ClientKey, EncryptedInput, EncryptedOutput, big_lwe_size};
+use veil_models::{ClientSpec, CompiledModel, onnx};
+use veil_proto::v1;
+use veil_server::Tenants;
+use veil_tests::*;
+
+fn cases() -> u32 {
+    std::env::var("VEIL_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
+fn runner(cases: u32) -> TestRunner {
+    TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
+
+/// Real encodings to mutate, made once.
+struct Corpus {
+    model: CompiledModel,
+    model_bytes: Vec<u8>,
+    onnx: Vec<u8>,
+    csv: Vec<u8>,
+    keys: KeyPair,
+    client_key: Vec<u8>,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    spec_json: String,
+    tenants: String,
+}
+
+fn corpus() -> &'static Corpus {
+    static C: OnceLock<Corpus> = OnceLock::new();
+    C.get_or_init(|| {
+        let model = compile_zoo("iris_logreg");
+        let keys = KeyPair::generate(model.params);
+        let spec = model.client_spec();
+        let x = test_set("iris_logreg", model.n_features()).features[0].clone();
+        let input = keys.client.encrypt(&spec, &x).unwrap().to_bytes();
+        // A well-formed output list (fixint bincode: lwe size, length, then the u64s).
+        let lwe = big_lwe_size(model.params) as u64;
+        let n = (model.n_outputs() as u64) * lwe;
+        let mut output = Vec::new();
+        output.extend(lwe.to_le_bytes());
+        output.extend(n.to_le_bytes());
+        for i in 0..n {
+            output.extend(i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+        }
+        assert!(EncryptedOutput::from_bytes(&output, model.n_outputs(), lwe as usize).is_ok());
+        Corpus {
+            model_bytes: model.to_bytes(),
+            onnx: std::fs::read(zoo_dir("iris_logreg").join("model.onnx")).unwrap(),
+            csv: std::fs::read(zoo_dir("iris_logreg").join("test.csv")).unwrap(),
+            client_key: keys.client.to_bytes(),
+            spec_json: serde_json::to_string(&spec).unwrap(),
+            tenants: [
+                tenant_toml("a", "t1", "max_keys = 2\nmodels = [\"iris\"]"),
+                tenant_toml("b", "t2", "requests_per_second = 5.0\nburst = 10"),
+            ]
+            .concat(),
+            model,
+            keys,
+            input,
+            output,
+        }
+    })
+}
+
+/// A mutation of some bytes: up to 8 byte changes, an optional cut, optional appended bytes.
+#[derive(Clone, Debug)]
+struct Mutation {
+    edits: Vec<(Index, u8)>,
+    cut: Option<Index>,
+    tail: Vec<u8>,
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    let edits = || prop::collection::vec((any::<Index>(), any::<u8>()), 1..8);
+    // One kind at a time, so that byte changes alone (the structure intact, the content
+    // hostile) get a third of the cases.
+    prop_oneof![
+        edits().prop_map(|edits| Mutation {
+            edits,
+            cut: None,
+            tail: vec![],
+        }),
+        (edits(), any::<Index>()).prop_map(|(edits, c)| Mutation {
+            edits,
+            cut: Some(c),
+            tail: vec![],
+        }),
+        (edits(), prop::collection::vec(any::<u8>(), 1..16)).prop_map(|(edits, tail)| {
+            Mutation {
+                edits,
+                cut: None,
+                tail,
+            }
+        }),
+    ]
+}
+
+impl Mutation {
+    fn apply(&self, base: &[u8]) -> Vec<u8> {
+        let mut b = base.to_vec();
+        if !b.is_empty() {
+            for (i, v) in &self.edits {
+                let at = i.index(b.len());
+                b[at] = *v;
+            }
+        }
+        if let Some(c) = &self.cut {
+            b.truncate(c.index(b.len() + 1));
+        }
+        b.extend_from_slice(&self.tail);
+        b
+    }
+}
+
+/// Arbitrary bytes, or a mutation of `base`.
+fn input_for(base: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..512),
+        mutation().prop_map(move |m| m.apply(base)),
+    ]
+}
+
+/// Runs `decode` on `cases` inputs; counts the ones it accepted.
+fn fuzz(name: &str, cases: u32, base: &'static [u8], decode: impl Fn(&[u8]) -> bool) {
+    let t = std::time::Instant::now();
+    let accepted = std::cell::Cell::new(0u32);
+    runner(cases)
+        .run(&input_for(base), |bytes| {
+            if decode(&bytes) {
+                accepted.set(accepted.get() + 1);
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    eprintln!(
+        "{name}: {cases} cases, {} accepted, {:.1} s",
+        accepted.get(),
+        t.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn ciphertexts() {
+    let c = corpus();
+    let (n_in, n_out) = (c.model.n_features(), c.model.n_outputs());
+    let lwe = big_lwe_size(c.model.params);
+    fuzz("input ciphertexts", cases(), &c.input, |b| {
+        EncryptedInput::from_bytes(b, n_in, lwe).is_ok()
+    });
+    fuzz("output ciphertexts", cases(), &c.output, |b| {
+        EncryptedOutput::from_bytes(b, n_out, lwe).is_ok()
+    });
+}
+
+#[test]
+fn evaluation_and_client_keys() {
+    let c = corpus();
+    let p = c.model.params;
+    fuzz(
+        "evaluation keys",
+        (cases() / 8).max(4),
+        &c.keys.eval_key,
+        |b| eval_key_from_bytes(p, b).is_ok(),
+    );
+    fuzz("client keys", cases(), &c.client_key, |b| {
+        ClientKey::from_bytes(p, b).is_ok()
+    });
+}
+
+#[test]
+fn compiled_models() {
+    let c = corpus();
+    let x = vec![0.5; c.model.n_features()];
+    // What the server does with a model file it accepted: build its executor and describe it;
+    // and a simulation, as `veil eval` runs it.
+    fuzz("compiled models", cases(), &c.model_bytes, |b| {
+        let Ok(m) = CompiledModel::from_bytes(b) else {
+            return false;
+        };
+        let _ = m.client_spec();
+        let _ = m.simulate(&x, None);
+        let _ = veil_models::fhe::FheModel::new(m).map(|f| f.working_bytes_per_sample());
+        true
+    });
+}
+
+#[test]
+fn onnx_files() {
+    fuzz("onnx files", cases(), &corpus().onnx, |b| {
+        onnx::import_bytes(b).is_ok()
+    });
+}
+
+#[test]
+fn csv_rows() {
+    let n = corpus().model.n_features();
+    fuzz("csv rows", cases(), &corpus().csv, |b| {
+        parse_csv(b, "fuzz.csv", n, Labels::Optional).is_ok()
+    });
+}
+
+#[test]
+fn grpc_messages() {
+    let infer = v1::InferRequest {
+        model: "iris".into(),
+        key_id: "ab".repeat(32),
+        samples: vec![corpus().input.clone(); 2],
+    }
+    .encode_to_vec();
+    let infer: &'static [u8] = Box::leak(infer.into_boxed_slice());
+    fuzz("InferRequest", cases(), infer, |b| {
+        v1::InferRequest::decode(b).is_ok()
+    });
+    let upload = v1::UploadKeyRequest {
+        part: Some(v1::upload_key_request::Part::Chunk(vec![7; 300])),
+    }
+    .encode_to_vec();
+    let upload: &'static [u8] = Box::leak(upload.into_boxed_slice());
+    fuzz("UploadKeyRequest", cases(), upload, |b| {
+        v1::UploadKeyRequest::decode(b).is_ok()
+    });
+}
+
+#[test]
+fn tenants_files_and_client_specs() {
+    let c = corpus();
+    fuzz("tenants files", cases(), c.tenants.as_bytes(), |b| {
+        std::str::from_utf8(b).is_ok_and(|t| Tenants::parse(t).is_ok())
+    });
+    fuzz(
+        "client specs (JSON)",
+        cases(),
+        c.spec_json.as_bytes(),
+        |b| serde_json::from_slice::<ClientSpec>(b).is_ok(),
+    );
+}
