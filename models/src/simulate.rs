@@ -93,6 +93,51 @@ impl CompiledModel {
         SimOutput { accs, overflows }
     }
 
+    /// How far each decrypted output may lie from the noiseless simulation, from the plan's
+    /// own noise model: the largest deviation over `trials` simulations with the predicted
+    /// read noise (seeded, so deterministic), at least the effect of one misread of any value
+    /// an output reads directly, plus six standard deviations of the output's own noise.
+    /// Tests hold encrypted runs to it: an encoding bias larger than the noise breaks it.
+    pub fn predicted_deviation(&self, x: &[f64], trials: usize, seed: u64) -> Result<Vec<f64>> {
+        let q = self.input.quantize(x)?;
+        let exact = self.simulate_quantized(&q, None).accs;
+        let mut worst = vec![0.0f64; exact.len()];
+        let mut rng = NoiseRng::new(seed);
+        for _ in 0..trials {
+            let noisy = self.simulate_quantized(&q, Some(&mut rng)).accs;
+            for ((w, n), e) in worst.iter_mut().zip(&noisy).zip(&exact) {
+                *w = w.max((n - e).abs());
+            }
+        }
+        // The largest change of each value for a read one position off.
+        let mut jump = vec![0i64; self.n_features()];
+        for st in &self.stages {
+            for n in 0..st.len() {
+                let t = st.lut_of(n);
+                jump.push(
+                    t.windows(2)
+                        .map(|p| (p[1] as i64 - p[0] as i64).abs())
+                        .max()
+                        .unwrap_or(0),
+                );
+            }
+        }
+        let out = &self.output;
+        Ok(worst
+            .iter()
+            .enumerate()
+            .map(|(n, &w)| {
+                let one_misread = out.weights.rows[n]
+                    .iter()
+                    .map(|&(c, wt)| (wt * jump[c as usize]).abs())
+                    .max()
+                    .unwrap_or(0) as f64;
+                let own = 6.0 * out.sigma[n] * POSITION as f64 / out.decoding.delta as f64;
+                w.max(one_misread) + own + 0.5
+            })
+            .collect())
+    }
+
     /// Simulates one sample from its float features.
     pub fn simulate(&self, x: &[f64], noise: Option<&mut NoiseRng>) -> Result<SimOutput> {
         let q = self.input.quantize(x)?;

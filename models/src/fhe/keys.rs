@@ -40,6 +40,13 @@ impl ClientKey {
             .expect("a freshly generated key matches its own parameters")
     }
 
+    /// A secret key derived from `seed`: the same seed gives the same key. For reproducible
+    /// tests only; a real key comes from [`Self::generate`]'s secure randomness.
+    pub fn generate_with_seed(params: ParamSet, seed: u128) -> Self {
+        let hl = tfhe::ClientKey::generate_with_seed(config(params), tfhe::Seed(seed));
+        Self::from_high_level(params, hl).expect("a generated key matches its own parameters")
+    }
+
     fn from_high_level(params: ParamSet, hl: tfhe::ClientKey) -> Result<Self> {
         let shortint: &tfhe::shortint::ClientKey = hl_shortint(&hl);
         let (key, noise) = shortint.encryption_key_and_noise();
