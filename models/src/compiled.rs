@@ -447,6 +447,8 @@ impl CompiledModel {
             "input_bits": self.input.quant.iter().map(|q| 64 - (q.max_q.max(1) as u64).leading_zeros()).max(),
             "first_layer_weight_bits": self.config.first_weight_bits,
             "weight_bits": self.config.weight_bits,
+            "model_grid_bits": self.config.model_grid_bits,
+            "widths_searched": self.config.search,
             "activation_bits": self.config.act_bits,
             "widest_accumulator_bits": bits(widest),
             "pbs_per_sample": self.pbs_per_sample(),

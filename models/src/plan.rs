@@ -16,13 +16,74 @@ use crate::graph::FloatModel;
 use crate::quantize::{QuantConfig, QuantLin, QuantModel, quantize};
 
 /// Compiles a float model: quantizes it on `calibration`, then plans its FHE encoding.
+///
+/// With `cfg.search`, the widths that trade rounding error against bootstrap noise (the
+/// weights on bootstrap outputs, and how much of a model-fixed grid is kept) are chosen per
+/// model: each candidate is compiled and simulated with the plan's predicted read noise on
+/// (up to 256 rows of) the calibration data, and the one whose predictions agree most with
+/// the float model's wins; ties keep the configured widths.
 pub fn compile(
     model: &FloatModel,
     calibration: &[Vec<f64>],
     cfg: &QuantConfig,
 ) -> Result<CompiledModel> {
-    let q = quantize(model, calibration, cfg)?;
-    plan(model, &q, calibration, cfg)
+    let build = |c: &QuantConfig| -> Result<CompiledModel> {
+        let q = quantize(model, calibration, c)?;
+        plan(model, &q, calibration, c)
+    };
+    let base = build(cfg)?;
+    if !cfg.search || model.lookups.is_empty() {
+        return Ok(base);
+    }
+    let step = calibration.len().div_ceil(256).max(1);
+    let rows: Vec<&Vec<f64>> = calibration.iter().step_by(step).collect();
+    let float: Vec<i64> = rows.iter().map(|x| model.predict(x).label).collect();
+    let score = |m: &CompiledModel| -> usize {
+        [1u64, 2]
+            .iter()
+            .map(|&seed| {
+                let mut rng = crate::simulate::NoiseRng::new(seed);
+                rows.iter()
+                    .zip(&float)
+                    .filter(|(x, f)| {
+                        m.simulate(x, Some(&mut rng))
+                            .is_ok_and(|s| m.decode(&s.accs).label == **f)
+                    })
+                    .count()
+            })
+            .sum()
+    };
+    let fixed_bits = base.nodes.iter().map(|n| n.output_bits).max().unwrap_or(0);
+    let mut best = (score(&base), base);
+    let grids = [cfg.model_grid_bits, 6, 5];
+    let weights = [
+        cfg.weight_bits,
+        cfg.weight_bits.saturating_sub(1),
+        cfg.weight_bits + 1,
+    ];
+    for wb in weights {
+        for gb in grids {
+            let configured = wb == cfg.weight_bits && gb == cfg.model_grid_bits;
+            // Coarser grids only matter where the model fixes one wider than them.
+            let useful_grid =
+                gb == cfg.model_grid_bits || (gb < cfg.model_grid_bits && gb < fixed_bits);
+            if configured || !useful_grid || !(3..=8).contains(&wb) {
+                continue;
+            }
+            let c = QuantConfig {
+                weight_bits: wb,
+                model_grid_bits: gb,
+                ..*cfg
+            };
+            if let Ok(m) = build(&c) {
+                let s = score(&m);
+                if s > best.0 {
+                    best = (s, m);
+                }
+            }
+        }
+    }
+    Ok(best.1)
 }
 
 /// Union-find over atoms.

@@ -32,6 +32,13 @@ pub struct Args {
     /// Margin around calibrated accumulator ranges, as a fraction of their width.
     #[arg(long, default_value_t = QuantConfig::default().range_margin)]
     margin: f64,
+    /// Most bits kept of an activation grid the model fixes (QDQ models).
+    #[arg(long, default_value_t = QuantConfig::default().model_grid_bits)]
+    model_grid_bits: u32,
+    /// Use exactly the widths given; by default later-layer weight bits and model grid bits
+    /// are chosen per model by simulating candidates with the predicted bootstrap noise.
+    #[arg(long)]
+    fixed_widths: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -44,6 +51,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         weight_bits: a.weight_bits,
         act_bits: a.act_bits,
         range_margin: a.margin,
+        model_grid_bits: a.model_grid_bits,
+        search: !a.fixed_widths,
     };
     let compiled = compile(&float, &calib.features, &cfg)?;
     compiled.save(&a.output)?;

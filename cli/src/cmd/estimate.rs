@@ -165,6 +165,7 @@ fn sweep(a: &Args, machine: &MachineProfile) -> anyhow::Result<()> {
             let cfg = QuantConfig {
                 weight_bits: bits,
                 act_bits: bits,
+                search: false,
                 ..QuantConfig::default()
             };
             let model = compile(&float, &train.features, &cfg)?;
