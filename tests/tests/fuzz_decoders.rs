@@ -196,18 +196,26 @@ fn evaluation_and_client_keys() {
 #[test]
 fn compiled_models() {
     let c = corpus();
-    let x = vec![0.5; c.model.n_features()];
-    // What the server does with a model file it accepted: build its executor and describe it;
-    // and a simulation, as `veil eval` runs it.
-    fuzz("compiled models", cases(), &c.model_bytes, |b| {
-        let Ok(m) = CompiledModel::from_bytes(b) else {
-            return false;
-        };
-        let _ = m.client_spec();
-        let _ = m.simulate(&x, None);
-        let _ = veil_models::fhe::FheModel::new(m).map(|f| f.working_bytes_per_sample());
-        true
-    });
+    // A model with stages that read earlier stages (residual blocks) beside the linear one.
+    let staged: &'static [u8] =
+        Box::leak(compile_zoo("digits_resmlp").to_bytes().into_boxed_slice());
+    for (name, base) in [
+        ("compiled models", &c.model_bytes[..]),
+        ("staged compiled models", staged),
+    ] {
+        // What the server does with a model file it accepted: build its executor and describe
+        // it; and a simulation, as `veil eval` runs it.
+        fuzz(name, cases(), base, |b| {
+            let Ok(m) = CompiledModel::from_bytes(b) else {
+                return false;
+            };
+            let x = vec![0.5; m.n_features()];
+            let _ = m.client_spec();
+            let _ = m.simulate(&x, None);
+            let _ = veil_models::fhe::FheModel::new(m).map(|f| f.working_bytes_per_sample());
+            true
+        });
+    }
 }
 
 #[test]
@@ -215,6 +223,23 @@ fn onnx_files() {
     fuzz("onnx files", cases(), &corpus().onnx, |b| {
         onnx::import_bytes(b).is_ok()
     });
+    // Graph models and single-op fixtures: convolutions, pooling, QDQ, re-indexing ops.
+    let graphs = [
+        zoo_dir("digits_maxpool_cnn").join("model.onnx"),
+        zoo_dir("digits_resmlp").join("model.onnx"),
+        zoo_dir("digits_qdq_cnn").join("model.onnx"),
+        zoo_dir("fixtures").join("slice.onnx"),
+        zoo_dir("fixtures").join("pad_constant.onnx"),
+        zoo_dir("fixtures").join("split_add.onnx"),
+        zoo_dir("fixtures").join("gather_channels.onnx"),
+        zoo_dir("fixtures").join("conv1d.onnx"),
+        zoo_dir("fixtures").join("maxpool_ceil.onnx"),
+    ];
+    for path in graphs {
+        let base: &'static [u8] = Box::leak(std::fs::read(&path).unwrap().into_boxed_slice());
+        let name = format!("onnx {}", path.file_name().unwrap().to_string_lossy());
+        fuzz(&name, cases(), base, |b| onnx::import_bytes(b).is_ok());
+    }
 }
 
 #[test]

@@ -310,6 +310,9 @@ impl GraphWalker {
 
     fn finish(mut self, scores: DynTensor) -> Result<FloatModel> {
         let n_inputs = self.builder.n_inputs;
+        if scores.data.is_empty() {
+            return Err(ModelError::InvalidOnnx("the model has no outputs".into()));
+        }
         let mut outputs: Vec<Lin> = scores.data.iter().map(|e| (*e.lin).clone()).collect();
         // Element-wise functions of the final scores run in the clear, not under FHE: when
         // every output is the same chain of activations of a linear value, that chain moves to
