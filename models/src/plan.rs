@@ -18,25 +18,32 @@ use crate::quantize::{QuantConfig, QuantLin, QuantModel, quantize};
 /// Compiles a float model: quantizes it on `calibration`, then plans its FHE encoding.
 ///
 /// With `cfg.search`, the widths that trade rounding error against bootstrap noise (the
-/// weights on bootstrap outputs, and how much of a model-fixed grid is kept) are chosen per
-/// model: each candidate is compiled and simulated with the plan's predicted read noise on
-/// (up to 256 rows of) the calibration data, and the one whose predictions agree most with
-/// the float model's wins; ties keep the configured widths.
+/// weights on bootstrap outputs, how much of a model-fixed grid is kept, and the range margin,
+/// which trades read precision against overflow) are chosen per model. Every fifth
+/// calibration row is held out; each candidate is compiled on the others and simulated on the
+/// held-out rows (up to 256) with the plan's predicted read noise, and the one whose
+/// predictions agree most with the float model's wins (ties keep the configured widths). The
+/// winner is then compiled on all the calibration rows.
 pub fn compile(
     model: &FloatModel,
     calibration: &[Vec<f64>],
     cfg: &QuantConfig,
 ) -> Result<CompiledModel> {
-    let build = |c: &QuantConfig| -> Result<CompiledModel> {
-        let q = quantize(model, calibration, c)?;
-        plan(model, &q, calibration, c)
+    let build = |c: &QuantConfig, rows: &[Vec<f64>]| -> Result<CompiledModel> {
+        let q = quantize(model, rows, c)?;
+        plan(model, &q, rows, c)
     };
-    let base = build(cfg)?;
-    if !cfg.search || model.lookups.is_empty() {
+    let base = build(cfg, calibration)?;
+    if !cfg.search || model.lookups.is_empty() || calibration.len() < 10 {
         return Ok(base);
     }
-    let step = calibration.len().div_ceil(256).max(1);
-    let rows: Vec<&Vec<f64>> = calibration.iter().step_by(step).collect();
+    let fit: Vec<Vec<f64>> = (0..calibration.len())
+        .filter(|i| i % 5 != 0)
+        .map(|i| calibration[i].clone())
+        .collect();
+    let held: Vec<&Vec<f64>> = calibration.iter().step_by(5).collect();
+    let step = held.len().div_ceil(256).max(1);
+    let rows: Vec<&Vec<f64>> = held.into_iter().step_by(step).collect();
     let float: Vec<i64> = rows.iter().map(|x| model.predict(x).label).collect();
     let score = |m: &CompiledModel| -> usize {
         [1u64, 2]
@@ -47,43 +54,47 @@ pub fn compile(
                     .zip(&float)
                     .filter(|(x, f)| {
                         m.simulate(x, Some(&mut rng))
-                            .is_ok_and(|s| m.decode(&s.accs).label == **f)
+                            .is_ok_and(|s| s.overflows == 0 && m.decode(&s.accs).label == **f)
                     })
                     .count()
             })
             .sum()
     };
     let fixed_bits = base.nodes.iter().map(|n| n.output_bits).max().unwrap_or(0);
-    let mut best = (score(&base), base);
-    let grids = [cfg.model_grid_bits, 6, 5];
+    let mut best: Option<(usize, QuantConfig)> = None;
     let weights = [
         cfg.weight_bits,
         cfg.weight_bits.saturating_sub(1),
         cfg.weight_bits + 1,
     ];
-    for wb in weights {
-        for gb in grids {
-            let configured = wb == cfg.weight_bits && gb == cfg.model_grid_bits;
-            // Coarser grids only matter where the model fixes one wider than them.
-            let useful_grid =
-                gb == cfg.model_grid_bits || (gb < cfg.model_grid_bits && gb < fixed_bits);
-            if configured || !useful_grid || !(3..=8).contains(&wb) {
-                continue;
-            }
-            let c = QuantConfig {
-                weight_bits: wb,
-                model_grid_bits: gb,
-                ..*cfg
-            };
-            if let Ok(m) = build(&c) {
-                let s = score(&m);
-                if s > best.0 {
-                    best = (s, m);
+    for margin in [cfg.range_margin, 2.0 * cfg.range_margin] {
+        for wb in weights {
+            for gb in [cfg.model_grid_bits, 6, 5] {
+                // Coarser grids only matter where the model fixes one wider than them.
+                let useful_grid =
+                    gb == cfg.model_grid_bits || (gb < cfg.model_grid_bits && gb < fixed_bits);
+                if !useful_grid || !(3..=8).contains(&wb) || margin > 4.0 {
+                    continue;
+                }
+                let c = QuantConfig {
+                    weight_bits: wb,
+                    model_grid_bits: gb,
+                    range_margin: margin,
+                    ..*cfg
+                };
+                if let Ok(m) = build(&c, &fit) {
+                    let s = score(&m);
+                    if best.as_ref().is_none_or(|b| s > b.0) {
+                        best = Some((s, c));
+                    }
                 }
             }
         }
     }
-    Ok(best.1)
+    match best {
+        Some((_, c)) if c != *cfg => build(&c, calibration),
+        _ => Ok(base),
+    }
 }
 
 /// Union-find over atoms.
