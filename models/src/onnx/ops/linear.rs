@@ -54,20 +54,12 @@ pub(crate) fn map(ctx: &NodeCtx, inputs: &Inputs) -> Result<DynTensor> {
         "Conv" => conv(ctx, x, inputs),
         "AveragePool" => average_pool(ctx, x),
         "GlobalAveragePool" => {
-            if x.dims.len() < 3 {
-                return Err(ctx.unsupported("needs a [N, C, spatial...] input"));
-            }
-            let c = x.dims[1];
-            let per: usize = x.dims[2..].iter().product();
-            let mut dims = vec![1, c];
-            dims.extend(std::iter::repeat_n(1, x.dims.len() - 2));
-            let rows = (0..c).map(|ch| {
-                (
-                    (0..per).map(|k| (ch * per + k, 1.0 / per as f64)).collect(),
-                    0.0,
-                )
+            let w = global_windows(ctx, x)?;
+            let rows = w.taps.into_iter().map(|taps| {
+                let k = 1.0 / taps.len().max(1) as f64;
+                (taps.into_iter().map(|t| (t, k)).collect(), 0.0)
             });
-            Ok(weighted(x, rows, dims))
+            Ok(weighted(x, rows.collect::<Vec<_>>(), w.dims))
         }
         "BatchNormalization" => {
             if ctx.attr_i("training_mode", 0) != 0 {
@@ -510,6 +502,24 @@ pub(super) struct PoolWindows {
     /// Taps of each window inside the input or its explicit padding (`count_include_pad`).
     pub padded_counts: Vec<usize>,
     pub dims: Vec<usize>,
+}
+
+/// One window per channel over all its spatial positions (GlobalAveragePool, GlobalMaxPool).
+pub(super) fn global_windows(ctx: &NodeCtx, x: &DynTensor) -> Result<PoolWindows> {
+    if x.dims.len() < 3 {
+        return Err(ctx.unsupported("needs a [N, C, spatial...] input"));
+    }
+    let c = x.dims[1];
+    let per: usize = x.dims[2..].iter().product();
+    let mut dims = vec![1, c];
+    dims.extend(std::iter::repeat_n(1, x.dims.len() - 2));
+    Ok(PoolWindows {
+        taps: (0..c)
+            .map(|ch| (ch * per..(ch + 1) * per).collect())
+            .collect(),
+        padded_counts: vec![per; c],
+        dims,
+    })
 }
 
 /// The taps of each pooling window (input indices), channel by channel, and the output dims.

@@ -6,7 +6,7 @@
 //! value is exactly the largest input.
 
 use super::super::symbolic::{Elem, GraphBuilder};
-use super::linear::pool_windows;
+use super::linear::{global_windows, pool_windows};
 use super::{Inputs, NodeCtx};
 use crate::error::Result;
 use crate::graph::OutputGrid;
@@ -17,25 +17,13 @@ pub(crate) fn max_pool(ctx: &NodeCtx, b: &mut GraphBuilder, inputs: &Inputs) -> 
     if ctx.node.output.len() > 1 && !ctx.node.output[1].is_empty() {
         return Err(ctx.unsupported("MaxPool's Indices output"));
     }
-    let (windows, dims) = if ctx.node.op_type == "GlobalMaxPool" {
-        if x.dims.len() < 3 {
-            return Err(ctx.unsupported("needs a [N, C, spatial...] input"));
-        }
-        let c = x.dims[1];
-        let per: usize = x.dims[2..].iter().product();
-        let mut dims = vec![1, c];
-        dims.extend(std::iter::repeat_n(1, x.dims.len() - 2));
-        (
-            (0..c)
-                .map(|ch| (ch * per..(ch + 1) * per).collect())
-                .collect(),
-            dims,
-        )
+    let w = if ctx.node.op_type == "GlobalMaxPool" {
+        global_windows(ctx, x)?
     } else {
         ctx.require_attr_i("storage_order", &[0, 1], 0)?;
-        let w = pool_windows(ctx, x)?;
-        (w.taps, w.dims)
+        pool_windows(ctx, x)?
     };
+    let (windows, dims) = (w.taps, w.dims);
     tie_channels(b, x);
     let data = windows
         .iter()
