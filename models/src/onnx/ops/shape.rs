@@ -25,6 +25,12 @@ impl Item for Elem {
     }
 }
 
+/// A constant shape operand as sizes (negative read as 0, absurd sizes capped; the callers
+/// bound the element count).
+fn shape_of(t: &Tensor) -> Vec<usize> {
+    t.data.iter().map(|&d| d.clamp(0.0, 1e9) as usize).collect()
+}
+
 fn ints(t: &Tensor) -> Vec<i64> {
     t.data.iter().map(|&v| v as i64).collect()
 }
@@ -62,12 +68,7 @@ pub(crate) fn map(ctx: &NodeCtx, inputs: &Inputs) -> Result<Vec<Value>> {
             return Ok(vec![Value::Const(Tensor::vector(d))]);
         }
         "ConstantOfShape" => {
-            let shape = inputs.konst(ctx, 0, "the shape")?;
-            let dims: Vec<usize> = shape
-                .data
-                .iter()
-                .map(|&d| d.clamp(0.0, 1e9) as usize)
-                .collect();
+            let dims = shape_of(inputs.konst(ctx, 0, "the shape")?);
             let n = dims
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
@@ -414,12 +415,7 @@ fn apply<T: Item>(
             Nd { dims, data }
         }
         "Expand" => {
-            let shape = inputs.konst(ctx, 1, "the shape")?;
-            let target: Vec<usize> = shape
-                .data
-                .iter()
-                .map(|&d| d.clamp(0.0, 1e9) as usize)
-                .collect();
+            let target = shape_of(inputs.konst(ctx, 1, "the shape")?);
             let (dims, pairs) = nd::broadcast(&x.dims, &target)
                 .ok_or_else(|| ctx.unsupported("shapes do not broadcast"))?;
             Nd {
