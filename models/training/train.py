@@ -23,6 +23,15 @@ Models:
                                    onnxruntime quantize_static: QDQ, per-channel, QUInt8 activations, QInt8 weights
 * ``digits_qdq_cnn``       torch Conv2d(1,4,3) -> ReLU -> MaxPool2d(2) -> Flatten -> Linear(36,10), then
                                    quantize_static: QDQ, per-tensor, QUInt8 activations, QInt8 weights
+* ``breast_cancer_xgb``    xgboost XGBClassifier(n_estimators=20, max_depth=3), onnxmltools convert_xgboost
+* ``wine_rf``              sklearn RandomForestClassifier(10 trees, max_depth=4), skl2onnx defaults (ZipMap on)
+* ``iris_lgbm``            lightgbm LGBMClassifier(10 rounds, num_leaves=8), onnxmltools convert_lightgbm
+* ``diabetes_linear``      sklearn LinearRegression, skl2onnx (ai.onnx.ml LinearRegressor)
+* ``diabetes_gbr``         sklearn GradientBoostingRegressor(30 trees, max_depth=3), skl2onnx
+
+The last five write CSV features at full precision (shortest float64 text of the float32
+value) and run onnxruntime with one thread (see ``run_ort_outputs``); the two regressors'
+last CSV column is ``target`` (a float) and they are split without stratification.
 
 Every split is ``train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)``.
 Everything is seeded; run from the repository root:
@@ -143,10 +152,11 @@ def run_ort(model_path: Path, X: np.ndarray, input_shape):
     if len(outs) == 1:  # torch: logits
         scores = np.asarray(outs[0], dtype=np.float32)
         labels = scores.argmax(axis=1)
-    else:  # skl2onnx: output_label, output_probability (ZipMap -> list of dicts)
+    else:  # skl2onnx: output_label, output_probability (ZipMap -> list of dicts);
+        # onnxmltools: label, probabilities. Either way: label first, probabilities second.
         by_name = dict(zip(out_names, outs))
-        labels = np.asarray(by_name["output_label"]).astype(np.int64)
-        probs = by_name["output_probability"]
+        labels = np.asarray(by_name.get("output_label", outs[0])).astype(np.int64)
+        probs = by_name.get("output_probability", outs[1])
         if isinstance(probs, list):  # ZipMap output: sequence<map<int64, float>>
             keys = sorted(probs[0].keys())
             scores = np.array([[p[k] for k in keys] for p in probs], dtype=np.float32)
@@ -538,6 +548,361 @@ def make_sklearn(out_dir: Path, name: str, loader, dataset: str, estimator) -> d
                   extra={"sklearn_version": sklearn.__version__, "skl2onnx_version": skl2onnx.__version__})
 
 
+# --------------------------------------------------------------------------- tree ensembles and regressors
+#
+# These folders differ from the ones above in two ways: CSV floats are written at full
+# (float64) precision, and the regressors' last CSV column is `target` (a float).
+
+def fmt_full(v) -> str:
+    """The float32 value v written as the shortest decimal that round-trips as a float64.
+
+    Since every float32 is exactly a float64, parsing this text as f64 gives the exact
+    float32 value (no cast needed), and parsing it as f32 gives it too. No exponent.
+    """
+    v32 = np.float32(v)
+    s = np.format_float_positional(np.float64(v32), unique=True, trim="-")
+    if float(s) != float(v32) or np.float32(s) != v32:
+        raise AssertionError(f"{s!r} does not parse back to float32 {v32!r}")
+    return s
+
+
+def fmt_f64(v) -> str:
+    s = np.format_float_positional(np.float64(v), unique=True, trim="-")
+    if float(s) != float(v):
+        raise AssertionError(f"{s!r} does not parse back to {v!r}")
+    return s
+
+
+def write_csv_full(path: Path, X: np.ndarray, y: np.ndarray, *, regression: bool) -> None:
+    """Header `f0..f{n-1},label` (int class) or `f0..f{n-1},target` (float64 target)."""
+    X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+    n = X.shape[1]
+    last = "target" if regression else "label"
+    with open(path, "w", newline="\n") as f:
+        f.write(",".join([f"f{i}" for i in range(n)] + [last]) + "\n")
+        for row, t in zip(X, y):
+            tail = fmt_f64(t) if regression else str(int(t))
+            f.write(",".join(fmt_full(v) for v in row) + "," + tail + "\n")
+
+
+def read_csv_any(path: Path):
+    """(X float32, y, last column name); y is int64 for `label`, float64 for `target`."""
+    with open(path) as f:
+        last = f.readline().strip().split(",")[-1]
+    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+    X = data[:, :-1]
+    if not np.array_equal(X.astype(np.float32).astype(np.float64), X):
+        raise AssertionError(f"{path}: a feature is not exactly a float32 value")
+    y = data[:, -1] if last == "target" else data[:, -1].astype(np.int64)
+    return X.astype(np.float32), y, last
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            v = onnx.helper.get_attribute_value(a)
+            if isinstance(v, bytes):
+                return v.decode()
+            if isinstance(v, list):
+                return [x.decode() if isinstance(x, bytes) else x for x in v]
+            if isinstance(v, onnx.TensorProto):
+                return onnx.numpy_helper.to_array(v).tolist()
+            return v
+    return default
+
+
+TREE_OPS = ("TreeEnsembleClassifier", "TreeEnsembleRegressor")
+
+
+def tree_stats(model: onnx.ModelProto) -> list:
+    """Statistics of every ai.onnx.ml TreeEnsembleClassifier/Regressor node in the graph."""
+    out = []
+    for node in model.graph.node:
+        if node.domain != "ai.onnx.ml" or node.op_type not in TREE_OPS:
+            continue
+        tids = _attr(node, "nodes_treeids")
+        nids = _attr(node, "nodes_nodeids")
+        feats = _attr(node, "nodes_featureids")
+        vals = _attr(node, "nodes_values")
+        if vals is None:
+            vals = _attr(node, "nodes_values_as_tensor")
+        modes = _attr(node, "nodes_modes")
+        true_ids = _attr(node, "nodes_truenodeids")
+        false_ids = _attr(node, "nodes_falsenodeids")
+        miss = _attr(node, "nodes_missing_value_tracks_true")
+        kids = {}
+        for t, n, m, a, b in zip(tids, nids, modes, true_ids, false_ids):
+            kids[(t, n)] = None if m == "LEAF" else (a, b)
+        trees = sorted(set(tids))
+
+        def depth(t, n):
+            k = kids[(t, n)]
+            return 0 if k is None else 1 + max(depth(t, k[0]), depth(t, k[1]))
+
+        # Root: the node that is no other node's child (node id 0 for every exporter seen).
+        depths = []
+        for t in trees:
+            children = {c for (tt, n), k in kids.items() if tt == t and k for c in k}
+            roots = [n for (tt, n) in kids if tt == t and n not in children]
+            depths.append(depth(t, roots[0]))
+        internal = [i for i, m in enumerate(modes) if m != "LEAF"]
+        pairs = {(int(feats[i]), float(np.float32(vals[i]))) for i in internal}
+        leaf_ids = [i for i, m in enumerate(modes) if m == "LEAF"]
+        stats = {
+            "op_type": node.op_type,
+            "n_trees": len(trees),
+            "max_depth": int(max(depths)),
+            "internal_nodes": len(internal),
+            "distinct_comparisons": len(pairs),
+            "distinct_features": len({int(feats[i]) for i in internal}),
+            "leaves": len(leaf_ids),
+            "nodes_modes": sorted(set(modes)),
+            "post_transform": _attr(node, "post_transform", "NONE"),
+            "base_values": _attr(node, "base_values"),
+            "nodes_missing_value_tracks_true": sorted(set(miss)) if miss is not None else None,
+        }
+        pre = "target" if node.op_type == "TreeEnsembleRegressor" else "class"
+        w_tree = _attr(node, f"{pre}_treeids")
+        w_node = _attr(node, f"{pre}_nodeids")
+        stats[f"{pre}_ids"] = sorted(set(_attr(node, f"{pre}_ids")))  # output columns the leaves add to
+        stats["leaf_weights"] = len(w_tree)  # (leaf, column) weight entries
+        stats["weights_per_leaf"] = sorted({sum(1 for a, b in zip(w_tree, w_node) if (a, b) == k)
+                                            for k in set(zip(w_tree, w_node))})
+        if node.op_type == "TreeEnsembleRegressor":
+            stats["aggregate_function"] = _attr(node, "aggregate_function", "SUM")
+            stats["n_targets"] = _attr(node, "n_targets")
+        else:
+            labels = _attr(node, "classlabels_int64s")
+            stats["classlabels"] = labels if labels is not None else _attr(node, "classlabels_strings")
+        out.append(stats)
+    return out
+
+
+def run_ort_outputs(model_path: Path, X: np.ndarray):
+    """All outputs of model.onnx on X, run by onnxruntime with ONE intra-op thread.
+
+    One thread matters for tree ensembles: onnxruntime then adds the trees' leaf values
+    in float32, in tree order, and adds base_values last. With several threads it splits
+    the trees between threads and adds the partial sums, so the last bits of the result
+    depend on the machine's core count.
+    """
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {sess.get_inputs()[0].name: X.astype(np.float32)})
+    return [o.name for o in sess.get_outputs()], outs
+
+
+def classifier_outputs(model_path: Path, X: np.ndarray):
+    """(probabilities [N, C] float32 ordered by class, labels [N]) from a 2-output classifier:
+    output 0 the label, output 1 the probabilities (tensor, or ZipMap's list of dicts)."""
+    _, outs = run_ort_outputs(model_path, X)
+    labels = np.asarray(outs[0]).reshape(-1)
+    probs = outs[1]
+    if isinstance(probs, list):
+        keys = sorted(probs[0].keys())
+        probs = [[p[k] for k in keys] for p in probs]
+    return np.asarray(probs, dtype=np.float32), labels
+
+
+def regressor_outputs(model_path: Path, X: np.ndarray) -> np.ndarray:
+    """Predictions [N, n_targets] float32 from the model's first output."""
+    _, outs = run_ort_outputs(model_path, X)
+    p = np.asarray(outs[0], dtype=np.float32)
+    return p.reshape(len(X), -1)
+
+
+def regression_metrics(y, pred) -> dict:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+    y = np.asarray(y, np.float64)
+    pred = np.asarray(pred, np.float64).reshape(y.shape)
+    return {"r2": float(r2_score(y, pred)), "mae": float(mean_absolute_error(y, pred)),
+            "rmse": float(np.sqrt(mean_squared_error(y, pred)))}
+
+
+def finish_tabular(out_dir: Path, name: str, onx: onnx.ModelProto, *, source: str, dataset: str,
+                   X_train, y_train, X_test, y_test, regression: bool, framework_out, extra=None) -> dict:
+    """Write CSVs, model.onnx and reference.json for the tree / regression folders.
+
+    framework_out: the framework's predict_proba (classifiers) or predict (regressors) on X_test.
+    """
+    folder = out_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / "model.onnx"
+    with open(model_path, "wb") as f:
+        f.write(onx.SerializeToString())
+    write_csv_full(folder / "train.csv", X_train, y_train, regression=regression)
+    write_csv_full(folder / "test.csv", X_test, y_test, regression=regression)
+    model = check_self_contained(model_path)
+    Xt, yt, _ = read_csv_any(folder / "test.csv")
+    assert np.array_equal(Xt, np.asarray(X_test, np.float32))
+    assert np.array_equal(yt, y_test)
+    ref = {
+        "name": name,
+        "task": "regression" if regression else "classification",
+        "source": source,
+        "dataset": dataset,
+        "n_train": int(len(X_train)),
+        "n_test": int(len(X_test)),
+        "n_features": int(Xt.shape[1]),
+    }
+    framework_out = np.asarray(framework_out, np.float64)
+    if regression:
+        pred = regressor_outputs(model_path, Xt)
+        m = regression_metrics(yt, pred[:, 0])
+        fw = regression_metrics(yt, framework_out)
+        max_diff = float(np.abs(pred[:, 0].astype(np.float64) - framework_out.reshape(-1)).max())
+        ref.update({
+            "n_outputs": int(pred.shape[1]),
+            "input_shape": [int(Xt.shape[1])],
+            "input_name": model.graph.input[0].name,
+            "output_names": [o.name for o in model.graph.output],
+            **m,
+            "framework_r2": fw["r2"], "framework_mae": fw["mae"], "framework_rmse": fw["rmse"],
+            "max_abs_diff_vs_framework": max_diff,
+            "ops": graph_ops(model),
+            "opset": opset_map(model),
+            "first_scores": [[float(v) for v in row] for row in pred[:N_FIRST]],
+            "predictions": [float(v) for v in pred[:, 0]],
+        })
+        summary = f"r2 {m['r2']:.4f} mae {m['mae']:.3f} rmse {m['rmse']:.3f} (framework r2 {fw['r2']:.4f})"
+    else:
+        probs, labels = classifier_outputs(model_path, Xt)
+        acc = float((labels == yt).mean())
+        fw_acc = float((framework_out.argmax(1) == yt).mean())
+        max_diff = float(np.abs(probs.astype(np.float64) - framework_out).max())
+        ref.update({
+            "n_classes": int(probs.shape[1]),
+            "input_shape": [int(Xt.shape[1])],
+            "input_name": model.graph.input[0].name,
+            "output_names": [o.name for o in model.graph.output],
+            "onnxruntime_accuracy": acc,
+            "framework_accuracy": fw_acc,
+            "max_abs_diff_vs_framework": max_diff,
+            "ops": graph_ops(model),
+            "opset": opset_map(model),
+            "first_scores": [[float(v) for v in row] for row in probs[:N_FIRST]],
+            "first_labels": [int(v) for v in labels[:N_FIRST]],
+            "scores": [[float(v) for v in row] for row in probs],
+            "labels": [int(v) for v in labels],
+        })
+        summary = f"acc {acc:.4f} (framework {fw_acc:.4f})"
+    trees = tree_stats(model)
+    if trees:
+        ref["tree_ensemble"] = trees[0] if len(trees) == 1 else trees
+    if extra:
+        ref.update(extra)
+    with open(folder / "reference.json", "w") as f:
+        json.dump(ref, f, indent=2)
+        f.write("\n")
+    t = ""
+    if trees:
+        s = trees[0]
+        t = (f", trees {s['n_trees']} depth {s['max_depth']} internal {s['internal_nodes']} "
+             f"distinct {s['distinct_comparisons']} leaves {s['leaves']}")
+    print(f"{name}: onnxruntime {summary}, max |ort - framework| {max_diff:.2e}{t}, "
+          f"ops {[o['op_type'] for o in ref['ops']]}")
+    return ref
+
+
+def load_tabular(loader, *, regression: bool):
+    d = loader()
+    X = d.data.astype(np.float32)  # the ONNX model takes float32; train on exactly those values
+    if regression:
+        y = d.target.astype(np.float64)
+        return train_test_split(X, y, test_size=0.2, random_state=0)  # no stratify for a float target
+    return split(X, d.target.astype(np.int64))
+
+
+def tool_versions() -> dict:
+    v = {"sklearn_version": sklearn.__version__, "skl2onnx_version": skl2onnx.__version__,
+         "onnxruntime_version": ort.__version__}
+    return v
+
+
+def make_breast_cancer_xgb(out_dir: Path) -> dict:
+    seed_everything()
+    import onnxmltools
+    import xgboost
+    from onnxmltools.convert.common.data_types import FloatTensorType
+    X_train, X_test, y_train, y_test = load_tabular(load_breast_cancer, regression=False)
+    clf = xgboost.XGBClassifier(n_estimators=20, max_depth=3, n_jobs=1, random_state=0)
+    clf.fit(X_train, y_train)
+    onx = onnxmltools.convert_xgboost(clf, initial_types=[("X", FloatTensorType([None, X_train.shape[1]]))])
+    onx.graph.name = "breast_cancer_xgb"  # onnxmltools names the graph with a random uuid; fix it for reproducible files
+    return finish_tabular(out_dir, "breast_cancer_xgb", onx, source="onnxmltools.convert_xgboost",
+                          dataset="sklearn.datasets.load_breast_cancer", X_train=X_train, y_train=y_train,
+                          X_test=X_test, y_test=y_test, regression=False,
+                          framework_out=clf.predict_proba(X_test),
+                          extra={"xgboost_version": xgboost.__version__,
+                                 "onnxmltools_version": onnxmltools.__version__,
+                                 "params": {"n_estimators": 20, "max_depth": 3, "objective": "binary:logistic"},
+                                 **tool_versions()})
+
+
+def make_wine_rf(out_dir: Path) -> dict:
+    seed_everything()
+    from sklearn.ensemble import RandomForestClassifier
+    X_train, X_test, y_train, y_test = load_tabular(load_wine, regression=False)
+    clf = RandomForestClassifier(n_estimators=10, max_depth=4, random_state=0, n_jobs=1)
+    clf.fit(X_train, y_train)
+    onx = to_onnx(clf, X_train[:1])  # skl2onnx defaults: ZipMap on
+    return finish_tabular(out_dir, "wine_rf", onx, source="skl2onnx", dataset="sklearn.datasets.load_wine",
+                          X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, regression=False,
+                          framework_out=clf.predict_proba(X_test),
+                          extra={"params": {"n_estimators": 10, "max_depth": 4}, **tool_versions()})
+
+
+def make_iris_lgbm(out_dir: Path) -> dict:
+    seed_everything()
+    import lightgbm
+    import onnxmltools
+    from onnxmltools.convert.common.data_types import FloatTensorType
+    X_train, X_test, y_train, y_test = load_tabular(load_iris, regression=False)
+    clf = lightgbm.LGBMClassifier(n_estimators=10, num_leaves=8, random_state=0, n_jobs=1, verbose=-1,
+                                  deterministic=True)
+    clf.fit(X_train, y_train)
+    onx = onnxmltools.convert_lightgbm(clf, initial_types=[("X", FloatTensorType([None, X_train.shape[1]]))])
+    onx.graph.name = "iris_lgbm"  # onnxmltools names the graph with a random uuid; fix it for reproducible files
+    return finish_tabular(out_dir, "iris_lgbm", onx, source="onnxmltools.convert_lightgbm",
+                          dataset="sklearn.datasets.load_iris", X_train=X_train, y_train=y_train,
+                          X_test=X_test, y_test=y_test, regression=False,
+                          framework_out=clf.predict_proba(X_test),
+                          extra={"lightgbm_version": lightgbm.__version__,
+                                 "onnxmltools_version": onnxmltools.__version__,
+                                 "params": {"n_estimators": 10, "num_leaves": 8, "objective": "multiclass"},
+                                 **tool_versions()})
+
+
+def make_diabetes_linear(out_dir: Path) -> dict:
+    seed_everything()
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import LinearRegression
+    X_train, X_test, y_train, y_test = load_tabular(load_diabetes, regression=True)
+    reg = LinearRegression().fit(X_train, y_train)
+    onx = to_onnx(reg, X_train[:1])
+    return finish_tabular(out_dir, "diabetes_linear", onx, source="skl2onnx",
+                          dataset="sklearn.datasets.load_diabetes (scaled features)",
+                          X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, regression=True,
+                          framework_out=reg.predict(X_test), extra=tool_versions())
+
+
+def make_diabetes_gbr(out_dir: Path) -> dict:
+    seed_everything()
+    from sklearn.datasets import load_diabetes
+    from sklearn.ensemble import GradientBoostingRegressor
+    X_train, X_test, y_train, y_test = load_tabular(load_diabetes, regression=True)
+    reg = GradientBoostingRegressor(n_estimators=30, max_depth=3, random_state=0).fit(X_train, y_train)
+    onx = to_onnx(reg, X_train[:1])
+    return finish_tabular(out_dir, "diabetes_gbr", onx, source="skl2onnx",
+                          dataset="sklearn.datasets.load_diabetes (scaled features)",
+                          X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, regression=True,
+                          framework_out=reg.predict(X_test),
+                          extra={"params": {"n_estimators": 30, "max_depth": 3, "learning_rate": 0.1},
+                                 **tool_versions()})
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -587,6 +952,11 @@ MODELS = {
     "digits_resmlp": make_digits_resmlp,
     "digits_qdq_mlp": make_digits_qdq_mlp,
     "digits_qdq_cnn": make_digits_qdq_cnn,
+    "breast_cancer_xgb": make_breast_cancer_xgb,
+    "wine_rf": make_wine_rf,
+    "iris_lgbm": make_iris_lgbm,
+    "diabetes_linear": make_diabetes_linear,
+    "diabetes_gbr": make_diabetes_gbr,
 }
 
 if __name__ == "__main__":
