@@ -20,7 +20,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::graph::TailOp;
+use crate::graph::{TailOp, Task};
 use crate::quantize::{QuantConfig, UniformQuant};
 
 /// Positions on the 2N = 4096 circle (2048 programmable with one padding bit).
@@ -55,14 +55,54 @@ impl ParamSet {
 }
 
 /// How the client turns a feature vector into plaintexts: `q_j = clamp(round(x_j / scale_j) +
-/// zero_j, 0, 2^bits - 1)`, encrypted as `q_j * delta`.
+/// zero_j, 0, 2^bits - 1)` per feature, then one value per [`InputWindow`]; each is encrypted
+/// as `value * delta`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InputEncoding {
     pub quant: Vec<UniformQuant>,
+    pub windows: Vec<InputWindow>,
     pub delta: u64,
 }
 
+/// Values one window holds: a bootstrap tells 16 values apart with no error (4 bits at the
+/// parameter set's own failure rate).
+pub const WINDOW: i64 = 16;
+/// Offset between consecutive windows of a feature: they overlap by 3, so any 3 adjacent grid
+/// values (an equality test and its neighbours) lie inside one window.
+pub const WINDOW_STRIDE: i64 = 13;
+
+/// A window of one feature's grid, `clamp(q - offset, 0, WINDOW - 1)`: a test `q <= t` with `t`
+/// inside the window reads it exactly, whatever the feature's width. A model sends every
+/// window of each feature it tests, so the windows reveal nothing about its thresholds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputWindow {
+    pub feature: u32,
+    pub offset: i64,
+}
+
+impl InputWindow {
+    /// Every window of a grid of `max_q + 1` values.
+    pub fn cover(feature: u32, max_q: i64) -> impl Iterator<Item = InputWindow> {
+        let n = ((max_q - (WINDOW - 1)).max(0) + WINDOW_STRIDE - 1) / WINDOW_STRIDE + 1;
+        (0..n).map(move |m| InputWindow {
+            feature,
+            offset: m * WINDOW_STRIDE,
+        })
+    }
+
+    pub fn value(&self, q: i64) -> i64 {
+        (q - self.offset).clamp(0, WINDOW - 1)
+    }
+}
+
 impl InputEncoding {
+    /// Ciphertexts per sample.
+    pub fn n_values(&self) -> usize {
+        self.quant.len() + self.windows.len()
+    }
+
+    /// Every integer the client encrypts for one sample: the features on their grids, then
+    /// the windows.
     pub fn quantize(&self, x: &[f64]) -> Result<Vec<i64>> {
         if x.len() != self.quant.len() {
             return Err(ModelError::Shape(format!(
@@ -71,10 +111,15 @@ impl InputEncoding {
                 self.quant.len()
             )));
         }
-        Ok(x.iter()
+        let mut q: Vec<i64> = x
+            .iter()
             .zip(&self.quant)
-            .map(|(&v, q)| q.quantize(v))
-            .collect())
+            .map(|(&v, u)| u.quantize(v))
+            .collect();
+        for w in &self.windows {
+            q.push(w.value(q[w.feature as usize]));
+        }
+        Ok(q)
     }
 }
 
@@ -217,6 +262,7 @@ pub struct CompiledModel {
     /// Clear-text ops the client applies to the decoded scores.
     pub tail: Vec<TailOp>,
     pub class_labels: Option<Vec<i64>>,
+    pub task: Task,
     /// Bootstraps and widths per ONNX node, in graph order.
     pub nodes: Vec<NodeCost>,
 }
@@ -230,12 +276,13 @@ pub struct ClientSpec {
     pub output: OutputDecoding,
     pub tail: Vec<TailOp>,
     pub class_labels: Option<Vec<i64>>,
+    pub task: Task,
     pub pbs_per_sample: usize,
 }
 
 /// File format: magic, format version (u32 little-endian), then the bincode body.
 const MAGIC: &[u8; 8] = b"VEILMDL\0";
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Largest compiled model a reader accepts.
 pub const MAX_MODEL_BYTES: u64 = 256 << 20;
 
@@ -253,11 +300,17 @@ impl CompiledModel {
 
     /// Values one sample holds: inputs plus every stage's outputs.
     pub fn n_values(&self) -> usize {
-        self.n_features() + self.pbs_per_sample()
+        self.n_inputs() + self.pbs_per_sample()
     }
 
+    /// Features of one sample (the CSV columns).
     pub fn n_features(&self) -> usize {
         self.input.quant.len()
+    }
+
+    /// Ciphertexts of one sample's input: the features, then the windows.
+    pub fn n_inputs(&self) -> usize {
+        self.input.n_values()
     }
 
     pub fn n_outputs(&self) -> usize {
@@ -272,6 +325,7 @@ impl CompiledModel {
             output: self.output.decoding.clone(),
             tail: self.tail.clone(),
             class_labels: self.class_labels.clone(),
+            task: self.task,
             pbs_per_sample: self.pbs_per_sample(),
         }
     }
@@ -343,7 +397,16 @@ impl CompiledModel {
         let quant_ok = |u: &UniformQuant| {
             u.scale.is_finite() && u.scale > 0.0 && (1..=1 << 16).contains(&u.max_q)
         };
-        if !self.input.quant.iter().all(quant_ok) || self.input.delta == 0 {
+        let window_ok = |w: &InputWindow| {
+            self.input
+                .quant
+                .get(w.feature as usize)
+                .is_some_and(|u| (0..=u.max_q).contains(&w.offset))
+        };
+        if !self.input.quant.iter().all(quant_ok)
+            || !self.input.windows.iter().all(window_ok)
+            || self.input.delta == 0
+        {
             return bad("invalid input encoding".into());
         }
         let check_matrix = |m: &IntMatrix, n_in: usize, what: &str| -> Result<()> {
@@ -363,8 +426,8 @@ impl CompiledModel {
             }
             Ok(())
         };
-        let mut n_in = n_features;
-        let mut deltas: Vec<u64> = vec![self.input.delta; n_features];
+        let mut n_in = self.n_inputs();
+        let mut deltas: Vec<u64> = vec![self.input.delta; n_in];
         for (l, h) in self.stages.iter().enumerate() {
             let what = format!("stage {l}");
             check_matrix(&h.weights, n_in, &what)?;
@@ -442,6 +505,8 @@ impl CompiledModel {
         }));
         serde_json::json!({
             "input_shape": self.input_shape,
+            "task": self.task.name(),
+            "input_ciphertexts": self.n_inputs(),
             "stages": stages,
             "nodes": self.nodes,
             "input_bits": self.input.quant.iter().map(|q| 64 - (q.max_q.max(1) as u64).leading_zeros()).max(),

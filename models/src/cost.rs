@@ -69,7 +69,7 @@ impl CompiledModel {
         let weight_bytes = macs * 12;
         // Request: one body per feature, a 16-byte seed and the wire header; response: full
         // big-key ciphertexts.
-        let request = 8 * self.n_features() + 16 + 16;
+        let request = 8 * self.n_inputs() + 16 + 16;
         let response = 8 * big * self.n_outputs() + 16;
         let (latency, share) = match machine {
             Some(m) => {
@@ -90,7 +90,7 @@ impl CompiledModel {
                     })
                     .sum();
                 let linear_ms = 1e3 * macs as f64 / m.lwe_mac_per_second;
-                let expand_ms = m.expand_ms_per_feature * self.n_features() as f64;
+                let expand_ms = m.expand_ms_per_feature * self.n_inputs() as f64;
                 let total = pbs_ms + linear_ms + expand_ms;
                 (Some(total), (total > 0.0).then(|| pbs_ms / total))
             }

@@ -1,5 +1,5 @@
 //! CSV datasets: a header row, the features in model-input order, then an optional last
-//! column named `label` holding the integer class.
+//! column: `label` (an integer class) or `target` (a float, for regressors).
 
 use std::path::Path;
 
@@ -10,6 +10,8 @@ pub struct Dataset {
     pub features: Vec<Vec<f64>>,
     /// One integer class per row, when the file has a `label` column.
     pub labels: Option<Vec<i64>>,
+    /// One value per row, when the file has a `target` column.
+    pub targets: Option<Vec<f64>>,
 }
 
 impl Dataset {
@@ -27,17 +29,21 @@ impl Dataset {
         if let Some(l) = &mut self.labels {
             l.truncate(n);
         }
+        if let Some(t) = &mut self.targets {
+            t.truncate(n);
+        }
     }
 }
 
-/// Whether the `label` column must be present.
+/// Whether the `label` (or `target`) column must be present.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Labels {
     Required,
     Optional,
 }
 
-/// Reads a CSV of `n_features` feature columns plus (optionally) a trailing `label` column.
+/// Reads a CSV of `n_features` feature columns plus (optionally) a trailing `label` or
+/// `target` column.
 pub fn read_csv(path: &Path, n_features: usize, labels: Labels) -> Result<Dataset> {
     let file = std::fs::File::open(path)
         .map_err(|e| ModelError::io(format!("opening {}", path.display()), e))?;
@@ -68,30 +74,33 @@ pub fn parse_csv(
     if header.is_empty() {
         return Err(err(1, "empty file: expected a header row".into()));
     }
-    let has_label = header.iter().next_back() == Some("label");
-    let expected = n_features + usize::from(has_label);
+    let last = header.iter().next_back();
+    let has_label = last == Some("label");
+    let has_target = last == Some("target");
+    let expected = n_features + usize::from(has_label || has_target);
     if header.len() != expected {
         return Err(err(
             1,
             format!(
                 "header has {} columns; the model takes {n_features} features{}",
                 header.len(),
-                if has_label {
-                    " plus the label column"
+                if has_label || has_target {
+                    " plus the label or target column"
                 } else {
-                    " (and an optional last column named 'label')"
+                    " (and an optional last column named 'label' or 'target')"
                 }
             ),
         ));
     }
-    if labels == Labels::Required && !has_label {
+    if labels == Labels::Required && !has_label && !has_target {
         return Err(err(
             1,
-            "no 'label' column (it must be the last column)".into(),
+            "no 'label' or 'target' column (it must be the last column)".into(),
         ));
     }
     let mut features = Vec::new();
     let mut label_values = Vec::new();
+    let mut target_values = Vec::new();
     for (i, record) in rdr.records().enumerate() {
         let line = i + 2;
         let record = record.map_err(|e| err(line, format!("unreadable row: {e}")))?;
@@ -137,6 +146,15 @@ pub fn parse_csv(
                 .map_err(|_| err(line, format!("label '{field}' is not an integer class")))?;
             label_values.push(label);
         }
+        if has_target {
+            let field = &record[n_features];
+            let v: f64 = field
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite())
+                .ok_or_else(|| err(line, format!("target '{field}' is not a finite number")))?;
+            target_values.push(v);
+        }
         features.push(row);
     }
     if features.is_empty() {
@@ -145,6 +163,7 @@ pub fn parse_csv(
     Ok(Dataset {
         features,
         labels: has_label.then_some(label_values),
+        targets: has_target.then_some(target_values),
     })
 }
 
@@ -163,6 +182,25 @@ mod tests {
         .unwrap();
         assert_eq!(d.features, vec![vec![1.0, 2.5], vec![-1.0, 0.0]]);
         assert_eq!(d.labels, Some(vec![0, 1]));
+        assert_eq!(d.targets, None);
+        let d = parse_csv(
+            "f0,target\n1,2.5\n-1,-0.25\n".as_bytes(),
+            "t.csv",
+            1,
+            Labels::Required,
+        )
+        .unwrap();
+        assert_eq!(d.targets, Some(vec![2.5, -0.25]));
+        assert_eq!(d.labels, None);
+        let e = parse_csv(
+            "f0,target\n1,nan\n".as_bytes(),
+            "t.csv",
+            1,
+            Labels::Required,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a finite number"), "{e}");
     }
 
     #[test]
@@ -200,7 +238,7 @@ mod tests {
         let e = parse_csv("f0,f1\n1,2\n".as_bytes(), "t", 2, Labels::Required)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("no 'label' column"), "{e}");
+        assert!(e.contains("no 'label' or 'target' column"), "{e}");
         let e = parse_csv("f0,label\n1,x\n".as_bytes(), "t", 1, Labels::Required)
             .unwrap_err()
             .to_string();

@@ -56,6 +56,47 @@ impl FloatModel {
     }
 }
 
+impl Prediction {
+    /// A regressor's predicted value (its first output).
+    pub fn value(&self) -> f64 {
+        self.outputs.first().copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// How well predicted values fit the true ones.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct RegressionMetrics {
+    /// Coefficient of determination, `1 - SS_res / SS_tot` (as scikit-learn's `r2_score`).
+    pub r2: f64,
+    pub mae: f64,
+    pub rmse: f64,
+}
+
+pub fn regression_metrics(predicted: &[f64], truth: &[f64]) -> RegressionMetrics {
+    let n = truth.len().max(1) as f64;
+    let mean = truth.iter().sum::<f64>() / n;
+    let ss_res: f64 = predicted
+        .iter()
+        .zip(truth)
+        .map(|(p, t)| (p - t).powi(2))
+        .sum();
+    let ss_tot: f64 = truth.iter().map(|t| (t - mean).powi(2)).sum();
+    RegressionMetrics {
+        r2: if ss_tot > 0.0 {
+            1.0 - ss_res / ss_tot
+        } else {
+            0.0
+        },
+        mae: predicted
+            .iter()
+            .zip(truth)
+            .map(|(p, t)| (p - t).abs())
+            .sum::<f64>()
+            / n,
+        rmse: (ss_res / n).sqrt(),
+    }
+}
+
 /// Fraction of `predicted` equal to `labels`.
 pub fn accuracy(predicted: &[i64], labels: &[i64]) -> f64 {
     if labels.is_empty() {
@@ -66,18 +107,40 @@ pub fn accuracy(predicted: &[i64], labels: &[i64]) -> f64 {
 }
 
 impl CompiledModel {
+    /// Simulated predictions for `xs`; with `noise_seed`, with the predicted bootstrap noise.
+    pub fn simulate_predictions(
+        &self,
+        xs: &[Vec<f64>],
+        noise_seed: Option<u64>,
+    ) -> crate::Result<Vec<Prediction>> {
+        let mut rng = noise_seed.map(crate::simulate::NoiseRng::new);
+        xs.iter()
+            .map(|x| self.simulate(x, rng.as_mut()).map(|s| self.decode(&s.accs)))
+            .collect()
+    }
+
     /// Simulated predicted labels for `xs`; with `noise_seed`, with the predicted bootstrap noise.
     pub fn simulate_labels(
         &self,
         xs: &[Vec<f64>],
         noise_seed: Option<u64>,
     ) -> crate::Result<Vec<i64>> {
-        let mut rng = noise_seed.map(crate::simulate::NoiseRng::new);
-        xs.iter()
-            .map(|x| {
-                self.simulate(x, rng.as_mut())
-                    .map(|s| self.decode(&s.accs).label)
-            })
-            .collect()
+        Ok(self
+            .simulate_predictions(xs, noise_seed)?
+            .into_iter()
+            .map(|p| p.label)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn regression_metrics_match_their_definitions() {
+        let m = super::regression_metrics(&[1.0, 2.0, 4.0], &[1.0, 3.0, 5.0]);
+        // mean 3, SS_tot = 4 + 0 + 4 = 8, SS_res = 0 + 1 + 1 = 2
+        assert!((m.r2 - 0.75).abs() < 1e-12);
+        assert!((m.mae - 2.0 / 3.0).abs() < 1e-12);
+        assert!((m.rmse - (2.0f64 / 3.0).sqrt()).abs() < 1e-12);
     }
 }

@@ -148,6 +148,56 @@ pub enum Activation {
     },
     /// A QuantizeLinear + DequantizeLinear pair.
     FakeQuant(Grid),
+    /// A tree node's test, 1 when it holds and 0 otherwise. The input is compared in single
+    /// precision, as onnxruntime compares its float tensors.
+    Compare {
+        rule: Rule,
+        threshold: f64,
+    },
+    /// A function of a small integer `s`: `table[s - base]`, 0 outside the table (a tree's
+    /// leaf values selected by the tests on their path; see `onnx/ops/trees.rs`).
+    Select {
+        base: i64,
+        table: Vec<f64>,
+    },
+    /// The normal distribution's quantile function (ONNX-ML `PROBIT` post transform).
+    Probit,
+}
+
+/// A tree node's branch rule (ONNX-ML `nodes_modes`): `x <rule> threshold` takes the true
+/// branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Rule {
+    Leq,
+    Lt,
+    Geq,
+    Gt,
+    Eq,
+    Neq,
+}
+
+impl Rule {
+    pub fn holds(self, x: f64, t: f64) -> bool {
+        let (x, t) = (x as f32, t as f32);
+        match self {
+            Rule::Leq => x <= t,
+            Rule::Lt => x < t,
+            Rule::Geq => x >= t,
+            Rule::Gt => x > t,
+            Rule::Eq => x == t,
+            Rule::Neq => x != t,
+        }
+    }
+
+    /// The rule whose test this one negates, so that both share one bootstrap.
+    pub fn canonical(self) -> (Rule, bool) {
+        match self {
+            Rule::Leq | Rule::Lt | Rule::Eq => (self, false),
+            Rule::Gt => (Rule::Leq, true),
+            Rule::Geq => (Rule::Lt, true),
+            Rule::Neq => (Rule::Eq, true),
+        }
+    }
 }
 
 /// An integer grid a model fixes (QuantizeLinear): `x = scale * (q - zero)`, `q` in
@@ -291,8 +341,70 @@ impl Activation {
                 }
             }
             Activation::FakeQuant(g) => g.fake_quant(x),
+            Activation::Compare { rule, threshold } => {
+                f64::from(u8::from(rule.holds(x, threshold)))
+            }
+            Activation::Select { base, ref table } => {
+                let i = x.round() as i64 - base;
+                usize::try_from(i)
+                    .ok()
+                    .and_then(|i| table.get(i))
+                    .copied()
+                    .unwrap_or(0.0)
+            }
+            Activation::Probit => std::f64::consts::SQRT_2 * erf_inv(2.0 * x - 1.0),
         }
     }
+}
+
+/// Inverse error function: Giles' single-precision polynomial (relative error below 1e-7 in
+/// its range) refined by two Newton steps on `erf`.
+fn erf_inv(y: f64) -> f64 {
+    if y <= -1.0 {
+        return f64::NEG_INFINITY;
+    }
+    if y >= 1.0 {
+        return f64::INFINITY;
+    }
+    let w = -((1.0 - y) * (1.0 + y)).ln();
+    let mut x = if w < 5.0 {
+        let w = w - 2.5;
+        let mut p = 2.810_226_36e-08;
+        for c in [
+            3.432_739_39e-07,
+            -3.523_387_7e-06,
+            -4.391_506_54e-06,
+            0.000_218_580_87,
+            -0.001_253_725_03,
+            -0.004_177_681_64,
+            0.246_640_727,
+            1.501_409_41,
+        ] {
+            p = c + p * w;
+        }
+        p * y
+    } else {
+        let w = w.sqrt() - 3.0;
+        let mut p = -0.000_200_214_257;
+        for c in [
+            0.000_100_950_558,
+            0.001_349_343_22,
+            -0.003_673_428_44,
+            0.005_739_507_73,
+            -0.007_622_461_3,
+            0.009_438_870_47,
+            1.001_674_06,
+            2.832_976_82,
+        ] {
+            p = c + p * w;
+        }
+        p * y
+    };
+    for _ in 0..2 {
+        let err = erf(x) - y;
+        x -= err / (2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp());
+    }
+    x
 }
 
 fn softplus(x: f64) -> f64 {
@@ -357,6 +469,10 @@ pub enum OutputGrid {
     DifferenceOfInputs,
     /// Fixed by the model (a QuantizeLinear).
     Fixed(Grid),
+    /// Shared by every lookup of one group whose outputs are only summed into the model's
+    /// outputs (a tree ensemble's leaf values): a fine grid, since the client decrypts the
+    /// sums with no bootstrap, and one scale, so that the sums keep unit weights.
+    Summed(u32),
 }
 
 /// One univariate function of one linear value: one bootstrap per sample.
@@ -367,6 +483,10 @@ pub struct Lookup {
     pub grid: OutputGrid,
     /// The ONNX node that created it, for summaries and errors.
     pub origin: Arc<str>,
+    /// The input is a small exact integer (a feature on its grid, a sum of tree tests) and the
+    /// function is constant between integers, so the read must never be off by one: the plan
+    /// spaces the integers 128 positions apart and reads each at a box centre.
+    pub decision: bool,
 }
 
 /// What the client does with the decrypted scores, in the clear.
@@ -375,6 +495,8 @@ pub enum TailOp {
     Activation(Activation),
     /// Softmax over all outputs.
     Softmax,
+    /// Softmax over the nonzero outputs; zeros stay 0 (ONNX-ML `SOFTMAX_ZERO`).
+    SoftmaxZero,
     /// One score `s` becomes the two class scores `[-s, s]` (binary linear classifiers).
     BinaryScores,
     /// One probability `p` becomes `[1 - p, p]`.
@@ -394,6 +516,26 @@ pub struct FloatModel {
     pub tail: Vec<TailOp>,
     /// The label of each output class, when the exporter recorded them.
     pub class_labels: Option<Vec<i64>>,
+    pub task: Task,
+}
+
+/// What the model's outputs mean.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Task {
+    /// Class scores (or probabilities): the prediction is a class.
+    #[default]
+    Classification,
+    /// Predicted values, one per target.
+    Regression,
+}
+
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Classification => "classifier",
+            Task::Regression => "regressor",
+        }
+    }
 }
 
 impl FloatModel {
@@ -494,6 +636,17 @@ pub fn apply_tail(tail: &[TailOp], mut v: Vec<f64>) -> Vec<f64> {
                 let s: f64 = v.iter().map(|e| (e - m).exp()).sum();
                 v.iter_mut().for_each(|e| *e = (*e - m).exp() / s);
             }
+            TailOp::SoftmaxZero => {
+                let m = v
+                    .iter()
+                    .filter(|e| **e != 0.0)
+                    .cloned()
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let s: f64 = v.iter().filter(|e| **e != 0.0).map(|e| (e - m).exp()).sum();
+                v.iter_mut()
+                    .filter(|e| **e != 0.0)
+                    .for_each(|e| *e = (*e - m).exp() / s);
+            }
             TailOp::BinaryScores if v.len() == 1 => v = vec![-v[0], v[0]],
             TailOp::BinaryProbabilities if v.len() == 1 => v = vec![1.0 - v[0], v[0]],
             TailOp::BinaryScores | TailOp::BinaryProbabilities => {}
@@ -544,17 +697,20 @@ mod tests {
                     func: Arc::new(UFn::X),
                     grid: OutputGrid::Calibrated,
                     origin: "dead".into(),
+                    decision: false,
                 },
                 Lookup {
                     input: Lin::atom(1),
                     func: Arc::new(UFn::Act(Activation::Relu, Arc::new(UFn::X))),
                     grid: OutputGrid::Calibrated,
                     origin: "live".into(),
+                    decision: false,
                 },
             ],
             outputs: vec![Lin::combine([(3.0, &Lin::atom(3))], 1.0)],
             tail: vec![],
             class_labels: None,
+            task: Task::Classification,
         };
         assert_eq!(m.scores(&[1.0, -2.0]), vec![1.0]);
         assert_eq!(m.scores(&[1.0, 2.0]), vec![7.0]);

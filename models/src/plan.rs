@@ -7,12 +7,15 @@
 //! the group fit its calibrated range into the bootstrap's window, or, for the outputs, into
 //! the signed torus. Narrower forms then spread over the window with an integer multiplier.
 
+use std::collections::HashMap;
+
 use crate::compiled::{
-    CompiledModel, GUARD, InputEncoding, IntMatrix, KS_MS_VARIANCE, NodeCost, OutputDecoding,
-    OutputLayer, PBS_OUTPUT_VARIANCE, POSITION, POSITIONS, ParamSet, Stage, bits,
+    CompiledModel, GUARD, InputEncoding, InputWindow, IntMatrix, KS_MS_VARIANCE, NodeCost,
+    OutputDecoding, OutputLayer, PBS_OUTPUT_VARIANCE, POSITION, POSITIONS, ParamSet, Stage, WINDOW,
+    WINDOW_STRIDE, bits,
 };
 use crate::error::{ModelError, Result};
-use crate::graph::FloatModel;
+use crate::graph::{FloatModel, Task};
 use crate::quantize::{QuantConfig, QuantLin, QuantModel, quantize};
 
 /// Compiles a float model: quantizes it on `calibration`, then plans its FHE encoding.
@@ -34,7 +37,9 @@ pub fn compile(
         plan(model, &q, rows, c)
     };
     let base = build(cfg, calibration)?;
-    if !cfg.search || model.lookups.is_empty() || calibration.len() < 10 {
+    // Tree tests and leaf tables are exact whatever the widths: nothing to search.
+    let all_exact = model.lookups.iter().all(|l| l.decision);
+    if !cfg.search || all_exact || calibration.len() < 10 {
         return Ok(base);
     }
     let fit: Vec<Vec<f64>> = (0..calibration.len())
@@ -44,24 +49,40 @@ pub fn compile(
     let held: Vec<&Vec<f64>> = calibration.iter().step_by(5).collect();
     let step = held.len().div_ceil(256).max(1);
     let rows: Vec<&Vec<f64>> = held.into_iter().step_by(step).collect();
-    let float: Vec<i64> = rows.iter().map(|x| model.predict(x).label).collect();
-    let score = |m: &CompiledModel| -> usize {
+    let float: Vec<crate::eval::Prediction> = rows.iter().map(|x| model.predict(x)).collect();
+    // Classifiers: rows whose class agrees with the float model's. Regressors: minus the
+    // squared error against the float outputs. A row that overflows counts as a miss.
+    let score = |m: &CompiledModel| -> f64 {
         [1u64, 2]
             .iter()
             .map(|&seed| {
                 let mut rng = crate::simulate::NoiseRng::new(seed);
                 rows.iter()
                     .zip(&float)
-                    .filter(|(x, f)| {
-                        m.simulate(x, Some(&mut rng))
-                            .is_ok_and(|s| s.overflows == 0 && m.decode(&s.accs).label == **f)
+                    .map(|(x, f)| match m.simulate(x, Some(&mut rng)) {
+                        Ok(s) if s.overflows == 0 => {
+                            let p = m.decode(&s.accs);
+                            match model.task {
+                                Task::Classification => f64::from(u8::from(p.label == f.label)),
+                                Task::Regression => -p
+                                    .outputs
+                                    .iter()
+                                    .zip(&f.outputs)
+                                    .map(|(a, b)| (a - b).powi(2))
+                                    .sum::<f64>(),
+                            }
+                        }
+                        _ => match model.task {
+                            Task::Classification => 0.0,
+                            Task::Regression => -1e30,
+                        },
                     })
-                    .count()
+                    .sum::<f64>()
             })
             .sum()
     };
     let fixed_bits = base.nodes.iter().map(|n| n.output_bits).max().unwrap_or(0);
-    let mut best: Option<(usize, QuantConfig)> = None;
+    let mut best: Option<(f64, QuantConfig)> = None;
     let weights = [
         cfg.weight_bits,
         cfg.weight_bits.saturating_sub(1),
@@ -168,6 +189,51 @@ fn plan(
         })
         .collect();
 
+    // Decisions (tree tests) read small exact integers at box centres, 128 positions apart. A
+    // test of a feature wider than 16 values reads the window of its grid around the
+    // threshold instead, which the client sends.
+    let mut windows: Vec<InputWindow> = Vec::new();
+    let mut first_window: HashMap<u32, usize> = HashMap::new();
+    let mut window_read: Vec<Option<(usize, i64)>> = vec![None; n_lookups];
+    let mut exact_read = vec![false; n_lookups];
+    let mut ranges = ranges;
+    for (i, ql) in q.lookups.iter().enumerate() {
+        if !model.lookups[i].decision || !ql.exact {
+            continue;
+        }
+        let (tlo, thi) = ql.bounds(&q.atoms);
+        if thi - tlo < WINDOW {
+            ranges[i] = (tlo, thi);
+            exact_read[i] = true;
+            continue;
+        }
+        let [(a, w)] = ql.terms[..] else { continue };
+        if a as usize >= nf {
+            continue;
+        }
+        let g = feature_table(model, q, i, a, w);
+        let steps: Vec<i64> = (0..g.len() as i64 - 1)
+            .filter(|&v| g[v as usize] != g[v as usize + 1])
+            .collect();
+        let (first, last) = match (steps.first(), steps.last()) {
+            (Some(&f), Some(&l)) => (f, l + 1),
+            _ => (0, 0),
+        };
+        let m = first / WINDOW_STRIDE;
+        if last > m * WINDOW_STRIDE + WINDOW - 1 {
+            continue; // the function changes over more than one window: read it approximately
+        }
+        let base = *first_window.entry(a).or_insert_with(|| {
+            let at = windows.len();
+            windows.extend(InputWindow::cover(a, q.atoms[a as usize].max_q));
+            at
+        });
+        window_read[i] = Some((base + m as usize, m * WINDOW_STRIDE));
+        ranges[i] = (0, WINDOW - 1);
+        exact_read[i] = true;
+    }
+    let n_inputs = nf + windows.len();
+
     // Torus scale groups.
     let mut groups = Groups((0..n_atoms).collect());
     for j in 1..nf {
@@ -226,7 +292,7 @@ fn plan(
     let mut value_of = vec![0u32; n_atoms];
     (0..nf).for_each(|j| value_of[j] = j as u32);
     for (pos, &i) in order.iter().enumerate() {
-        value_of[nf + i] = (nf + pos) as u32;
+        value_of[nf + i] = (n_inputs + pos) as u32;
     }
     let remap = |ql: &QuantLin, k: i64| -> Vec<(u32, i64)> {
         let mut row: Vec<(u32, i64)> = ql
@@ -239,7 +305,8 @@ fn plan(
     };
 
     let mut stages = Vec::with_capacity(n_stages);
-    let mut n_before = nf;
+    let mut n_before = n_inputs;
+    let mut min_decision_spacing = f64::INFINITY;
     let mut costs: Vec<NodeCost> = Vec::new();
     let mut start = 0;
     for s in 1..=n_stages {
@@ -271,17 +338,38 @@ fn plan(
                 .map_or(1u64 << 40, |&(a, _)| delta_of[a as usize]);
             let k = (usable / (d_in as i128 * width)).max(1) as i64;
             st.max_acc_width = st.max_acc_width.max(width as u64);
-            st.weights.rows.push(remap(ql, k));
+            st.weights.rows.push(match window_read[i] {
+                Some((w, _)) => vec![((nf + w) as u32, k)],
+                None => remap(ql, k),
+            });
             let off = GUARD as i128 * POSITION - (k as i128) * (d_in as i128) * lo as i128;
             st.offset.push(off as u64); // two's complement: the torus wraps
             // The table: decode the position back to an accumulator value, then rescale, apply
-            // the lookup's function and quantize onto its output grid.
+            // the lookup's function and quantize onto its output grid. An exact read rounds the
+            // accumulator to its integer first, so each value owns the positions nearest it.
             let step = POSITION as f64 / (k as f64 * d_in as f64);
             let (func, out_q) = (&model.lookups[i].func, q.atoms[nf + i]);
+            if exact_read[i] {
+                min_decision_spacing = min_decision_spacing.min(1.0 / step);
+            }
+            let feature = window_read[i].map(|(_, o)| {
+                let (a, w) = ql.terms[0];
+                (feature_table(model, q, i, a, w), o)
+            });
             for p in 0..POSITIONS {
                 let acc = lo as f64 + (p - GUARD) as f64 * step;
-                st.lut
-                    .push(out_q.quantize(func.eval(ql.scale * acc + ql.offset)) as u16);
+                let out = match (&feature, exact_read[i]) {
+                    (Some((g, o)), _) => {
+                        let v = (acc.round() as i64).clamp(0, WINDOW - 1) + o;
+                        g[v.min(g.len() as i64 - 1) as usize]
+                    }
+                    (None, true) => {
+                        let acc = (acc.round() as i64).clamp(lo, hi) as f64;
+                        out_q.quantize(func.eval(ql.scale * acc + ql.offset))
+                    }
+                    (None, false) => out_q.quantize(func.eval(ql.scale * acc + ql.offset)),
+                };
+                st.lut.push(out as u16);
             }
             st.delta_in.push(d_in);
             st.delta_out.push(delta_of[nf + i]);
@@ -359,14 +447,33 @@ fn plan(
         config: *cfg,
         input: InputEncoding {
             quant: q.atoms[..nf].to_vec(),
+            windows,
             delta: delta_of[0],
         },
         stages,
         output,
         tail: model.tail.clone(),
         class_labels: model.class_labels.clone(),
+        task: model.task,
         nodes: costs,
     };
+    // Half the spacing is the noise margin of an exact read; 48 positions is about ten read
+    // standard deviations (4.9 positions for fresh inputs).
+    if min_decision_spacing < 96.0 {
+        return Err(ModelError::Plan(format!(
+            "exact reads (tree tests) are {min_decision_spacing:.0} positions apart, fewer than 96: \
+             the values they share a scale with are too wide"
+        )));
+    }
     compiled.validate()?;
     Ok(compiled)
+}
+
+/// Lookup `i`'s output for each grid value `q` of input feature `a` (its form is `w * q`).
+fn feature_table(model: &FloatModel, q: &QuantModel, i: usize, a: u32, w: i64) -> Vec<i64> {
+    let ql = &q.lookups[i];
+    let (func, out_q) = (&model.lookups[i].func, q.atoms[model.n_features() + i]);
+    (0..=q.atoms[a as usize].max_q)
+        .map(|v| out_q.quantize(func.eval(ql.scale * (w * v) as f64 + ql.offset)))
+        .collect()
 }

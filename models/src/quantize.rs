@@ -12,7 +12,12 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::graph::{FloatModel, Lin, OutputGrid};
+use crate::graph::{Activation, FloatModel, Lin, OutputGrid, UFn};
+
+/// Bits of a [`OutputGrid::Summed`] grid. Its values reach the client through sums it
+/// decrypts, with no bootstrap to fit, so the grid can be much finer than an activation's; the
+/// bootstrap noise on each summed value (about 2^-13 of the output range) is the real limit.
+pub const SUMMED_BITS: u32 = 12;
 
 /// Bit widths and range margin; recorded in the compiled model.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -186,10 +191,17 @@ pub fn quantize(
     }
     let mut tied: HashMap<u32, (f64, f64)> = HashMap::new();
     for (i, l) in model.lookups.iter().enumerate() {
-        if let OutputGrid::Tied(g) = l.grid {
+        if let OutputGrid::Tied(g) | OutputGrid::Summed(g) = l.grid {
             let r = tied.entry(g).or_insert((f64::INFINITY, f64::NEG_INFINITY));
             r.0 = r.0.min(range[nf + i].0);
             r.1 = r.1.max(range[nf + i].1);
+            // A table's every value, not only those calibration reached (a rare leaf).
+            if let UFn::Act(Activation::Select { table, .. }, _) = &*l.func {
+                for &v in table {
+                    r.0 = r.0.min(v);
+                    r.1 = r.1.max(v);
+                }
+            }
         }
     }
     let fixed = |g: &crate::graph::Grid| UniformQuant {
@@ -223,6 +235,10 @@ pub fn quantize(
                 let (lo, hi) = tied[g];
                 UniformQuant::from_range(lo, hi, cfg.act_bits)
             }
+            OutputGrid::Summed(g) => {
+                let (lo, hi) = tied[g];
+                UniformQuant::from_range(lo, hi, SUMMED_BITS)
+            }
             OutputGrid::Fixed(g) => coarse(g),
             OutputGrid::DifferenceOfInputs => {
                 difference_grid(&l.input, &atoms).unwrap_or(calibrated)
@@ -233,12 +249,12 @@ pub fn quantize(
     let lookups = model
         .lookups
         .iter()
-        .map(|l| quantize_form(&l.input, &atoms, nf, cfg))
+        .map(|l| quantize_form(&l.input, &atoms, nf, cfg, l.decision))
         .collect();
     let outputs = model
         .outputs
         .iter()
-        .map(|o| quantize_form(o, &atoms, nf, cfg))
+        .map(|o| quantize_form(o, &atoms, nf, cfg, false))
         .collect();
     Ok(QuantModel {
         atoms,
@@ -270,8 +286,14 @@ fn difference_grid(input: &Lin, atoms: &[UniformQuant]) -> Option<UniformQuant> 
 
 /// Integer weights for one form: input scales folded in, then one rounding scale chosen so
 /// that weights on fresh inputs use `first_weight_bits` and weights on bootstrap outputs
-/// `weight_bits`.
-fn quantize_form(lin: &Lin, atoms: &[UniformQuant], nf: usize, cfg: &QuantConfig) -> QuantLin {
+/// `weight_bits`. A decision's form (a tree's tests) keeps its exact unit at any width.
+fn quantize_form(
+    lin: &Lin,
+    atoms: &[UniformQuant],
+    nf: usize,
+    cfg: &QuantConfig,
+    decision: bool,
+) -> QuantLin {
     let folded: Vec<(u32, f64)> = lin
         .terms
         .iter()
@@ -294,10 +316,16 @@ fn quantize_form(lin: &Lin, atoms: &[UniformQuant], nf: usize, cfg: &QuantConfig
         .map(|t| t.1.abs())
         .fold(f64::INFINITY, f64::min);
     let exact_unit = unit.is_finite()
-        && unit >= t
+        && (unit >= t || decision)
         && folded.iter().all(|&(_, v)| {
             let r = v / unit;
-            (r - r.round()).abs() < 1e-9 && r.abs() <= w_max(cfg.first_weight_bits)
+            (r - r.round()).abs() < 1e-9
+                && r.abs()
+                    <= if decision {
+                        1024.0
+                    } else {
+                        w_max(cfg.first_weight_bits)
+                    }
         });
     let t = if exact_unit { unit } else { t };
     let terms: Vec<(u32, i64)> = folded

@@ -110,7 +110,7 @@ impl CompiledModel {
             }
         }
         // The largest change of each value for a read one position off.
-        let mut jump = vec![0i64; self.n_features()];
+        let mut jump = vec![0i64; self.n_inputs()];
         for st in &self.stages {
             for n in 0..st.len() {
                 let t = st.lut_of(n);

@@ -135,7 +135,7 @@ impl ServedModel {
     ) -> Result<Self> {
         let spec = model.client_spec();
         let params = model.params;
-        let n_features = model.n_features();
+        let n_features = model.n_inputs();
         let n_outputs = model.n_outputs();
         let lwe_size = big_lwe_size(params);
         let fhe = Arc::new(FheModel::new(model)?);
@@ -164,6 +164,15 @@ impl ServedModel {
                     })
                     .collect(),
                 delta: spec.input.delta,
+                windows: spec
+                    .input
+                    .windows
+                    .iter()
+                    .map(|w| v1::InputWindow {
+                        feature: w.feature,
+                        offset: w.offset,
+                    })
+                    .collect(),
             }),
             n_outputs: n_outputs as u32,
             output: Some(v1::OutputDecoding {
@@ -180,6 +189,7 @@ impl ServedModel {
             client_spec_json: serde_json::to_string(&spec)
                 .map_err(|e| ServiceError::Internal(format!("client spec to JSON: {e}")))?,
             max_batch: max_batch as u32,
+            task: spec.task.name().to_string(),
         };
         Ok(ServedModel {
             name,

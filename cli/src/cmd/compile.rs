@@ -2,13 +2,15 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use veil_models::data::{Labels, read_csv};
+use veil_models::graph::Task;
 use veil_models::{QuantConfig, compile, onnx};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The ONNX model (torch.onnx or skl2onnx export).
     model: PathBuf,
-    /// CSV of calibration samples (features in model-input order; a `label` column is ignored).
+    /// CSV of calibration samples (features in model-input order; a last `label` column is ignored; a
+    /// last `target` column is ignored too, and marks the model as a regressor).
     #[arg(long)]
     calibration: PathBuf,
     /// Where to write the compiled model (.veil).
@@ -42,9 +44,14 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let float =
+    let mut float =
         onnx::import_file(&a.model).with_context(|| format!("importing {}", a.model.display()))?;
     let calib = read_csv(&a.calibration, float.n_features(), Labels::Optional)?;
+    // A network's outputs do not say whether they are scores or values; a calibration file
+    // with a `target` column says they are values.
+    if calib.targets.is_some() {
+        float.task = Task::Regression;
+    }
     let cfg = QuantConfig {
         input_bits: a.input_bits,
         first_weight_bits: a.first_weight_bits,

@@ -5,8 +5,9 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use veil_models::CompiledModel;
 use veil_models::data::{Labels, read_csv};
-use veil_models::eval::accuracy;
+use veil_models::eval::{Prediction, accuracy, regression_metrics};
 use veil_models::fhe::{BackendKind, ClientKey, EvalKey, FheModel, Profile};
+use veil_models::graph::Task;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -18,7 +19,8 @@ pub enum Mode {
 pub struct Args {
     /// The compiled model (.veil).
     model: PathBuf,
-    /// CSV with the features and a `label` column.
+    /// CSV with the features and a `label` column (classifiers) or a `target` column
+    /// (regressors).
     #[arg(long)]
     data: PathBuf,
     #[arg(long, value_enum, default_value_t = Mode::Simulate)]
@@ -68,7 +70,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(n) = a.limit {
         data.truncate(n);
     }
-    let labels = data.labels.clone().expect("labels are required");
+    let regression = model.task == Task::Regression;
+    if regression && model.n_outputs() != 1 {
+        bail!(
+            "the model predicts {} targets; eval compares one target column",
+            model.n_outputs()
+        );
+    }
+    let labels = data.labels.clone();
+    let targets = data.targets.clone();
+    match (regression, &labels, &targets) {
+        (false, None, _) => bail!(
+            "{} has no 'label' column (the model is a classifier)",
+            a.data.display()
+        ),
+        (true, _, None) => bail!(
+            "{} has no 'target' column (the model is a regressor)",
+            a.data.display()
+        ),
+        _ => {}
+    }
 
     // Exact and noisy simulation, always: they are the reference for the encrypted run.
     let t0 = Instant::now();
@@ -78,39 +99,75 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map(|x| model.simulate(x, None))
         .collect::<Result<_, _>>()?;
     let sim_secs = t0.elapsed().as_secs_f64();
-    let sim_pred: Vec<i64> = sim.iter().map(|s| model.decode(&s.accs).label).collect();
+    let sim_pred: Vec<Prediction> = sim.iter().map(|s| model.decode(&s.accs)).collect();
     let overflow_samples = sim.iter().filter(|s| s.overflows > 0).count();
-    let noisy_pred = model.simulate_labels(&data.features, Some(0x5eed))?;
+    let noisy_pred = model.simulate_predictions(&data.features, Some(0x5eed))?;
+    // Accuracy for classifiers, fit for regressors.
+    let quality = |prefix: &str, p: &[Prediction]| -> serde_json::Value {
+        match (&labels, &targets) {
+            (Some(l), _) if !regression => {
+                let pred: Vec<i64> = p.iter().map(|p| p.label).collect();
+                serde_json::json!({ format!("{prefix}accuracy"): accuracy(&pred, l) })
+            }
+            (_, Some(t)) => {
+                let pred: Vec<f64> = p.iter().map(Prediction::value).collect();
+                let m = regression_metrics(&pred, t);
+                serde_json::json!({
+                    format!("{prefix}r2"): m.r2,
+                    format!("{prefix}mae"): m.mae,
+                    format!("{prefix}rmse"): m.rmse,
+                })
+            }
+            _ => serde_json::json!({}),
+        }
+    };
 
     let mut out = serde_json::json!({
         "mode": match a.mode { Mode::Simulate => "simulate", Mode::Fhe => "fhe" },
+        "task": model.task.name(),
         "n": data.len(),
-        "simulated_accuracy": accuracy(&sim_pred, &labels),
-        "simulated_accuracy_with_noise": accuracy(&noisy_pred, &labels),
         "overflow_samples": overflow_samples,
         "simulated_samples_per_second": data.len() as f64 / sim_secs.max(1e-9),
         "pbs_per_sample": model.pbs_per_sample(),
         "parameter_set": model.params.name(),
     });
+    let merge = |out: &mut serde_json::Value, v: serde_json::Value| {
+        for (k, v) in v.as_object().expect("an object") {
+            out[k] = v.clone();
+        }
+    };
+    merge(&mut out, quality("simulated_", &sim_pred));
+    let noisy = quality("simulated_", &noisy_pred);
+    for (k, v) in noisy.as_object().expect("an object") {
+        out[format!("{k}_with_noise")] = v.clone();
+    }
 
     match a.mode {
-        Mode::Simulate => {
-            out["accuracy"] = out["simulated_accuracy"].clone();
-        }
+        Mode::Simulate => merge(&mut out, quality("", &sim_pred)),
         Mode::Fhe => {
             if a.batch == 0 {
                 bail!("--batch must be at least 1");
             }
             let backend = backend.expect("resolved for fhe mode");
             let fhe = fhe_run(&model, &data.features, a.batch, backend)?;
-            let agree = fhe
-                .predictions
-                .iter()
-                .zip(&sim_pred)
-                .filter(|(a, b)| a == b)
-                .count();
-            out["accuracy"] = serde_json::json!(accuracy(&fhe.predictions, &labels));
-            out["agreement"] = serde_json::json!(agree as f64 / data.len().max(1) as f64);
+            merge(&mut out, quality("", &fhe.predictions));
+            if regression {
+                let diff = fhe
+                    .predictions
+                    .iter()
+                    .zip(&sim_pred)
+                    .map(|(a, b)| (a.value() - b.value()).abs())
+                    .fold(0.0, f64::max);
+                out["max_abs_diff_vs_simulated"] = serde_json::json!(diff);
+            } else {
+                let agree = fhe
+                    .predictions
+                    .iter()
+                    .zip(&sim_pred)
+                    .filter(|(a, b)| a.label == b.label)
+                    .count();
+                out["agreement"] = serde_json::json!(agree as f64 / data.len().max(1) as f64);
+            }
             out["latency_ms_median"] = serde_json::json!(median(&fhe.latency_ms));
             out["latency_ms_per_sample"] = serde_json::json!(fhe.latency_ms);
             out["batch"] = serde_json::json!(a.batch);
@@ -149,7 +206,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 struct FheRun {
-    predictions: Vec<i64>,
+    predictions: Vec<Prediction>,
     latency_ms: Vec<f64>,
     encrypt_ms: Vec<f64>,
     keygen_s: f64,
@@ -209,7 +266,7 @@ fn fhe_run(
         add_profile(&mut run.profile, &p);
         for o in &outputs {
             let accs = client.decrypt(&spec, o)?;
-            run.predictions.push(spec.decode(&accs).label);
+            run.predictions.push(spec.decode(&accs));
             run.latency_ms.push(eval_ms);
             run.encrypt_ms.push(enc_ms);
         }

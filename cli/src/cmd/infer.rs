@@ -5,7 +5,8 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use veil_client::KeyPair;
 use veil_models::data::{Labels, read_csv};
-use veil_models::eval::accuracy;
+use veil_models::eval::{accuracy, regression_metrics};
+use veil_models::graph::Task;
 
 use super::conn::Conn;
 use super::eval::median;
@@ -123,9 +124,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         let t2 = Instant::now();
         let (request_len, response_len, server_eval) =
             (reply.request_bytes, reply.response_bytes, reply.server_eval);
-        for p in model.decrypt_batch(&keys, reply.outputs).await? {
-            predictions.push(p.label);
-        }
+        predictions.extend(model.decrypt_batch(&keys, reply.outputs).await?);
         let t3 = Instant::now();
         request_bytes += request_len;
         response_bytes += response_len;
@@ -142,12 +141,29 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     pb.finish_and_clear();
 
     let n = data.len();
-    let acc = data.labels.as_ref().map(|l| accuracy(&predictions, l));
+    let regression = model.spec.task == Task::Regression;
+    let labels: Vec<i64> = predictions.iter().map(|p| p.label).collect();
+    let values: Vec<f64> = predictions.iter().map(|p| p.value()).collect();
+    let acc = data
+        .labels
+        .as_ref()
+        .filter(|_| !regression)
+        .map(|l| accuracy(&labels, l));
+    let fit = data
+        .targets
+        .as_ref()
+        .filter(|_| regression)
+        .map(|t| regression_metrics(&values, t));
     let mut out = serde_json::json!({
         "model": model.name(),
+        "task": model.spec.task.name(),
         "n": n,
         "batch": batch,
-        "predictions": predictions,
+        "predictions": if regression {
+            serde_json::json!(predictions.iter().map(|p| &p.outputs).collect::<Vec<_>>())
+        } else {
+            serde_json::json!(labels)
+        },
         "key_id": keys.key_id,
         "key_uploaded": key_uploaded,
         "key_upload_bytes": if key_uploaded { keys.eval_key.len() } else { 0 },
@@ -170,6 +186,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     if let Some(acc) = acc {
         out["accuracy"] = serde_json::json!(acc);
     }
+    if let Some(t) = &data.targets {
+        out["targets"] = serde_json::json!(t);
+    }
+    if let Some(m) = fit {
+        out["r2"] = serde_json::json!(m.r2);
+        out["mae"] = serde_json::json!(m.mae);
+        out["rmse"] = serde_json::json!(m.rmse);
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -188,25 +212,48 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             "already on the server".to_string()
         }
     );
-    println!(
-        "{:>6}  {:>10}  {:>6}  {:>12}",
-        "row", "prediction", "label", "latency ms"
-    );
-    for (i, p) in predictions.iter().enumerate() {
-        let label = data.labels.as_ref().map(|l| l[i]);
+    if regression {
         println!(
-            "{i:>6}  {p:>10}  {:>6}  {:>12.1}{}",
-            label.map_or("-".to_string(), |l| l.to_string()),
-            latency[i],
-            match label {
-                Some(l) if l == *p => "",
-                Some(_) => "  (miss)",
-                None => "",
-            }
+            "{:>6}  {:>14}  {:>14}  {:>12}",
+            "row", "prediction", "target", "latency ms"
         );
-    }
-    if let Some(acc) = acc {
-        println!("accuracy {:.1}% ({n} samples)", acc * 100.0);
+        for (i, p) in predictions.iter().enumerate() {
+            let shown: Vec<String> = p.outputs.iter().map(|v| format!("{v:.6}")).collect();
+            let target = data.targets.as_ref().map(|t| t[i]);
+            println!(
+                "{i:>6}  {:>14}  {:>14}  {:>12.1}",
+                shown.join(" "),
+                target.map_or("-".to_string(), |t| format!("{t:.6}")),
+                latency[i]
+            );
+        }
+        if let Some(m) = fit {
+            println!(
+                "r2 {:.4}, mae {:.4}, rmse {:.4} ({n} samples)",
+                m.r2, m.mae, m.rmse
+            );
+        }
+    } else {
+        println!(
+            "{:>6}  {:>10}  {:>6}  {:>12}",
+            "row", "prediction", "label", "latency ms"
+        );
+        for (i, p) in labels.iter().enumerate() {
+            let label = data.labels.as_ref().map(|l| l[i]);
+            println!(
+                "{i:>6}  {p:>10}  {:>6}  {:>12.1}{}",
+                label.map_or("-".to_string(), |l| l.to_string()),
+                latency[i],
+                match label {
+                    Some(l) if l == *p => "",
+                    Some(_) => "  (miss)",
+                    None => "",
+                }
+            );
+        }
+        if let Some(acc) = acc {
+            println!("accuracy {:.1}% ({n} samples)", acc * 100.0);
+        }
     }
     println!(
         "per sample (median): {:.1} ms end to end = encrypt {:.1} + request {:.1} (server eval {:.1}) + decrypt {:.1}; \

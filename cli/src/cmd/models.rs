@@ -18,6 +18,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             .map(|m| {
                 serde_json::json!({
                     "name": m.info.name,
+                    "task": m.info.task,
                     "input_shape": m.info.input_shape,
                     "n_features": m.n_features(),
                     "n_outputs": m.info.n_outputs,
@@ -34,13 +35,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:>12} {:>8} {:>10} {:>10}  parameter set",
-        "model", "input", "outputs", "pbs/sample", "key MB"
+        "{:<24} {:<10} {:>12} {:>8} {:>10} {:>10}  parameter set",
+        "model", "task", "input", "outputs", "pbs/sample", "key MB"
     );
     for m in &models {
         println!(
-            "{:<24} {:>12} {:>8} {:>10} {:>10.1}  {}",
+            "{:<24} {:<10} {:>12} {:>8} {:>10} {:>10.1}  {}",
             m.info.name,
+            m.info.task,
             format!("{:?}", m.info.input_shape),
             m.info.n_outputs,
             m.info.pbs_per_sample,

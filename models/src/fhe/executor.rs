@@ -26,7 +26,7 @@ struct Blocks {
 
 impl Blocks {
     fn new(model: &CompiledModel) -> Self {
-        let mut starts = vec![0, model.n_features()];
+        let mut starts = vec![0, model.n_inputs()];
         for st in &model.stages {
             starts.push(starts.last().unwrap() + st.len());
         }
@@ -155,7 +155,7 @@ impl FheModel {
         batch: &[EncryptedInput],
     ) -> Result<(Vec<EncryptedOutput>, Profile)> {
         let mut profile = Profile::default();
-        let n_features = self.model.n_features();
+        let n_features = self.model.n_inputs();
         for (i, s) in batch.iter().enumerate() {
             if s.len() != n_features || s.list.lwe_size().0 != self.lwe_size {
                 return Err(ModelError::Shape(format!(

@@ -44,7 +44,8 @@ bootstrap per value): MaxPool, GlobalMaxPool, Relu, PRelu, LeakyRelu, Sigmoid, T
 Selu, Softplus, Softsign, HardSigmoid, HardSwish, Mish, ThresholdedRelu, Clip, Abs, Exp, Log, \
 Sqrt, Reciprocal, Erf, Gelu, Sin, Cos, Sign, Floor, Ceil, Round, Pow, Mul/Div of computed \
 tensors, QuantizeLinear + DequantizeLinear; tail ops Softmax, LogSoftmax, ArgMax, ZipMap, \
-Normalizer; ai.onnx.ml Scaler and LinearClassifier";
+Normalizer; ai.onnx.ml Scaler, LinearClassifier, LinearRegressor, TreeEnsembleClassifier, \
+TreeEnsembleRegressor (one bootstrap per distinct test, leaf values packed per subtree)";
 
 /// Reads and imports an ONNX file.
 pub fn import_file(path: &std::path::Path) -> Result<FloatModel> {
@@ -354,6 +355,7 @@ impl GraphWalker {
             outputs,
             tail: self.tail,
             class_labels: self.class_labels,
+            task: self.builder.task,
         };
         model.prune();
         Ok(model)

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::graph::{Activation, AtomId, Grid, Lin, Lookup, OutputGrid, UFn};
+use crate::graph::{Activation, AtomId, Grid, Lin, Lookup, OutputGrid, Task, UFn};
 
 /// One element of a computed tensor.
 #[derive(Clone, Debug)]
@@ -64,6 +64,9 @@ pub(crate) struct GraphBuilder {
     /// Grids a QuantizeLinear fixes on input features.
     pub input_grids: Vec<Option<Grid>>,
     pub lookups: Vec<Lookup>,
+    /// Set by the ops that know their outputs are predicted values (tree and linear
+    /// regressors).
+    pub task: Task,
     next_tie: u32,
 }
 
@@ -73,6 +76,7 @@ impl GraphBuilder {
             n_inputs,
             input_grids: vec![None; n_inputs],
             lookups: Vec::new(),
+            task: Task::Classification,
             next_tie: 0,
         }
     }
@@ -96,6 +100,30 @@ impl GraphBuilder {
         grid: OutputGrid,
         origin: &str,
     ) -> Elem {
+        self.push(source, f, grid, origin, false)
+    }
+
+    /// A lookup that must read its small exact integer input without error (see
+    /// [`Lookup::decision`]).
+    pub fn decision(
+        &mut self,
+        source: Lin,
+        act: Activation,
+        grid: OutputGrid,
+        origin: &str,
+    ) -> Elem {
+        let f = Arc::new(UFn::Act(act, Arc::new(UFn::X)));
+        self.push(Arc::new(source), f, grid, origin, true)
+    }
+
+    fn push(
+        &mut self,
+        source: Arc<Lin>,
+        f: Arc<UFn>,
+        grid: OutputGrid,
+        origin: &str,
+        decision: bool,
+    ) -> Elem {
         if source.is_constant() {
             return Elem::constant(f.eval(source.bias));
         }
@@ -105,6 +133,7 @@ impl GraphBuilder {
             func: f.clone(),
             grid,
             origin: origin.into(),
+            decision,
         });
         let grid = match self.lookups.last().map(|l| &l.grid) {
             Some(OutputGrid::Fixed(g)) => Some(*g),

@@ -1,5 +1,5 @@
-//! The ai.onnx.ml ops scikit-learn exports write: Scaler (linear) and LinearClassifier (the
-//! scores, then a clear-text tail).
+//! The ai.onnx.ml ops scikit-learn exports write: Scaler (linear), LinearClassifier (the
+//! scores, then a clear-text tail), LinearRegressor; tree ensembles live in `trees.rs`.
 
 use super::super::symbolic::{Elem, GraphBuilder};
 use super::{Inputs, NodeCtx};
@@ -7,7 +7,13 @@ use crate::error::Result;
 use crate::graph::{Activation, Lin, TailOp};
 use crate::onnx::{Nd, NodeEffect, Value};
 
-pub(crate) fn map(ctx: &NodeCtx, _b: &mut GraphBuilder, inputs: &Inputs) -> Result<NodeEffect> {
+pub(crate) fn map(ctx: &NodeCtx, b: &mut GraphBuilder, inputs: &Inputs) -> Result<NodeEffect> {
+    if matches!(
+        ctx.node.op_type.as_str(),
+        "TreeEnsembleClassifier" | "TreeEnsembleRegressor"
+    ) {
+        return super::trees::tree_ensemble(ctx, b, inputs);
+    }
     let x = inputs.dynamic(ctx, 0)?;
     let n = x.data.len();
     if x.dims.len() != 2 {
@@ -41,6 +47,7 @@ pub(crate) fn map(ctx: &NodeCtx, _b: &mut GraphBuilder, inputs: &Inputs) -> Resu
             })]))
         }
         "LinearClassifier" => linear_classifier(ctx, &x.data),
+        "LinearRegressor" => super::trees::linear_regressor(ctx, b, &x.data),
         "Normalizer" | "ZipMap" => Err(ctx.unsupported("must follow a classifier's scores")),
         _ => Err(ctx.unsupported("unknown ai.onnx.ml op")),
     }

@@ -8,6 +8,7 @@ mod ml;
 mod pool;
 mod qdq;
 mod shape;
+mod trees;
 
 use super::symbolic::{DynTensor, GraphBuilder};
 use super::{NodeEffect, SUPPORTED_OPS, Tensor, Value, pb};
