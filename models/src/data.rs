@@ -10,8 +10,9 @@ pub struct Dataset {
     pub features: Vec<Vec<f64>>,
     /// One integer class per row, when the file has a `label` column.
     pub labels: Option<Vec<i64>>,
-    /// One value per row, when the file has a `target` column.
-    pub targets: Option<Vec<f64>>,
+    /// One value per target per row, when the file ends with a `target` column (or several:
+    /// `target0`, `target1`, ...).
+    pub targets: Option<Vec<Vec<f64>>>,
 }
 
 impl Dataset {
@@ -76,8 +77,14 @@ pub fn parse_csv(
     }
     let last = header.iter().next_back();
     let has_label = last == Some("label");
-    let has_target = last == Some("target");
-    let expected = n_features + usize::from(has_label || has_target);
+    let n_targets = header
+        .iter()
+        .rev()
+        .take_while(|h| h.starts_with("target"))
+        .count()
+        .min(header.len().saturating_sub(n_features));
+    let has_target = n_targets > 0;
+    let expected = n_features + usize::from(has_label) + n_targets;
     if header.len() != expected {
         return Err(err(
             1,
@@ -147,13 +154,19 @@ pub fn parse_csv(
             label_values.push(label);
         }
         if has_target {
-            let field = &record[n_features];
-            let v: f64 = field
-                .parse()
-                .ok()
-                .filter(|v: &f64| v.is_finite())
-                .ok_or_else(|| err(line, format!("target '{field}' is not a finite number")))?;
-            target_values.push(v);
+            let t = (n_features..n_features + n_targets)
+                .map(|c| {
+                    let field = &record[c];
+                    field
+                        .parse()
+                        .ok()
+                        .filter(|v: &f64| v.is_finite())
+                        .ok_or_else(|| {
+                            err(line, format!("target '{field}' is not a finite number"))
+                        })
+                })
+                .collect::<Result<Vec<f64>>>()?;
+            target_values.push(t);
         }
         features.push(row);
     }
@@ -190,7 +203,15 @@ mod tests {
             Labels::Required,
         )
         .unwrap();
-        assert_eq!(d.targets, Some(vec![2.5, -0.25]));
+        assert_eq!(d.targets, Some(vec![vec![2.5], vec![-0.25]]));
+        let d = parse_csv(
+            "f0,target0,target1\n1,2,3\n".as_bytes(),
+            "t.csv",
+            1,
+            Labels::Required,
+        )
+        .unwrap();
+        assert_eq!(d.targets, Some(vec![vec![2.0, 3.0]]));
         assert_eq!(d.labels, None);
         let e = parse_csv(
             "f0,target\n1,nan\n".as_bytes(),

@@ -56,13 +56,6 @@ impl FloatModel {
     }
 }
 
-impl Prediction {
-    /// A regressor's predicted value (its first output).
-    pub fn value(&self) -> f64 {
-        self.outputs.first().copied().unwrap_or(f64::NAN)
-    }
-}
-
 /// How well predicted values fit the true ones.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct RegressionMetrics {
@@ -72,7 +65,8 @@ pub struct RegressionMetrics {
     pub rmse: f64,
 }
 
-pub fn regression_metrics(predicted: &[f64], truth: &[f64]) -> RegressionMetrics {
+/// Metrics of one target.
+fn metrics_1d(predicted: &[f64], truth: &[f64]) -> RegressionMetrics {
     let n = truth.len().max(1) as f64;
     let mean = truth.iter().sum::<f64>() / n;
     let ss_res: f64 = predicted
@@ -94,6 +88,26 @@ pub fn regression_metrics(predicted: &[f64], truth: &[f64]) -> RegressionMetrics
             .sum::<f64>()
             / n,
         rmse: (ss_res / n).sqrt(),
+    }
+}
+
+/// Per-target metrics averaged over the targets (scikit-learn's `uniform_average`); rows hold
+/// one value per target.
+pub fn regression_metrics(predicted: &[Vec<f64>], truth: &[Vec<f64>]) -> RegressionMetrics {
+    let k = truth.first().map_or(0, Vec::len).max(1);
+    let col = |rows: &[Vec<f64>], j: usize| -> Vec<f64> {
+        rows.iter()
+            .map(|r| r.get(j).copied().unwrap_or(f64::NAN))
+            .collect()
+    };
+    let per: Vec<RegressionMetrics> = (0..k)
+        .map(|j| metrics_1d(&col(predicted, j), &col(truth, j)))
+        .collect();
+    let avg = |f: fn(&RegressionMetrics) -> f64| per.iter().map(f).sum::<f64>() / k as f64;
+    RegressionMetrics {
+        r2: avg(|m| m.r2),
+        mae: avg(|m| m.mae),
+        rmse: avg(|m| m.rmse),
     }
 }
 
@@ -137,7 +151,8 @@ impl CompiledModel {
 mod tests {
     #[test]
     fn regression_metrics_match_their_definitions() {
-        let m = super::regression_metrics(&[1.0, 2.0, 4.0], &[1.0, 3.0, 5.0]);
+        let rows = |v: &[f64]| v.iter().map(|&x| vec![x]).collect::<Vec<_>>();
+        let m = super::regression_metrics(&rows(&[1.0, 2.0, 4.0]), &rows(&[1.0, 3.0, 5.0]));
         // mean 3, SS_tot = 4 + 0 + 4 = 8, SS_res = 0 + 1 + 1 = 2
         assert!((m.r2 - 0.75).abs() < 1e-12);
         assert!((m.mae - 2.0 / 3.0).abs() < 1e-12);

@@ -71,12 +71,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         data.truncate(n);
     }
     let regression = model.task == Task::Regression;
-    if regression && model.n_outputs() != 1 {
-        bail!(
-            "the model predicts {} targets; eval compares one target column",
-            model.n_outputs()
-        );
-    }
     let labels = data.labels.clone();
     let targets = data.targets.clone();
     match (regression, &labels, &targets) {
@@ -110,7 +104,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 serde_json::json!({ format!("{prefix}accuracy"): accuracy(&pred, l) })
             }
             (_, Some(t)) => {
-                let pred: Vec<f64> = p.iter().map(Prediction::value).collect();
+                let pred: Vec<Vec<f64>> = p.iter().map(|p| p.outputs.clone()).collect();
                 let m = regression_metrics(&pred, t);
                 serde_json::json!({
                     format!("{prefix}r2"): m.r2,
@@ -156,7 +150,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     .predictions
                     .iter()
                     .zip(&sim_pred)
-                    .map(|(a, b)| (a.value() - b.value()).abs())
+                    .flat_map(|(a, b)| a.outputs.iter().zip(&b.outputs).map(|(x, y)| (x - y).abs()))
                     .fold(0.0, f64::max);
                 out["max_abs_diff_vs_simulated"] = serde_json::json!(diff);
             } else {

@@ -143,7 +143,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let n = data.len();
     let regression = model.spec.task == Task::Regression;
     let labels: Vec<i64> = predictions.iter().map(|p| p.label).collect();
-    let values: Vec<f64> = predictions.iter().map(|p| p.value()).collect();
+    let values: Vec<Vec<f64>> = predictions.iter().map(|p| p.outputs.clone()).collect();
     let acc = data
         .labels
         .as_ref()
@@ -219,11 +219,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         );
         for (i, p) in predictions.iter().enumerate() {
             let shown: Vec<String> = p.outputs.iter().map(|v| format!("{v:.6}")).collect();
-            let target = data.targets.as_ref().map(|t| t[i]);
+            let target = data.targets.as_ref().map(|t| {
+                t[i].iter()
+                    .map(|v| format!("{v:.6}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            });
             println!(
                 "{i:>6}  {:>14}  {:>14}  {:>12.1}",
                 shown.join(" "),
-                target.map_or("-".to_string(), |t| format!("{t:.6}")),
+                target.unwrap_or_else(|| "-".to_string()),
                 latency[i]
             );
         }

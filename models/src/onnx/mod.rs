@@ -252,7 +252,12 @@ impl GraphWalker {
             }
         }
         if reads_tail || (self.scores.is_some() && reads_dyn) {
-            if !ops::is_tail_op(node) {
+            // A product with constant ones (LightGBM's converter writes one) changes nothing.
+            let times_one = matches!(node.op_type.as_str(), "Mul" | "Div")
+                && inputs.iter().flatten().any(|v| {
+                    matches!(v, Value::Const(t) if !t.data.is_empty() && t.data.iter().all(|&x| x == 1.0))
+                });
+            if !ops::is_tail_op(node) && !times_one {
                 return Err(ctx.unsupported(
                     "only ops that turn scores into probabilities or a label (Softmax, ArgMax, \
                      Cast, ZipMap, Normalizer) may follow the model's scores",

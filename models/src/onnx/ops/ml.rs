@@ -71,13 +71,16 @@ fn linear_classifier(ctx: &NodeCtx, x: &[Elem]) -> Result<NodeEffect> {
     };
     // multi_class only changes how one-vs-rest label outputs break ties; the scores (and
     // the argmax the client takes) are the same, so it needs no handling.
+    // String labels become class indices, in the order the exporter lists them.
     let labels: Option<Vec<i64>> = ctx
         .attr_ints("classlabels_ints")
         .filter(|v| !v.is_empty())
-        .map(|v| v.to_vec());
-    if labels.is_none() && ctx.attr("classlabels_strings").is_some() {
-        return Err(ctx.unsupported("string class labels (only integer labels are supported)"));
-    }
+        .map(|v| v.to_vec())
+        .or_else(|| {
+            ctx.attr("classlabels_strings")
+                .filter(|a| !a.strings.is_empty())
+                .map(|a| (0..a.strings.len() as i64).collect())
+        });
     let n_classes = labels.as_ref().map_or(rows_n.max(2), Vec::len);
     let binary = rows_n == 1;
     if binary && n_classes != 2 {

@@ -484,23 +484,20 @@ pub(crate) fn tree_ensemble(
     }
     let classifier = ctx.node.op_type == "TreeEnsembleClassifier";
     let prefix = if classifier { "class" } else { "target" };
-    let labels: Option<Vec<i64>> = if classifier {
-        if ctx
-            .attr("classlabels_strings")
-            .is_some_and(|a| !a.strings.is_empty())
-        {
-            return Err(ctx.unsupported(
-                "string class labels (only integer labels are supported; encode the labels as integers before export)",
-            ));
-        }
-        Some(
+    // String labels (an iris model's species names) become class indices, in the order the
+    // exporter lists them: the client's predicted class is that index.
+    let names = ctx
+        .attr_strings("classlabels_strings")
+        .filter(|v| !v.is_empty());
+    let labels: Option<Vec<i64>> = match (classifier, names) {
+        (false, _) => None,
+        (true, Some(names)) => Some((0..names.len() as i64).collect()),
+        (true, None) => Some(
             ctx.attr_ints("classlabels_int64s")
                 .filter(|v| !v.is_empty())
-                .ok_or_else(|| ctx.unsupported("no classlabels_int64s"))?
+                .ok_or_else(|| ctx.unsupported("no classlabels_int64s or classlabels_strings"))?
                 .to_vec(),
-        )
-    } else {
-        None
+        ),
     };
     let n_out = match &labels {
         Some(l) => l.len(),
