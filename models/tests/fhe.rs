@@ -153,6 +153,59 @@ fn graph_models_encrypted_agree_with_simulation() {
     }
 }
 
+/// Tree ensembles read every test and leaf table exactly, so an encrypted run decodes to the
+/// simulation's outputs up to the noise of the summed bootstrap outputs alone; a regressor's
+/// predictions stay within the bound the plan derives.
+#[test]
+fn trees_and_regressors_encrypted_agree_with_simulation() {
+    let params = compiled("breast_cancer_xgb").1.params;
+    let client = ClientKey::generate_with_seed(params, 9);
+    let server = ServerKey::from_compressed(params, &client.compressed_server_key()).unwrap();
+    let backend = CpuBackend::new(&server);
+    let lwe_size = big_lwe_size(params);
+    for (name, rows) in [("breast_cancer_xgb", 20usize), ("diabetes_gbr", 12)] {
+        let (_, model) = compiled(name);
+        let spec = model.client_spec();
+        let test = dataset(name, "test.csv", model.n_features());
+        let xs = &test.features[..rows];
+        let inputs: Vec<EncryptedInput> = xs
+            .iter()
+            .map(|x| {
+                let bytes = client.encrypt(&spec, x).unwrap().to_bytes();
+                EncryptedInput::from_bytes(&bytes, model.n_inputs(), lwe_size).unwrap()
+            })
+            .collect();
+        let fhe = FheModel::new(model.clone()).unwrap();
+        let outputs = fhe.evaluate(&backend, &inputs).unwrap();
+        let mut worst = 0.0f64;
+        for (x, out) in xs.iter().zip(&outputs) {
+            let accs = client.decrypt(&spec, out).unwrap();
+            let sim = model.simulate(x, None).unwrap();
+            assert_within_predicted_noise(name, &model, x, &accs, &sim.accs);
+            for (n, (e, s)) in accs.iter().zip(&sim.accs).enumerate() {
+                // Only the summed outputs' own noise: 6 sigma, no misread allowance.
+                let own = 6.0 * model.output.sigma[n] * veil_models::compiled::POSITION as f64
+                    / model.output.decoding.delta as f64
+                    + 0.5;
+                assert!(
+                    (e - s).abs() <= own,
+                    "{name}: {e} vs simulated {s} (bound {own})"
+                );
+            }
+            let (p, q) = (spec.decode(&accs), model.decode(&sim.accs));
+            assert_eq!(p.label, q.label, "{name}");
+            for (a, b) in p.outputs.iter().zip(&q.outputs) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        eprintln!(
+            "{name}: {rows} encrypted samples, {} bootstraps each; largest output difference \
+             from the simulation {worst:.5}",
+            model.pbs_per_sample()
+        );
+    }
+}
+
 #[test]
 fn wrong_inputs_are_rejected_not_panicking() {
     let (_, model) = compiled("iris_logreg");

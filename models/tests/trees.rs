@@ -1,0 +1,180 @@
+//! Tree ensembles and regressors: import against onnxruntime on every test row, simulated
+//! accuracy and R^2 against the float model, and one bootstrap per distinct test.
+
+mod common;
+
+use common::*;
+use veil_models::eval::{accuracy, regression_metrics};
+use veil_models::graph::{Activation, Task, UFn};
+
+pub const TREE_ZOO: [&str; 5] = [
+    "breast_cancer_xgb",
+    "wine_rf",
+    "iris_lgbm",
+    "diabetes_linear",
+    "diabetes_gbr",
+];
+
+fn is_regressor(name: &str) -> bool {
+    reference(name)["task"] == "regression"
+}
+
+#[test]
+fn tree_and_regression_models_match_onnxruntime_on_every_test_row() {
+    for name in TREE_ZOO {
+        let reference = reference(name);
+        let model = float_model(name);
+        let test = dataset(name, "test.csv", model.n_features());
+        if is_regressor(name) {
+            assert_eq!(model.task, Task::Regression, "{name}");
+            let want: Vec<f64> = serde_json::from_value(reference["predictions"].clone()).unwrap();
+            assert_eq!(want.len(), test.len());
+            for (i, (x, w)) in test.features.iter().zip(&want).enumerate() {
+                let got = model.outputs(x);
+                assert_eq!(got.len(), 1, "{name}");
+                // onnxruntime sums in single precision
+                assert!(
+                    (got[0] - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "{name} row {i}: {} vs onnxruntime {w}",
+                    got[0]
+                );
+            }
+        } else {
+            assert_eq!(model.task, Task::Classification, "{name}");
+            let want: Vec<Vec<f64>> = serde_json::from_value(reference["scores"].clone()).unwrap();
+            let labels: Vec<i64> = serde_json::from_value(reference["labels"].clone()).unwrap();
+            assert_eq!(want.len(), test.len());
+            for (i, x) in test.features.iter().enumerate() {
+                let got = model.outputs(x);
+                assert_eq!(got.len(), want[i].len(), "{name} row {i}");
+                for (g, w) in got.iter().zip(&want[i]) {
+                    assert!(
+                        (g - w).abs() < 1e-5 * (1.0 + w.abs()),
+                        "{name} row {i}: {got:?} vs onnxruntime {:?}",
+                        want[i]
+                    );
+                }
+                assert_eq!(model.predict(x).label, labels[i], "{name} row {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn simulated_accuracy_and_r2_stay_close_to_float() {
+    for name in TREE_ZOO {
+        let (float, model) = compiled(name);
+        let test = dataset(name, "test.csv", float.n_features());
+        let reference = reference(name);
+        let sims: Vec<_> = test
+            .features
+            .iter()
+            .map(|x| model.simulate(x, None).unwrap())
+            .collect();
+        assert!(sims.iter().all(|s| s.overflows == 0), "{name}: overflow");
+        let exact: Vec<_> = sims.iter().map(|s| model.decode(&s.accs)).collect();
+        let noisy = model.simulate_predictions(&test.features, Some(3)).unwrap();
+        if is_regressor(name) {
+            let truth = test.targets.clone().unwrap();
+            let float_r2 = reference["r2"].as_f64().unwrap();
+            for (what, p) in [("exact", &exact), ("noisy", &noisy)] {
+                let pred: Vec<Vec<f64>> = p.iter().map(|p| p.outputs.clone()).collect();
+                let r2 = regression_metrics(&pred, &truth).r2;
+                assert!(
+                    (r2 - float_r2).abs() <= 0.03,
+                    "{name}: {what} simulated R^2 {r2:.4} vs float {float_r2:.4}"
+                );
+            }
+        } else {
+            let labels = test.labels.clone().unwrap();
+            let float_acc = reference["onnxruntime_accuracy"].as_f64().unwrap();
+            let slack = 0.015f64.max(1.0 / labels.len() as f64) + 1e-9;
+            for (what, p) in [("exact", &exact), ("noisy", &noisy)] {
+                let pred: Vec<i64> = p.iter().map(|p| p.label).collect();
+                let acc = accuracy(&pred, &labels);
+                assert!(
+                    acc >= float_acc - slack,
+                    "{name}: {what} simulated accuracy {acc:.4} vs float {float_acc:.4}"
+                );
+            }
+        }
+    }
+}
+
+/// The tests of an ensemble cost one bootstrap each however many trees ask them, and leaf
+/// values cost fewer bootstraps than there are leaves.
+#[test]
+fn each_distinct_test_is_one_bootstrap() {
+    for name in ["breast_cancer_xgb", "wine_rf", "iris_lgbm", "diabetes_gbr"] {
+        let stats = &reference(name)["tree_ensemble"];
+        let distinct = stats["distinct_comparisons"].as_u64().unwrap() as usize;
+        let leaves = stats["leaves"].as_u64().unwrap() as usize;
+        let internal = stats["internal_nodes"].as_u64().unwrap() as usize;
+        let float = float_model(name);
+        let tests = float
+            .lookups
+            .iter()
+            .filter(|l| matches!(&*l.func, UFn::Act(Activation::Compare { .. }, _)))
+            .count();
+        assert_eq!(tests, distinct, "{name}: one lookup per distinct test");
+        assert!(distinct <= internal, "{name}");
+        let (_, model) = compiled(name);
+        let leaf_lookups = model.pbs_per_sample() - distinct;
+        assert!(
+            leaf_lookups < leaves,
+            "{name}: {leaf_lookups} leaf lookups for {leaves} leaves"
+        );
+        // Every test and leaf table reads exactly: 128 positions or more between values.
+        for st in &model.stages {
+            for n in 0..st.len() {
+                // The row's weights are k times small integers that include 1 (a code bit or a
+                // window), so their gcd is the multiplier k.
+                let k = st.weights.rows[n]
+                    .iter()
+                    .fold(0i64, |g, &(_, w)| gcd(g, w.abs())) as f64;
+                let spacing = k * st.delta_in[n] as f64 / veil_models::compiled::POSITION as f64;
+                assert!(
+                    spacing >= 120.0,
+                    "{name}: values {spacing:.0} positions apart"
+                );
+            }
+        }
+    }
+}
+
+/// Features wider than one exact read reach their tests through windows of their grid, and a
+/// model sends every window of each feature it tests (so they reveal no threshold).
+#[test]
+fn tested_features_are_sent_as_every_window_of_their_grid() {
+    let (float, model) = compiled("breast_cancer_xgb");
+    let tested: std::collections::BTreeSet<u32> =
+        model.input.windows.iter().map(|w| w.feature).collect();
+    assert!(!tested.is_empty());
+    for f in &tested {
+        let max_q = model.input.quant[*f as usize].max_q;
+        let offsets: Vec<i64> = model
+            .input
+            .windows
+            .iter()
+            .filter(|w| w.feature == *f)
+            .map(|w| w.offset)
+            .collect();
+        let cover: Vec<i64> = veil_models::compiled::InputWindow::cover(*f, max_q)
+            .map(|w| w.offset)
+            .collect();
+        assert_eq!(offsets, cover, "feature {f}");
+        assert!(*offsets.last().unwrap() + 15 >= max_q);
+    }
+    // The client's values: the features, then each window's clamp of its feature.
+    let test = dataset("breast_cancer_xgb", "test.csv", float.n_features());
+    let q = model.input.quantize(&test.features[0]).unwrap();
+    assert_eq!(q.len(), model.n_inputs());
+    for (i, w) in model.input.windows.iter().enumerate() {
+        let v = q[model.n_features() + i];
+        assert_eq!(v, (q[w.feature as usize] - w.offset).clamp(0, 15));
+    }
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
