@@ -80,6 +80,8 @@ def check(folder: Path, quiet: bool) -> list[str]:
         print(f"== {folder.name} ({(folder / 'model.onnx').stat().st_size} bytes)")
         print_graph(model)
     X, y = read_csv(folder / "test.csv")
+    if ref.get("task") == "regression":
+        return check_regressor(folder, ref, model, X, y)
     Xtr, ytr = read_csv(folder / "train.csv")
     if (len(Xtr), len(X), X.shape[1]) != (ref["n_train"], ref["n_test"], ref["n_features"]):
         errors.append("csv sizes differ from reference.json")
@@ -98,6 +100,29 @@ def check(folder: Path, quiet: bool) -> list[str]:
         errors.append("opset differs")
     print(f"   {folder.name}: onnxruntime acc {acc:.4f} (reference {ref['onnxruntime_accuracy']:.4f}, "
           f"framework {ref['framework_accuracy']:.4f}) {'OK' if not errors else 'FAIL: ' + '; '.join(errors)}")
+    return errors
+
+
+def check_regressor(folder: Path, ref: dict, model: onnx.ModelProto, X, y) -> list[str]:
+    import onnxruntime as ort
+
+    errors = []
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # the references were recorded with one thread
+    sess = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    pred = sess.run(None, {sess.get_inputs()[0].name: np.asarray(X, dtype=np.float32)})[0]
+    pred = np.asarray(pred, dtype=np.float64).reshape(len(X), -1)
+    want = np.asarray(ref["predictions"], dtype=np.float64).reshape(len(X), -1)
+    if not np.allclose(pred, want, rtol=1e-6, atol=1e-5):
+        errors.append("predictions differ")
+    y = np.asarray(y, dtype=np.float64).reshape(len(X), -1)
+    r2 = float(1 - ((pred - y) ** 2).sum() / ((y - y.mean(axis=0)) ** 2).sum())
+    if abs(r2 - ref["r2"]) > 1e-6:
+        errors.append(f"r2 {r2} != {ref['r2']}")
+    if graph_ops(model) != ref["ops"]:
+        errors.append("ops differ")
+    print(f"   {folder.name}: onnxruntime r2 {r2:.4f} (reference {ref['r2']:.4f}, "
+          f"framework {ref['framework_r2']:.4f}) {'OK' if not errors else 'FAIL: ' + '; '.join(errors)}")
     return errors
 
 
