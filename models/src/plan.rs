@@ -15,7 +15,7 @@ use crate::compiled::{
     WINDOW_STRIDE, bits,
 };
 use crate::error::{ModelError, Result};
-use crate::graph::{FloatModel, Task};
+use crate::graph::{Activation, FloatModel, Rule, Task, UFn};
 use crate::quantize::{QuantConfig, QuantLin, QuantModel, quantize};
 
 /// Compiles a float model: quantizes it on `calibration`, then plans its FHE encoding.
@@ -470,10 +470,28 @@ fn plan(
 }
 
 /// Lookup `i`'s output for each grid value `q` of input feature `a` (its form is `w * q`).
+/// An equality test holds on the grid value nearest its threshold (a categorical feature's
+/// integer codes rarely lie exactly on an 8-bit grid).
 fn feature_table(model: &FloatModel, q: &QuantModel, i: usize, a: u32, w: i64) -> Vec<i64> {
     let ql = &q.lookups[i];
     let (func, out_q) = (&model.lookups[i].func, q.atoms[model.n_features() + i]);
+    let value = |v: i64| ql.scale * (w * v) as f64 + ql.offset;
+    let equal_at = match &**func {
+        UFn::Act(
+            Activation::Compare {
+                rule: Rule::Eq,
+                threshold,
+            },
+            inner,
+        ) if matches!(**inner, UFn::X) => {
+            Some(((threshold - ql.offset) / (ql.scale * w as f64)).round() as i64)
+        }
+        _ => None,
+    };
     (0..=q.atoms[a as usize].max_q)
-        .map(|v| out_q.quantize(func.eval(ql.scale * (w * v) as f64 + ql.offset)))
+        .map(|v| match equal_at {
+            Some(t) => out_q.quantize(f64::from(u8::from(v == t))),
+            None => out_q.quantize(func.eval(value(v))),
+        })
         .collect()
 }

@@ -1,7 +1,8 @@
 //! One small ONNX graph per op attribute (Conv padding, strides, dilations, groups, SAME
 //! padding, 1-D convolution, pooling with `ceil_mode` and `count_include_pad`, MaxPool,
-//! residual and branching graphs, re-indexing ops, element-wise functions), each checked
-//! against the outputs onnxruntime computed when `models/training/make_fixtures.py` wrote it.
+//! residual and branching graphs, re-indexing ops, element-wise functions, tree ensembles),
+//! each checked against the outputs onnxruntime computed when `models/training/make_fixtures.py`
+//! wrote it.
 
 mod common;
 

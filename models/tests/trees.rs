@@ -178,3 +178,41 @@ fn tested_features_are_sent_as_every_window_of_their_grid() {
 fn gcd(a: i64, b: i64) -> i64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
+
+/// The hand-written tree fixtures (every branch rule, AVERAGE, base values, onnxruntime's
+/// binary cases, SOFTMAX_ZERO, PROBIT, string labels, a path deeper than one exact read,
+/// tensor attributes) compile, and their quantized simulation equals onnxruntime's outputs:
+/// their samples lie on a quarter grid with thresholds between grid values, so only the leaf
+/// values' 12-bit grid separates the two.
+#[test]
+fn tree_fixtures_simulate_exactly() {
+    let dir = zoo_dir("fixtures");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("tree_") || path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        n += 1;
+        let spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let inputs: Vec<Vec<f64>> = serde_json::from_value(spec["inputs"].clone()).unwrap();
+        let outputs: Vec<Vec<f64>> = serde_json::from_value(spec["outputs"].clone()).unwrap();
+        let float = veil_models::onnx::import_file(&path.with_extension("onnx")).unwrap();
+        let model = veil_models::compile(&float, &inputs, &veil_models::QuantConfig::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (x, want) in inputs.iter().zip(&outputs) {
+            let sim = model.simulate(x, None).unwrap();
+            assert_eq!(sim.overflows, 0, "{name}");
+            let got = model.decode(&sim.accs).outputs;
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() < 5e-3 * (1.0 + w.abs()),
+                    "{name}: simulated {got:?} vs onnxruntime {want:?}"
+                );
+            }
+        }
+    }
+    assert!(n >= 6, "tree fixtures missing");
+}

@@ -591,6 +591,28 @@ pub(crate) fn tree_ensemble(
 
     if !classifier {
         b.task = Task::Regression;
+        // onnxruntime writes 0, not the base value, for a target no reached leaf weights; that
+        // is not a linear function of the tests, so such an ensemble is refused.
+        for (k, &base) in base_values.iter().enumerate() {
+            let partial = ens.roots.iter().any(|&r| {
+                let (mut with, mut without) = (false, false);
+                let mut stack = vec![r];
+                while let Some(i) = stack.pop() {
+                    match &ens.nodes[i] {
+                        Node::Branch { yes, no, .. } => stack.extend([*yes, *no]),
+                        Node::Leaf(w) if w.iter().any(|e| e.0 == k) => with = true,
+                        Node::Leaf(_) => without = true,
+                    }
+                }
+                with && without
+            });
+            if base != 0.0 && partial {
+                return Err(ctx.unsupported(format!(
+                    "target {k} has a base value and leaves of one tree both with and without a weight for it \
+                     (onnxruntime then drops the base value in some samples); give every leaf a weight, 0 included"
+                )));
+            }
+        }
         // onnxruntime adds base values per target when there is one per target, or the one
         // base value to a single target; a single target takes only PROBIT.
         let scores: Vec<Lin> = if base_values.len() == n_out {
