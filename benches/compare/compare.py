@@ -307,7 +307,8 @@ def veil_keygen(veil: Path, work: Path) -> dict:
     return out
 
 
-def veil_grpc(veil: Path, work: Path, model_veil: Path, keys: dict, data: Path, n_fhe: int) -> dict:
+def veil_grpc(veil: Path, work: Path, model_veil: Path, keys: dict, data: Path, n_fhe: int,
+              name: str = "digits_mlp") -> dict:
     """The client-server path: `veil-server` on 127.0.0.1, then `veil infer --json`.
 
     Gives measured bytes per image (the encrypted input, the gRPC request and response)
@@ -325,7 +326,7 @@ def veil_grpc(veil: Path, work: Path, model_veil: Path, keys: dict, data: Path, 
     for d in (served, data_dir):
         shutil.rmtree(d, ignore_errors=True)
     served.mkdir(parents=True)
-    shutil.copy(model_veil, served / "digits_mlp.veil")
+    shutil.copy(model_veil, served / f"{name}.veil")
     server_cmd = [str(server_bin), "--models", str(served), "--listen", "127.0.0.1:0",
                   "--data-dir", str(data_dir)]
     log(f"veil-server: {' '.join(server_cmd)}")
@@ -341,7 +342,7 @@ def veil_grpc(veil: Path, work: Path, model_veil: Path, keys: dict, data: Path, 
                     addr = line.rsplit(" ", 1)[-1].strip()
         if addr is None:
             return {"available": False, "note": f"veil-server did not start (see {rel(work / 'veil-server.log')})"}
-        base = [str(veil), "infer", "--server", f"http://{addr}", "--model", "digits_mlp", "--keys", keys["dir"],
+        base = [str(veil), "infer", "--server", f"http://{addr}", "--model", name, "--keys", keys["dir"],
                 "--data", str(data), "--json"]
         # Warm-up: uploads the evaluation key and lets the server load and expand it; not timed.
         warm, _, _ = run_cmd(base + ["--limit", "1"], "veil infer over gRPC (warm-up, uploads the key)")

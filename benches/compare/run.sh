@@ -4,6 +4,9 @@
 #   bash benches/compare/run.sh            # 10 encrypted test images per side
 #   N=3 bash benches/compare/run.sh        # fewer (quicker, noisier)
 #   bash benches/compare/run.sh --help     # compare.py's options (extra args are passed on)
+#   bash benches/compare/run.sh --trees    # the XGBoost comparison instead (compare_trees.py:
+#                                          # 20 trees x depth 3 on breast cancer; writes
+#                                          # results_trees.json and results_trees.md)
 #
 # 1. creates benches/compare/.venv (Python 3.11) with the pinned requirements.txt
 #    (concrete-ml 1.9.0; torch's CUDA wheels left out, see requirements.txt) unless it
@@ -18,6 +21,14 @@
 # venv, default python3.11 or python3), SKIP_BUILD=1 (use an existing
 # target/release/veil), VEIL (another veil binary; implies SKIP_BUILD=1).
 set -euo pipefail
+
+SCRIPT=compare.py
+WHAT="encrypted images"
+if [ "${1:-}" = "--trees" ]; then
+    shift
+    SCRIPT=compare_trees.py
+    WHAT="encrypted rows"
+fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -77,10 +88,11 @@ fi
 
 # ------------------------------------------------------------------ compare
 cmd="bash benches/compare/run.sh"
+[ "$SCRIPT" = compare_trees.py ] && cmd="$cmd --trees"
 [ "${SKIP_BUILD:-0}" = 1 ] && [ "$VEIL" = "$REPO/target/release/veil" ] && cmd="SKIP_BUILD=1 $cmd"
 [ "$VEIL" != "$REPO/target/release/veil" ] && cmd="VEIL=$VEIL $cmd"
 [ "$N" != 10 ] && cmd="N=$N $cmd"
 [ $# -gt 0 ] && cmd="$cmd $*"
-log "running compare.py (N=$N encrypted images per side)..."
+log "running $SCRIPT (N=$N $WHAT per side)..."
 cd "$REPO"
-exec "$VENV/bin/python" "$HERE/compare.py" --n-fhe "$N" --veil "$VEIL" --command "$cmd" "$@"
+exec "$VENV/bin/python" "$HERE/$SCRIPT" --n-fhe "$N" --veil "$VEIL" --command "$cmd" "$@"
