@@ -100,8 +100,12 @@ impl RemoteModel {
     /// Decrypts one sample's outputs into accumulators.
     pub fn decrypt_accs(&self, keys: &KeyPair, output: &[u8]) -> Result<Vec<f64>> {
         self.check_keys(keys)?;
-        let out =
-            EncryptedOutput::from_bytes(output, self.n_outputs(), big_lwe_size(self.spec.params))?;
+        let out = EncryptedOutput::from_bytes(
+            output,
+            self.n_outputs(),
+            big_lwe_size(self.spec.params),
+            self.spec.output.modulus_bits,
+        )?;
         Ok(keys.client.decrypt(&self.spec, &out)?)
     }
 
@@ -131,11 +135,12 @@ impl RemoteModel {
         self.check_keys(keys)?;
         let (spec, client) = (self.spec.clone(), Arc::clone(&keys.client));
         let (n, lwe) = (self.n_outputs(), big_lwe_size(self.spec.params));
+        let bits = self.spec.output.modulus_bits;
         blocking(move || {
             outputs
                 .iter()
                 .map(|o| {
-                    let out = EncryptedOutput::from_bytes(o, n, lwe)?;
+                    let out = EncryptedOutput::from_bytes(o, n, lwe, bits)?;
                     Ok(spec.decode(&client.decrypt(&spec, &out)?))
                 })
                 .collect()

@@ -67,10 +67,14 @@ impl CompiledModel {
             .map(|h| h.weights.n_out() * glwe * sp.polynomial_size.0 * 8)
             .sum();
         let weight_bytes = macs * 12;
-        // Request: one body per feature, a 16-byte seed and the wire header; response: full
-        // big-key ciphertexts.
+        // Request: one body per feature, a 16-byte seed and the wire header; response:
+        // big-key ciphertexts switched to the plan's modulus, packed.
         let request = 8 * self.n_features() + 16 + 16;
-        let response = 8 * big * self.n_outputs() + 16;
+        let response = crate::compiled::output_wire_bytes(
+            self.n_outputs(),
+            big,
+            self.output.decoding.modulus_bits,
+        );
         let (latency, share) = match machine {
             Some(m) => {
                 let t = m.threads.max(1);

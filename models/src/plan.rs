@@ -10,6 +10,7 @@
 use crate::compiled::{
     CompiledModel, GUARD, InputEncoding, IntMatrix, KS_MS_VARIANCE, NodeCost, OutputDecoding,
     OutputLayer, PBS_OUTPUT_VARIANCE, POSITION, POSITIONS, ParamSet, Stage, bits,
+    switch_sigma_positions,
 };
 use crate::error::{ModelError, Result};
 use crate::graph::FloatModel;
@@ -317,7 +318,7 @@ fn plan(
     }
 
     let out_rows: Vec<Vec<(u32, i64)>> = q.outputs.iter().map(|o| remap(o, 1)).collect();
-    let sigma = q
+    let sigma: Vec<f64> = q
         .outputs
         .iter()
         .map(|o| {
@@ -335,6 +336,7 @@ fn plan(
         .iter()
         .find_map(|o| o.terms.first())
         .map_or(out_delta, |&(a, _)| delta_of[a as usize]);
+    let (modulus_bits, sigma) = output_modulus(&sigma, out_decoding_delta);
     let output = OutputLayer {
         weights: IntMatrix {
             n_in: n_before as u32,
@@ -344,6 +346,7 @@ fn plan(
             delta: out_decoding_delta,
             scale: q.outputs.iter().map(|o| o.scale).collect(),
             offset: q.outputs.iter().map(|o| o.offset).collect(),
+            modulus_bits,
         },
         sigma,
         max_acc_width: out_range
@@ -366,7 +369,36 @@ fn plan(
         tail: model.tail.clone(),
         class_labels: model.class_labels.clone(),
         nodes: costs,
+        reveal: model.reveal,
     };
     compiled.validate()?;
     Ok(compiled)
+}
+
+/// Fewest bits of modulus the outputs keep, with their noise including the switch.
+pub const MIN_OUTPUT_BITS: u32 = 8;
+/// Most bits kept: a 32-bit element per coefficient, half the full ciphertext.
+pub const MAX_OUTPUT_BITS: u32 = 32;
+
+/// The modulus the outputs are switched to before they go back, and each output's predicted
+/// noise with the switch's rounding added. The switch may add at most a sixteenth of the
+/// larger of the output's own noise and half an integer unit of its accumulator (1/256 of
+/// the variance): fewer bits would blur scores, more would only carry noise. Scores whose
+/// accumulators are wide and exact (no bootstrap before them) keep up to 32 bits.
+fn output_modulus(sigma: &[f64], delta: u64) -> (u32, Vec<f64>) {
+    let n = crate::fhe::big_lwe_size(ParamSet::Message2Carry2KsPbsTuniform2m128) - 1;
+    let half_unit = delta as f64 / POSITION as f64 / 2.0;
+    let target = sigma
+        .iter()
+        .map(|s| s.max(half_unit) / 16.0)
+        .fold(f64::INFINITY, f64::min);
+    let bits = (MIN_OUTPUT_BITS..=MAX_OUTPUT_BITS)
+        .find(|&b| switch_sigma_positions(b, n) <= target)
+        .unwrap_or(MAX_OUTPUT_BITS);
+    let extra = switch_sigma_positions(bits, n);
+    let sigma = sigma
+        .iter()
+        .map(|s| (s * s + extra * extra).sqrt())
+        .collect();
+    (bits, sigma)
 }

@@ -65,8 +65,22 @@ fn encrypted_runs_agree_with_simulation() {
         assert_eq!(outputs.len(), rows);
         let mut agree = 0;
         for (x, out) in xs.iter().zip(&outputs) {
+            // Outputs come back switched to the plan's modulus: at most 32 bits per element,
+            // so at most 8.2 KB per output ciphertext, as the encoding says.
+            let bits = spec.output.modulus_bits;
+            let bytes = out.to_bytes();
+            assert_eq!(
+                bytes.len(),
+                veil_models::compiled::output_wire_bytes(model.n_outputs(), lwe_size, bits),
+                "{name}"
+            );
+            assert!(
+                bytes.len() <= 8_200 * model.n_outputs(),
+                "{name}: {}",
+                bytes.len()
+            );
             let out =
-                EncryptedOutput::from_bytes(&out.to_bytes(), model.n_outputs(), lwe_size).unwrap();
+                EncryptedOutput::from_bytes(&bytes, model.n_outputs(), lwe_size, bits).unwrap();
             let accs = client.decrypt(&spec, &out).unwrap();
             let sim = model.simulate(x, None).unwrap();
             assert_within_predicted_noise(name, &model, x, &accs, &sim.accs);

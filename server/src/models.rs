@@ -142,7 +142,12 @@ impl ServedModel {
         // Keep every request and response inside the message-size limits, and its
         // evaluation inside the working-memory bound (estimated from the plan).
         let in_bytes = 64 + 8 * n_features + 16;
-        let out_bytes = 64 + 8 * n_outputs * lwe_size + 16;
+        let out_bytes = 64
+            + veil_models::compiled::output_wire_bytes(
+                n_outputs,
+                lwe_size,
+                spec.output.modulus_bits,
+            );
         let per_sample = fhe.working_bytes_per_sample().max(1);
         let max_batch = max_batch
             .min((MAX_REQUEST_BYTES - 4096) / in_bytes)
@@ -170,6 +175,7 @@ impl ServedModel {
                 delta: spec.output.delta,
                 scale: spec.output.scale.clone(),
                 offset: spec.output.offset.clone(),
+                modulus_bits: spec.output.modulus_bits,
             }),
             tail: spec.tail.iter().map(|t| format!("{t:?}")).collect(),
             class_labels: spec.class_labels.clone().unwrap_or_default(),

@@ -354,6 +354,7 @@ impl GraphWalker {
             outputs,
             tail: self.tail,
             class_labels: self.class_labels,
+            reveal: crate::graph::Reveal::Scores,
         };
         model.prune();
         Ok(model)
