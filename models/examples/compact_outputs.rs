@@ -76,7 +76,12 @@ fn main() {
             "| bits | bytes per output ciphertext | switch noise measured (positions) | predicted | in output units | predictions equal to simulation |"
         );
         println!("|---|---|---|---|---|---|");
-        for bits in [64, 32, 24, 20, 16, 14, 12, 10, 8] {
+        let mut widths = vec![64, 31, 24, 20, 16, 14, 12, 10, 8];
+        if !widths.contains(&chosen) {
+            widths.push(chosen);
+            widths.sort_unstable_by(|a, b| b.cmp(a));
+        }
+        for bits in widths {
             let mut spec_b = spec.clone();
             spec_b.output.modulus_bits = bits;
             let (mut sq, mut n, mut agree) = (0.0f64, 0usize, 0usize);

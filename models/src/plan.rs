@@ -377,14 +377,14 @@ fn plan(
 
 /// Fewest bits of modulus the outputs keep, with their noise including the switch.
 pub const MIN_OUTPUT_BITS: u32 = 8;
-/// Most bits kept: a 32-bit element per coefficient, half the full ciphertext.
-pub const MAX_OUTPUT_BITS: u32 = 32;
+/// Most bits kept: under half the full ciphertext (8.2 KB per output with the header).
+pub const MAX_OUTPUT_BITS: u32 = 31;
 
 /// The modulus the outputs are switched to before they go back, and each output's predicted
 /// noise with the switch's rounding added. The switch may add at most a sixteenth of the
 /// larger of the output's own noise and half an integer unit of its accumulator (1/256 of
 /// the variance): fewer bits would blur scores, more would only carry noise. Scores whose
-/// accumulators are wide and exact (no bootstrap before them) keep up to 32 bits.
+/// accumulators are wide and exact (no bootstrap before them) keep up to 31 bits.
 fn output_modulus(sigma: &[f64], delta: u64) -> (u32, Vec<f64>) {
     let n = crate::fhe::big_lwe_size(ParamSet::Message2Carry2KsPbsTuniform2m128) - 1;
     let half_unit = delta as f64 / POSITION as f64 / 2.0;

@@ -264,6 +264,7 @@ fn grpc_messages() {
         model: "iris".into(),
         key_id: "ab".repeat(32),
         samples: vec![corpus().input.clone(); 2],
+        model_digest: String::new(),
     }
     .encode_to_vec();
     let infer: &'static [u8] = Box::leak(infer.into_boxed_slice());

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use veil_models::data::{Labels, read_csv};
+use veil_models::graph::Reveal;
 use veil_models::{QuantConfig, compile, onnx};
 
 #[derive(clap::Args)]
@@ -39,11 +40,20 @@ pub struct Args {
     /// are chosen per model by simulating candidates with the predicted bootstrap noise.
     #[arg(long)]
     fixed_widths: bool,
+    /// What the client's decrypted result reveals: the model's scores, or only the predicted
+    /// class (the argmax runs under encryption, costing K(K-1)/2 + K more bootstraps).
+    #[arg(long, default_value = "scores", value_parser = ["scores", "label"])]
+    reveal: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let float =
-        onnx::import_file(&a.model).with_context(|| format!("importing {}", a.model.display()))?;
+    let reveal = match a.reveal.as_str() {
+        "label" => Reveal::Label,
+        _ => Reveal::Scores,
+    };
+    let float = onnx::import_file(&a.model)
+        .with_context(|| format!("importing {}", a.model.display()))?
+        .with_reveal(reveal)?;
     let calib = read_csv(&a.calibration, float.n_features(), Labels::Optional)?;
     let cfg = QuantConfig {
         input_bits: a.input_bits,
@@ -63,10 +73,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "compiled {} -> {}: {} bootstraps per sample, widest accumulator {} bits, {}",
+            "compiled {} -> {}: reveals {}, {} bootstraps per sample ({} for the argmax), \
+             {} bytes per response, widest accumulator {} bits, {}",
             a.model.display(),
             a.output.display(),
+            compiled.reveal.name(),
             summary["pbs_per_sample"],
+            summary["argmax_pbs_per_sample"],
+            summary["response_bytes_per_sample"],
             summary["widest_accumulator_bits"],
             compiled.params.name()
         );
