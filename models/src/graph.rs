@@ -613,15 +613,17 @@ impl FloatModel {
                 }
             }
             let x = Arc::new(UFn::X);
-            let mut c = vec![vec![0 as AtomId; k]; k];
+            // c[(i, j)], i < j: whether class i's score is at least class j's.
+            let mut c: HashMap<(usize, usize), AtomId> = HashMap::new();
             for i in 0..k {
                 for j in i + 1..k {
                     let d = Lin::combine([(1.0, &outputs[i]), (-1.0, &outputs[j])], 0.0);
-                    c[i][j] = push(&mut self, d, UFn::AtLeast(0.0, x.clone()));
+                    let a = push(&mut self, d, UFn::AtLeast(0.0, x.clone()));
+                    c.insert((i, j), a);
                 }
             }
             if k == 2 {
-                Lin::combine([(-1.0, &Lin::atom(c[0][1]))], 1.0)
+                Lin::combine([(-1.0, &Lin::atom(c[&(0, 1)]))], 1.0)
             } else {
                 let mut out = Lin::constant(0.0);
                 for i in 0..k {
@@ -629,8 +631,8 @@ impl FloatModel {
                         (0..k).filter(|&j| j != i).partition(|&j| j < i);
                     let wins: Vec<Lin> = higher
                         .iter()
-                        .map(|&j| Lin::atom(c[i][j]))
-                        .chain(lower.iter().map(|&j| Lin::atom(c[j][i])))
+                        .map(|&j| Lin::atom(c[&(i, j)]))
+                        .chain(lower.iter().map(|&j| Lin::atom(c[&(j, i)])))
                         .collect();
                     let parts = wins
                         .iter()
