@@ -73,6 +73,12 @@ impl RemoteModel {
         self.spec.output.scale.len()
     }
 
+    /// Hex SHA-256 of the compiled model the server serves; sent with each Infer request so
+    /// that a recompiled model is refused rather than decoded with stale metadata.
+    pub fn digest(&self) -> &str {
+        &self.info.model_digest
+    }
+
     /// Most samples per Infer request.
     pub fn max_batch(&self) -> usize {
         (self.info.max_batch as usize).max(1)
@@ -100,8 +106,12 @@ impl RemoteModel {
     /// Decrypts one sample's outputs into accumulators.
     pub fn decrypt_accs(&self, keys: &KeyPair, output: &[u8]) -> Result<Vec<f64>> {
         self.check_keys(keys)?;
-        let out =
-            EncryptedOutput::from_bytes(output, self.n_outputs(), big_lwe_size(self.spec.params))?;
+        let out = EncryptedOutput::from_bytes(
+            output,
+            self.n_outputs(),
+            big_lwe_size(self.spec.params),
+            self.spec.output.modulus_bits,
+        )?;
         Ok(keys.client.decrypt(&self.spec, &out)?)
     }
 
@@ -131,11 +141,12 @@ impl RemoteModel {
         self.check_keys(keys)?;
         let (spec, client) = (self.spec.clone(), Arc::clone(&keys.client));
         let (n, lwe) = (self.n_outputs(), big_lwe_size(self.spec.params));
+        let bits = self.spec.output.modulus_bits;
         blocking(move || {
             outputs
                 .iter()
                 .map(|o| {
-                    let out = EncryptedOutput::from_bytes(o, n, lwe)?;
+                    let out = EncryptedOutput::from_bytes(o, n, lwe, bits)?;
                     Ok(spec.decode(&client.decrypt(&spec, &out)?))
                 })
                 .collect()
@@ -431,10 +442,34 @@ impl Client {
         })
     }
 
-    /// Sends one batch of encrypted samples (each from [`RemoteModel::encrypt`]).
+    /// Sends one batch of encrypted samples (each from [`RemoteModel::encrypt`]), with no
+    /// model digest check; prefer [`Client::infer_model`].
     pub async fn infer(
         &self,
         model: &str,
+        key_id: &str,
+        samples: Vec<Vec<u8>>,
+    ) -> Result<InferReply> {
+        self.infer_with_digest(model, "", key_id, samples).await
+    }
+
+    /// [`Client::infer`] for `model` as listed, naming its digest: the server answers
+    /// FAILED_PRECONDITION if it now serves another build of the model.
+    pub async fn infer_model(
+        &self,
+        model: &RemoteModel,
+        key_id: &str,
+        samples: Vec<Vec<u8>>,
+    ) -> Result<InferReply> {
+        self.infer_with_digest(model.name(), model.digest(), key_id, samples)
+            .await
+    }
+
+    /// Sends one batch naming `model_digest` (empty: no check).
+    pub async fn infer_with_digest(
+        &self,
+        model: &str,
+        model_digest: &str,
         key_id: &str,
         samples: Vec<Vec<u8>>,
     ) -> Result<InferReply> {
@@ -443,6 +478,7 @@ impl Client {
             model: model.to_string(),
             key_id: key_id.to_string(),
             samples,
+            model_digest: model_digest.to_string(),
         };
         let request_bytes = req.encoded_len();
         let mut req = tonic::Request::new(req);
@@ -477,7 +513,7 @@ impl Client {
         let mut out = Vec::with_capacity(xs.len());
         for chunk in xs.chunks(model.max_batch()) {
             let samples = model.encrypt_batch(keys, chunk.to_vec()).await?;
-            let reply = self.infer(model.name(), &keys.key_id, samples).await?;
+            let reply = self.infer_model(model, &keys.key_id, samples).await?;
             out.extend(model.decrypt_batch(keys, reply.outputs).await?);
         }
         Ok(out)

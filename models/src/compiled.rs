@@ -20,7 +20,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::graph::{TailOp, Task};
+use crate::graph::{Reveal, TailOp, Task};
 use crate::quantize::{QuantConfig, UniformQuant};
 
 /// Positions on the 2N = 4096 circle (2048 programmable with one padding bit).
@@ -130,7 +130,32 @@ pub struct OutputDecoding {
     pub delta: u64,
     pub scale: Vec<f64>,
     pub offset: Vec<f64>,
+    /// The server switches each output ciphertext from modulus 2^64 to 2^modulus_bits and
+    /// sends only those bits (see [`switch_sigma_positions`]); 64 means no switch.
+    pub modulus_bits: u32,
 }
+
+/// Standard deviation, in positions, that switching a big-key LWE ciphertext of dimension
+/// `n` (binary key) from 2^64 to 2^bits adds to its phase: the body and each of the ~n/2
+/// mask elements under a one bit of the key are rounded by a uniform error of variance 1/12
+/// units of 2^(64 - bits).
+pub fn switch_sigma_positions(bits: u32, n: usize) -> f64 {
+    if bits >= 64 {
+        return 0.0;
+    }
+    let unit = 2f64.powi(64 - bits as i32) / POSITION as f64;
+    (n as f64 / 24.0 + 1.0 / 12.0).sqrt() * unit
+}
+
+/// Bytes of one sample's outputs on the wire: `count` ciphertexts of `lwe_size` elements of
+/// `bits` bits each, packed, plus the wire header (`fhe::wire`).
+pub fn output_wire_bytes(count: usize, lwe_size: usize, bits: u32) -> usize {
+    OUTPUT_WIRE_HEADER + (count * lwe_size * bits as usize).div_ceil(64) * 8
+}
+
+/// Header of the output wire form: LWE size, count and bits (u64, u64, u32), the packed
+/// words' length prefix (u64).
+pub const OUTPUT_WIRE_HEADER: usize = 28;
 
 impl OutputDecoding {
     pub fn scores(&self, accs: &[f64]) -> Vec<f64> {
@@ -265,6 +290,8 @@ pub struct CompiledModel {
     pub task: Task,
     /// Bootstraps and widths per ONNX node, in graph order.
     pub nodes: Vec<NodeCost>,
+    /// Scores, or the class index only (the argmax's lookups are in the stages).
+    pub reveal: Reveal,
 }
 
 /// What a client needs to encrypt inputs and decode outputs; holds no weights.
@@ -278,6 +305,7 @@ pub struct ClientSpec {
     pub class_labels: Option<Vec<i64>>,
     pub task: Task,
     pub pbs_per_sample: usize,
+    pub reveal: Reveal,
 }
 
 /// File format: magic, format version (u32 little-endian), then the bincode body.
@@ -327,6 +355,7 @@ impl CompiledModel {
             class_labels: self.class_labels.clone(),
             task: self.task,
             pbs_per_sample: self.pbs_per_sample(),
+            reveal: self.reveal,
         }
     }
 
@@ -456,6 +485,7 @@ impl CompiledModel {
         let d = &self.output.decoding;
         let n_out = self.output.weights.n_out();
         if d.delta == 0
+            || !(1..=64).contains(&d.modulus_bits)
             || d.scale.len() != n_out
             || d.offset.len() != n_out
             || self.output.sigma.len() != n_out
@@ -469,9 +499,13 @@ impl CompiledModel {
         {
             return bad("output decoding does not match the output layer".into());
         }
+        if self.reveal == Reveal::Label && (n_out != 1 || !self.tail.is_empty()) {
+            return bad("a label-only model has one output and no tail".into());
+        }
         if let Some(labels) = &self.class_labels {
             let n = crate::graph::apply_tail(&self.tail, vec![0.0; n_out]).len();
-            if labels.len() != n {
+            // A label-only output is an index into the labels, whatever their number.
+            if self.reveal == Reveal::Scores && labels.len() != n || labels.is_empty() {
                 return bad(format!("{} class labels for {n} outputs", labels.len()));
             }
         }
@@ -519,6 +553,10 @@ impl CompiledModel {
             "pbs_per_sample": self.pbs_per_sample(),
             "parameter_set": self.params.name(),
             "outputs": self.n_outputs(),
+            "reveal": self.reveal.name(),
+            "argmax_pbs_per_sample": self.nodes.iter().filter(|n| n.node == crate::graph::LABEL_ORIGIN).map(|n| n.pbs).sum::<usize>(),
+            "output_modulus_bits": self.output.decoding.modulus_bits,
+            "response_bytes_per_sample": output_wire_bytes(self.n_outputs(), crate::fhe::big_lwe_size(self.params), self.output.decoding.modulus_bits),
         })
     }
 }

@@ -32,6 +32,12 @@ pub struct MachineProfile {
 #[derive(Clone, Debug, Serialize)]
 pub struct CostReport {
     pub pbs_per_sample: usize,
+    /// Of those, the bootstraps of the argmax of a label-only model.
+    pub argmax_pbs_per_sample: usize,
+    /// `scores` or `label`: what the decrypted response reveals.
+    pub reveal: &'static str,
+    /// Bits per element of the returned ciphertexts (modulus 2^bits).
+    pub output_modulus_bits: u32,
     pub keyswitches_per_sample: usize,
     /// Multiply-accumulates of LWE ciphertexts (nonzero weights), all layers.
     pub lwe_macs_per_sample: usize,
@@ -67,10 +73,14 @@ impl CompiledModel {
             .map(|h| h.weights.n_out() * glwe * sp.polynomial_size.0 * 8)
             .sum();
         let weight_bytes = macs * 12;
-        // Request: one body per feature, a 16-byte seed and the wire header; response: full
-        // big-key ciphertexts.
+        // Request: one body per input ciphertext (features, then windows), a 16-byte seed and the wire header; response:
+        // big-key ciphertexts switched to the plan's modulus, packed.
         let request = 8 * self.n_inputs() + 16 + 16;
-        let response = 8 * big * self.n_outputs() + 16;
+        let response = crate::compiled::output_wire_bytes(
+            self.n_outputs(),
+            big,
+            self.output.decoding.modulus_bits,
+        );
         let (latency, share) = match machine {
             Some(m) => {
                 let t = m.threads.max(1);
@@ -98,6 +108,14 @@ impl CompiledModel {
         };
         CostReport {
             pbs_per_sample: pbs,
+            argmax_pbs_per_sample: self
+                .nodes
+                .iter()
+                .filter(|n| n.node == crate::graph::LABEL_ORIGIN)
+                .map(|n| n.pbs)
+                .sum(),
+            reveal: self.reveal.name(),
+            output_modulus_bits: self.output.decoding.modulus_bits,
             keyswitches_per_sample: pbs,
             lwe_macs_per_sample: macs,
             request_bytes_per_sample: request,

@@ -1,7 +1,9 @@
 //! Decoding outputs into predictions, shared by simulation, encrypted runs and the client.
 
 use crate::compiled::{ClientSpec, CompiledModel, OutputDecoding};
-use crate::graph::{FloatModel, TailOp, apply_tail, predict_class, single_output_threshold};
+use crate::graph::{
+    FloatModel, Reveal, TailOp, apply_tail, predict_class, single_output_threshold,
+};
 
 /// A decoded sample.
 #[derive(Clone, Debug, PartialEq)]
@@ -14,9 +16,18 @@ pub struct Prediction {
     pub label: i64,
 }
 
-fn predict(tail: &[TailOp], labels: Option<&[i64]>, scores: Vec<f64>) -> Prediction {
+fn predict(
+    reveal: Reveal,
+    tail: &[TailOp],
+    labels: Option<&[i64]>,
+    scores: Vec<f64>,
+) -> Prediction {
     let outputs = apply_tail(tail, scores.clone());
-    let idx = predict_class(&outputs, single_output_threshold(tail));
+    let idx = match reveal {
+        Reveal::Scores => predict_class(&outputs, single_output_threshold(tail)),
+        // The one output is the class index (noise rounds away; a misread clamps).
+        Reveal::Label => outputs.first().map_or(0.0, |v| v.round().max(0.0)) as usize,
+    };
     let label = labels
         .and_then(|l| l.get(idx).copied())
         .unwrap_or(idx as i64);
@@ -27,20 +38,33 @@ fn predict(tail: &[TailOp], labels: Option<&[i64]>, scores: Vec<f64>) -> Predict
     }
 }
 
-fn decode(d: &OutputDecoding, tail: &[TailOp], labels: Option<&[i64]>, accs: &[f64]) -> Prediction {
-    predict(tail, labels, d.scores(accs))
+fn decode(
+    reveal: Reveal,
+    d: &OutputDecoding,
+    tail: &[TailOp],
+    labels: Option<&[i64]>,
+    accs: &[f64],
+) -> Prediction {
+    predict(reveal, tail, labels, d.scores(accs))
 }
 
 impl ClientSpec {
     /// Decodes the output accumulators of one sample (decrypted phases divided by `delta`).
     pub fn decode(&self, accs: &[f64]) -> Prediction {
-        decode(&self.output, &self.tail, self.class_labels.as_deref(), accs)
+        decode(
+            self.reveal,
+            &self.output,
+            &self.tail,
+            self.class_labels.as_deref(),
+            accs,
+        )
     }
 }
 
 impl CompiledModel {
     pub fn decode(&self, accs: &[f64]) -> Prediction {
         decode(
+            self.reveal,
             &self.output.decoding,
             &self.tail,
             self.class_labels.as_deref(),
@@ -52,7 +76,12 @@ impl CompiledModel {
 impl FloatModel {
     /// The float model's prediction, the reference the quantized model is compared with.
     pub fn predict(&self, x: &[f64]) -> Prediction {
-        predict(&self.tail, self.class_labels.as_deref(), self.scores(x))
+        predict(
+            self.reveal,
+            &self.tail,
+            self.class_labels.as_deref(),
+            self.scores(x),
+        )
     }
 }
 

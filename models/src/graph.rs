@@ -424,6 +424,11 @@ pub enum UFn {
     Div(Arc<UFn>, Arc<UFn>),
     /// `k * f + c`.
     Affine(f64, f64, Arc<UFn>),
+    /// `1` where `f >= t`, else `0` (the comparisons of a label-only output).
+    AtLeast(f64, Arc<UFn>),
+    /// The class index the client's tail would predict from one score (label-only output
+    /// of a single-score classifier).
+    Predict(Arc<[TailOp]>),
 }
 
 impl UFn {
@@ -439,6 +444,10 @@ impl UFn {
                 if d == 0.0 { 0.0 } else { f.eval(x) / d }
             }
             UFn::Affine(k, c, f) => k * f.eval(x) + c,
+            UFn::AtLeast(t, f) => f64::from(u8::from(f.eval(x) >= *t)),
+            UFn::Predict(tail) => {
+                predict_class(&apply_tail(tail, vec![x]), single_output_threshold(tail)) as f64
+            }
         }
     }
 
@@ -517,6 +526,8 @@ pub struct FloatModel {
     /// The label of each output class, when the exporter recorded them.
     pub class_labels: Option<Vec<i64>>,
     pub task: Task,
+    /// What the client's decrypted outputs reveal (see [`FloatModel::with_reveal`]).
+    pub reveal: Reveal,
 }
 
 /// What the model's outputs mean.
@@ -534,6 +545,25 @@ impl Task {
         match self {
             Task::Classification => "classifier",
             Task::Regression => "regressor",
+        }
+    }
+}
+
+/// What the decrypted result of a classifier reveals to the client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reveal {
+    /// The model's scores (logits, decision values); the tail runs at the client.
+    #[default]
+    Scores,
+    /// The predicted class index only: the argmax runs under encryption.
+    Label,
+}
+
+impl Reveal {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Reveal::Scores => "scores",
+            Reveal::Label => "label",
         }
     }
 }
@@ -626,6 +656,160 @@ impl FloatModel {
     }
 }
 
+/// Whether an element-wise tail function never reverses the scores' order (it may tie them).
+fn keeps_weak_order(a: &Activation) -> bool {
+    use Activation as A;
+    keeps_order(&TailOp::Activation(a.clone()))
+        || match *a {
+            A::Relu | A::Clip { .. } | A::Floor | A::Ceil | A::Round | A::Sign => true,
+            A::HardSigmoid { alpha, .. } => alpha >= 0.0,
+            A::ThresholdedRelu { alpha } => alpha >= 0.0,
+            A::FakeQuant(g) => g.scale > 0.0,
+            _ => false,
+        }
+}
+
+/// Whether a tail op keeps the strict order of the scores (so the argmax of the scores is the
+/// argmax of the model's outputs).
+fn keeps_order(op: &TailOp) -> bool {
+    use Activation as A;
+    match op {
+        TailOp::Softmax | TailOp::BinaryScores | TailOp::BinaryProbabilities => true,
+        TailOp::Activation(a) => match *a {
+            A::Sigmoid | A::Tanh | A::Softplus | A::Softsign | A::Exp | A::Erf => true,
+            A::LeakyRelu { alpha } | A::Elu { alpha } | A::Celu { alpha } => alpha > 0.0,
+            A::Selu { alpha, gamma } => alpha > 0.0 && gamma > 0.0,
+            A::PRelu { slope } => slope > 0.0,
+            _ => false,
+        },
+    }
+}
+
+/// The node name the argmax's lookups are counted under (`veil compile --json`'s `nodes`).
+pub const LABEL_ORIGIN: &str = "argmax (label output)";
+
+impl FloatModel {
+    /// The same classifier with the given reveal mode. `Label` appends the argmax as lookups
+    /// on the scores, so the one output decrypts to the predicted class index: for classes
+    /// `i < j` a lookup `c_ij = [s_i - s_j >= 0]` (ties go to the lower index, as the
+    /// client's argmax), then per class `m_i = [sum_{j>i} c_ij + sum_{j<i} (1 - c_ji) = K - 1]`
+    /// (exactly one is 1 when the comparisons agree), and the output `sum_i i * m_i`. Two
+    /// classes need only `1 - c_01`; a single score one lookup of the tail's own decision.
+    /// Comparisons and indicators take the exact 0/1 grid, so the indicators read small exact
+    /// integers.
+    pub fn with_reveal(mut self, reveal: Reveal) -> crate::Result<FloatModel> {
+        if reveal == Reveal::Scores || self.reveal == Reveal::Label {
+            return Ok(self);
+        }
+        let k = self.outputs.len();
+        let bit = OutputGrid::Fixed(Grid {
+            scale: 1.0,
+            zero: 0,
+            qmin: 0,
+            qmax: 1,
+        });
+        let origin: Arc<str> = LABEL_ORIGIN.into();
+        let nf = self.n_features();
+        let push_with = |m: &mut FloatModel,
+                         input: Lin,
+                         func: UFn,
+                         grid: OutputGrid,
+                         decision: bool|
+         -> AtomId {
+            m.lookups.push(Lookup {
+                input,
+                func: Arc::new(func),
+                grid,
+                origin: origin.clone(),
+                decision,
+            });
+            (nf + m.lookups.len() - 1) as AtomId
+        };
+        let push_on = |m: &mut FloatModel, input: Lin, func: UFn, grid: OutputGrid| -> AtomId {
+            push_with(m, input, func, grid, false)
+        };
+        let push = |m: &mut FloatModel, input: Lin, func: UFn| push_on(m, input, func, bit.clone());
+        let mut outputs = std::mem::take(&mut self.outputs);
+        let new_output = if k == 1 {
+            let tail: Arc<[TailOp]> = self.tail.clone().into();
+            let a = push(&mut self, outputs[0].clone(), UFn::Predict(tail));
+            Lin::atom(a)
+        } else {
+            // Tail functions that may tie scores (a final QuantizeLinear pair, a ReLU) run
+            // first, one lookup per score on their own grid, so ties break as the client's
+            // argmax breaks them; strictly increasing ones and Softmax after them change
+            // nothing.
+            if let Some(last) = self.tail.iter().rposition(|op| !keeps_order(op)) {
+                let mut f = Arc::new(UFn::X);
+                for op in &self.tail[..=last] {
+                    match op {
+                        TailOp::Activation(a) if keeps_weak_order(a) => {
+                            f = Arc::new(UFn::Act(a.clone(), f));
+                        }
+                        _ => {
+                            return Err(crate::ModelError::Plan(format!(
+                                "a label output needs a tail that keeps the scores' order; \
+                                 {op:?} does not"
+                            )));
+                        }
+                    }
+                }
+                let grid = match &self.tail[last] {
+                    TailOp::Activation(Activation::FakeQuant(g)) => OutputGrid::Fixed(*g),
+                    _ => OutputGrid::Calibrated,
+                };
+                for o in outputs.iter_mut() {
+                    let a = push_on(&mut self, o.clone(), (*f).clone(), grid.clone());
+                    *o = Lin::atom(a);
+                }
+            }
+            let x = Arc::new(UFn::X);
+            // c[(i, j)], i < j: whether class i's score is at least class j's.
+            let mut c: HashMap<(usize, usize), AtomId> = HashMap::new();
+            for i in 0..k {
+                for j in i + 1..k {
+                    let d = Lin::combine([(1.0, &outputs[i]), (-1.0, &outputs[j])], 0.0);
+                    let a = push(&mut self, d, UFn::AtLeast(0.0, x.clone()));
+                    c.insert((i, j), a);
+                }
+            }
+            if k == 2 {
+                Lin::combine([(-1.0, &Lin::atom(c[&(0, 1)]))], 1.0)
+            } else {
+                let mut out = Lin::constant(0.0);
+                for i in 0..k {
+                    let (lower, higher): (Vec<usize>, Vec<usize>) =
+                        (0..k).filter(|&j| j != i).partition(|&j| j < i);
+                    let wins: Vec<Lin> = higher
+                        .iter()
+                        .map(|&j| Lin::atom(c[&(i, j)]))
+                        .chain(lower.iter().map(|&j| Lin::atom(c[&(j, i)])))
+                        .collect();
+                    let parts = wins
+                        .iter()
+                        .enumerate()
+                        .map(|(n, l)| (if n < higher.len() { 1.0 } else { -1.0 }, l));
+                    let count = Lin::combine(parts, lower.len() as f64);
+                    // A count of exact 0/1 wins: read exactly, like a tree's leaf table.
+                    let m = push_with(
+                        &mut self,
+                        count,
+                        UFn::AtLeast(k as f64 - 1.5, x.clone()),
+                        bit.clone(),
+                        true,
+                    );
+                    out = Lin::combine([(1.0, &out), (i as f64, &Lin::atom(m))], 0.0);
+                }
+                out
+            }
+        };
+        self.outputs = vec![new_output];
+        self.tail = Vec::new();
+        self.reveal = Reveal::Label;
+        Ok(self)
+    }
+}
+
 /// Applies the clear-text tail to decrypted scores.
 pub fn apply_tail(tail: &[TailOp], mut v: Vec<f64>) -> Vec<f64> {
     for op in tail {
@@ -711,6 +895,7 @@ mod tests {
             tail: vec![],
             class_labels: None,
             task: Task::Classification,
+            reveal: Reveal::Scores,
         };
         assert_eq!(m.scores(&[1.0, -2.0]), vec![1.0]);
         assert_eq!(m.scores(&[1.0, 2.0]), vec![7.0]);

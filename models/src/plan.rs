@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use crate::compiled::{
     CompiledModel, GUARD, InputEncoding, InputWindow, IntMatrix, KS_MS_VARIANCE, NodeCost,
     OutputDecoding, OutputLayer, PBS_OUTPUT_VARIANCE, POSITION, POSITIONS, ParamSet, Stage, WINDOW,
-    WINDOW_STRIDE, bits,
+    WINDOW_STRIDE, bits, switch_sigma_positions,
 };
 use crate::error::{ModelError, Result};
 use crate::graph::{Activation, FloatModel, Rule, Task, UFn};
@@ -405,7 +405,7 @@ fn plan(
     }
 
     let out_rows: Vec<Vec<(u32, i64)>> = q.outputs.iter().map(|o| remap(o, 1)).collect();
-    let sigma = q
+    let sigma: Vec<f64> = q
         .outputs
         .iter()
         .map(|o| {
@@ -423,6 +423,7 @@ fn plan(
         .iter()
         .find_map(|o| o.terms.first())
         .map_or(out_delta, |&(a, _)| delta_of[a as usize]);
+    let (modulus_bits, sigma) = output_modulus(&sigma, out_decoding_delta);
     let output = OutputLayer {
         weights: IntMatrix {
             n_in: n_before as u32,
@@ -432,6 +433,7 @@ fn plan(
             delta: out_decoding_delta,
             scale: q.outputs.iter().map(|o| o.scale).collect(),
             offset: q.outputs.iter().map(|o| o.offset).collect(),
+            modulus_bits,
         },
         sigma,
         max_acc_width: out_range
@@ -456,6 +458,7 @@ fn plan(
         class_labels: model.class_labels.clone(),
         task: model.task,
         nodes: costs,
+        reveal: model.reveal,
     };
     // Half the spacing is the noise margin of an exact read; 48 positions is about ten read
     // standard deviations (4.9 positions for fresh inputs).
@@ -494,4 +497,32 @@ fn feature_table(model: &FloatModel, q: &QuantModel, i: usize, a: u32, w: i64) -
             None => out_q.quantize(func.eval(value(v))),
         })
         .collect()
+}
+
+/// Fewest bits of modulus the outputs keep, with their noise including the switch.
+pub const MIN_OUTPUT_BITS: u32 = 8;
+/// Most bits kept: under half the full ciphertext (8.2 KB per output with the header).
+pub const MAX_OUTPUT_BITS: u32 = 31;
+
+/// The modulus the outputs are switched to before they go back, and each output's predicted
+/// noise with the switch's rounding added. The switch may add at most a sixteenth of the
+/// larger of the output's own noise and half an integer unit of its accumulator (1/256 of
+/// the variance): fewer bits would blur scores, more would only carry noise. Scores whose
+/// accumulators are wide and exact (no bootstrap before them) keep up to 31 bits.
+fn output_modulus(sigma: &[f64], delta: u64) -> (u32, Vec<f64>) {
+    let n = crate::fhe::big_lwe_size(ParamSet::Message2Carry2KsPbsTuniform2m128) - 1;
+    let half_unit = delta as f64 / POSITION as f64 / 2.0;
+    let target = sigma
+        .iter()
+        .map(|s| s.max(half_unit) / 16.0)
+        .fold(f64::INFINITY, f64::min);
+    let bits = (MIN_OUTPUT_BITS..=MAX_OUTPUT_BITS)
+        .find(|&b| switch_sigma_positions(b, n) <= target)
+        .unwrap_or(MAX_OUTPUT_BITS);
+    let extra = switch_sigma_positions(bits, n);
+    let sigma = sigma
+        .iter()
+        .map(|s| (s * s + extra * extra).sqrt())
+        .collect();
+    (bits, sigma)
 }

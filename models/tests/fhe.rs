@@ -65,8 +65,22 @@ fn encrypted_runs_agree_with_simulation() {
         assert_eq!(outputs.len(), rows);
         let mut agree = 0;
         for (x, out) in xs.iter().zip(&outputs) {
+            // Outputs come back switched to the plan's modulus: at most 32 bits per element,
+            // so at most 8.2 KB per output ciphertext, as the encoding says.
+            let bits = spec.output.modulus_bits;
+            let bytes = out.to_bytes();
+            assert_eq!(
+                bytes.len(),
+                veil_models::compiled::output_wire_bytes(model.n_outputs(), lwe_size, bits),
+                "{name}"
+            );
+            assert!(
+                bytes.len() <= 8_200 * model.n_outputs(),
+                "{name}: {}",
+                bytes.len()
+            );
             let out =
-                EncryptedOutput::from_bytes(&out.to_bytes(), model.n_outputs(), lwe_size).unwrap();
+                EncryptedOutput::from_bytes(&bytes, model.n_outputs(), lwe_size, bits).unwrap();
             let accs = client.decrypt(&spec, &out).unwrap();
             let sim = model.simulate(x, None).unwrap();
             assert_within_predicted_noise(name, &model, x, &accs, &sim.accs);
@@ -252,4 +266,65 @@ fn keys_serialize_and_foreign_keys_are_refused() {
     // The client key round-trips and decrypts what it encrypted.
     let again = ClientKey::from_bytes(params, &client.to_bytes()).unwrap();
     assert_eq!(again.to_bytes(), client.to_bytes());
+}
+
+/// Label-only models under encryption: the one output decrypts to the class index the
+/// simulation and the scores model's argmax give, from a response of at most 4 KB.
+#[test]
+fn label_models_encrypted_give_the_scores_argmax() {
+    use veil_models::graph::Reveal;
+    use veil_models::{QuantConfig, compile};
+    let rows_digits: usize = std::env::var("VEIL_LABEL_SAMPLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let params = compiled("digits_mlp").1.params;
+    let client = ClientKey::generate_with_seed(params, 9);
+    let server = ServerKey::from_compressed(params, &client.compressed_server_key()).unwrap();
+    let backend = CpuBackend::new(&server);
+    let lwe_size = big_lwe_size(params);
+    for (name, rows) in [
+        ("digits_mlp", rows_digits),
+        ("breast_cancer_logreg", 6),
+        ("iris_logreg", 6),
+    ] {
+        let (float, scores) = compiled(name);
+        let train = dataset(name, "train.csv", float.n_features());
+        let test = dataset(name, "test.csv", float.n_features());
+        let label_float = float.with_reveal(Reveal::Label).unwrap();
+        let model = compile(&label_float, &train.features, &QuantConfig::default()).unwrap();
+        let spec = model.client_spec();
+        let xs = &test.features[..rows];
+        let inputs: Vec<EncryptedInput> = xs
+            .iter()
+            .map(|x| client.encrypt(&spec, x).unwrap())
+            .collect();
+        let outputs = FheModel::new(model.clone())
+            .unwrap()
+            .evaluate(&backend, &inputs)
+            .unwrap();
+        let (mut agree, mut argmax) = (0, 0);
+        for (x, out) in xs.iter().zip(&outputs) {
+            let bytes = out.to_bytes();
+            assert!(bytes.len() <= 4096, "{name}: {} bytes", bytes.len());
+            let out =
+                EncryptedOutput::from_bytes(&bytes, 1, lwe_size, spec.output.modulus_bits).unwrap();
+            let accs = client.decrypt(&spec, &out).unwrap();
+            // The index decrypts as an integer: the noise is far below half a unit.
+            let idx = spec.output.scores(&accs)[0];
+            assert!((idx - idx.round()).abs() < 0.25, "{name}: index {idx}");
+            let sim = model.simulate(x, None).unwrap();
+            let got = spec.decode(&accs).label;
+            agree += usize::from(got == model.decode(&sim.accs).label);
+            let want = scores.decode(&scores.simulate(x, None).unwrap().accs).label;
+            argmax += usize::from(got == want);
+        }
+        eprintln!(
+            "{name} (label): {agree}/{rows} encrypted labels equal the simulation's, \
+             {argmax}/{rows} the scores model's argmax; {} bytes per response",
+            outputs[0].to_bytes().len()
+        );
+        assert!(agree >= rows - 1, "{name}: {agree}/{rows}");
+        assert!(argmax >= rows - 1, "{name}: {argmax}/{rows}");
+    }
 }

@@ -56,6 +56,7 @@ mod tests {
             model: "digits_mlp".into(),
             key_id: "ab".repeat(32),
             samples: vec![vec![1, 2, 3]],
+            model_digest: String::new(),
         };
         let back = super::v1::InferRequest::decode(req.encode_to_vec().as_slice()).unwrap();
         assert_eq!(req, back);

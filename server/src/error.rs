@@ -23,6 +23,10 @@ pub enum ServiceError {
     #[error("{0}")]
     TooLarge(String),
 
+    /// A request naming a model digest that is not the served model's (it was recompiled).
+    #[error("{0}")]
+    StaleModel(String),
+
     /// A well-formed key for another parameter set than the one needed.
     #[error("{0}")]
     WrongParameterSet(String),

@@ -27,6 +27,8 @@ pub struct ServedModel {
     pub max_batch: usize,
     pub fhe: Arc<FheModel>,
     pub info: v1::ModelInfo,
+    /// Hex SHA-256 of the model file as served (`ModelInfo.model_digest`).
+    pub digest: String,
 }
 
 /// All served models, by name.
@@ -69,13 +71,23 @@ impl Registry {
                     ))
                 })?
                 .to_string();
-            let model = CompiledModel::load(path).map_err(|e| {
+            let cannot = |e: String| {
                 ServiceError::InvalidRequest(format!("cannot serve {}: {e}", path.display()))
-            })?;
+            };
+            let size = std::fs::metadata(path)
+                .map_err(|e| cannot(e.to_string()))?
+                .len();
+            if size > veil_models::compiled::MAX_MODEL_BYTES + 12 {
+                return Err(cannot(format!("{size} bytes is too large")));
+            }
+            // The digest is of the very bytes the model is loaded from.
+            let bytes = std::fs::read(path).map_err(|e| cannot(e.to_string()))?;
+            let model = CompiledModel::from_bytes(&bytes).map_err(|e| cannot(e.to_string()))?;
+            let digest = crate::key_store::key_id(&bytes);
             if !params.contains(&model.params) {
                 params.push(model.params);
             }
-            compiled.push((name, model));
+            compiled.push((name, model, digest));
         }
         // The expected evaluation-key size: measured once per parameter set on a throwaway key.
         let key_sizes: Vec<(ParamSet, u64)> = params
@@ -89,13 +101,19 @@ impl Registry {
             })
             .collect();
         let mut models = BTreeMap::new();
-        for (name, model) in compiled {
+        for (name, model, digest) in compiled {
             let key_bytes = key_sizes
                 .iter()
                 .find(|(p, _)| *p == model.params)
                 .map_or(0, |(_, s)| *s);
-            let served =
-                ServedModel::new(name.clone(), model, key_bytes, max_batch, max_batch_bytes)?;
+            let served = ServedModel::new(
+                name.clone(),
+                model,
+                digest,
+                key_bytes,
+                max_batch,
+                max_batch_bytes,
+            )?;
             tracing::info!(
                 model = %name,
                 features = served.n_features,
@@ -129,6 +147,7 @@ impl ServedModel {
     fn new(
         name: String,
         model: CompiledModel,
+        digest: String,
         eval_key_bytes: u64,
         max_batch: usize,
         max_batch_bytes: u64,
@@ -142,7 +161,12 @@ impl ServedModel {
         // Keep every request and response inside the message-size limits, and its
         // evaluation inside the working-memory bound (estimated from the plan).
         let in_bytes = 64 + 8 * n_features + 16;
-        let out_bytes = 64 + 8 * n_outputs * lwe_size + 16;
+        let out_bytes = 64
+            + veil_models::compiled::output_wire_bytes(
+                n_outputs,
+                lwe_size,
+                spec.output.modulus_bits,
+            );
         let per_sample = fhe.working_bytes_per_sample().max(1);
         let max_batch = max_batch
             .min((MAX_REQUEST_BYTES - 4096) / in_bytes)
@@ -179,6 +203,7 @@ impl ServedModel {
                 delta: spec.output.delta,
                 scale: spec.output.scale.clone(),
                 offset: spec.output.offset.clone(),
+                modulus_bits: spec.output.modulus_bits,
             }),
             tail: spec.tail.iter().map(|t| format!("{t:?}")).collect(),
             class_labels: spec.class_labels.clone().unwrap_or_default(),
@@ -190,6 +215,8 @@ impl ServedModel {
                 .map_err(|e| ServiceError::Internal(format!("client spec to JSON: {e}")))?,
             max_batch: max_batch as u32,
             task: spec.task.name().to_string(),
+            reveal: spec.reveal.name().to_string(),
+            model_digest: digest.clone(),
         };
         Ok(ServedModel {
             name,
@@ -199,6 +226,7 @@ impl ServedModel {
             max_batch,
             fhe,
             info,
+            digest,
         })
     }
 }

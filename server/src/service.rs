@@ -277,6 +277,16 @@ impl VeilService {
             }
             Err(e) => return Err(e),
         };
+        // A client that encoded for another build of this model would decode garbage.
+        if !req.model_digest.is_empty() && !req.model_digest.eq_ignore_ascii_case(&model.digest) {
+            return Err(ServiceError::StaleModel(format!(
+                "model '{}' is now {} (the request names {}); fetch its metadata again \
+                 (ListModels) and re-encrypt",
+                model.name,
+                model.digest,
+                req.model_digest.chars().take(64).collect::<String>()
+            )));
+        }
         let n = req.samples.len();
         if n == 0 {
             return Err(ServiceError::InvalidRequest(

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | undecodable key or ciphertext bytes, wrong number of ciphertexts, malformed request | INVALID_ARGUMENT |
 //! | unknown model, unknown key id | NOT_FOUND |
-//! | a valid key for another parameter set (at upload or for the model) | FAILED_PRECONDITION |
+//! | a valid key for another parameter set (at upload or for the model); a request naming a model digest that is not the served model's | FAILED_PRECONDITION |
 //! | missing or unknown bearer token | UNAUTHENTICATED |
 //! | a model the tenant may not use | PERMISSION_DENIED |
 //! | upload over the key size limit, batch over the sample limit, full queue, key quota, request rate, full key store | RESOURCE_EXHAUSTED |
@@ -26,7 +26,9 @@ pub fn code_of(e: &ServiceError) -> Code {
         ServiceError::UnknownModel { .. } | ServiceError::UnknownKey(_) => Code::NotFound,
         ServiceError::InvalidRequest(_) => Code::InvalidArgument,
         ServiceError::TooLarge(_) | ServiceError::Exhausted(_) => Code::ResourceExhausted,
-        ServiceError::WrongParameterSet(_) => Code::FailedPrecondition,
+        ServiceError::WrongParameterSet(_) | ServiceError::StaleModel(_) => {
+            Code::FailedPrecondition
+        }
         ServiceError::Stalled(_) | ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         ServiceError::Unauthenticated(_) => Code::Unauthenticated,
         ServiceError::PermissionDenied(_) => Code::PermissionDenied,
@@ -101,6 +103,10 @@ mod tests {
         );
         assert_eq!(
             code(ServiceError::WrongParameterSet("p".into())),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(ServiceError::StaleModel("s".into())),
             Code::FailedPrecondition
         );
         assert_eq!(

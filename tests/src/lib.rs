@@ -22,7 +22,15 @@ pub fn zoo_dir(name: &str) -> PathBuf {
 
 /// Compiles a zoo model with the default quantization, as `veil compile` does.
 pub fn compile_zoo(name: &str) -> CompiledModel {
-    let float = onnx::import_file(&zoo_dir(name).join("model.onnx")).expect("zoo model imports");
+    compile_zoo_revealing(name, veil_models::graph::Reveal::Scores)
+}
+
+/// [`compile_zoo`] with a reveal mode, as `veil compile --reveal` does.
+pub fn compile_zoo_revealing(name: &str, reveal: veil_models::graph::Reveal) -> CompiledModel {
+    let float = onnx::import_file(&zoo_dir(name).join("model.onnx"))
+        .expect("zoo model imports")
+        .with_reveal(reveal)
+        .expect("a zoo classifier has a label mode");
     let train = read_csv(
         &zoo_dir(name).join("train.csv"),
         float.n_features(),

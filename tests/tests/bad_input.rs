@@ -147,6 +147,7 @@ async fn infer(
             model: model.into(),
             key_id: key_id.into(),
             samples,
+            model_digest: String::new(),
         })
         .await
         .map(|_| ())
@@ -366,6 +367,7 @@ fn oversized_message() {
                 model: "digits".into(),
                 key_id: s.keys.key_id.clone(),
                 samples: vec![vec![0; 17 << 20]],
+                model_digest: String::new(),
             })
             .await
             .map(|_| ())

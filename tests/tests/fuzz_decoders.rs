@@ -59,16 +59,23 @@ fn corpus() -> &'static Corpus {
         let spec = model.client_spec();
         let x = test_set("iris_logreg", model.n_features()).features[0].clone();
         let input = keys.client.encrypt(&spec, &x).unwrap().to_bytes();
-        // A well-formed output list (fixint bincode: lwe size, length, then the u64s).
+        // A well-formed output list (fixint bincode: lwe size, count, bits, then the packed
+        // words with their length).
         let lwe = big_lwe_size(model.params) as u64;
+        let bits = model.output.decoding.modulus_bits;
         let n = (model.n_outputs() as u64) * lwe;
+        let words = (n * bits as u64).div_ceil(64);
         let mut output = Vec::new();
         output.extend(lwe.to_le_bytes());
-        output.extend(n.to_le_bytes());
-        for i in 0..n {
+        output.extend((model.n_outputs() as u64).to_le_bytes());
+        output.extend(bits.to_le_bytes());
+        output.extend(words.to_le_bytes());
+        for i in 0..words {
             output.extend(i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
         }
-        assert!(EncryptedOutput::from_bytes(&output, model.n_outputs(), lwe as usize).is_ok());
+        assert!(
+            EncryptedOutput::from_bytes(&output, model.n_outputs(), lwe as usize, bits).is_ok()
+        );
         Corpus {
             model_bytes: model.to_bytes(),
             onnx: std::fs::read(zoo_dir("iris_logreg").join("model.onnx")).unwrap(),
@@ -173,8 +180,9 @@ fn ciphertexts() {
     fuzz("input ciphertexts", cases(), &c.input, |b| {
         EncryptedInput::from_bytes(b, n_in, lwe).is_ok()
     });
+    let bits = c.model.output.decoding.modulus_bits;
     fuzz("output ciphertexts", cases(), &c.output, |b| {
-        EncryptedOutput::from_bytes(b, n_out, lwe).is_ok()
+        EncryptedOutput::from_bytes(b, n_out, lwe, bits).is_ok()
     });
 }
 
@@ -256,6 +264,7 @@ fn grpc_messages() {
         model: "iris".into(),
         key_id: "ab".repeat(32),
         samples: vec![corpus().input.clone(); 2],
+        model_digest: String::new(),
     }
     .encode_to_vec();
     let infer: &'static [u8] = Box::leak(infer.into_boxed_slice());

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use veil_models::data::{Labels, read_csv};
-use veil_models::graph::Task;
+use veil_models::graph::{Reveal, Task};
 use veil_models::{QuantConfig, compile, onnx};
 
 #[derive(clap::Args)]
@@ -41,6 +41,10 @@ pub struct Args {
     /// are chosen per model by simulating candidates with the predicted bootstrap noise.
     #[arg(long)]
     fixed_widths: bool,
+    /// What the client's decrypted result reveals: the model's scores, or only the predicted
+    /// class (the argmax runs under encryption, costing K(K-1)/2 + K more bootstraps).
+    #[arg(long, default_value = "scores", value_parser = ["scores", "label"])]
+    reveal: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -52,6 +56,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if calib.targets.is_some() {
         float.task = Task::Regression;
     }
+    let reveal = match a.reveal.as_str() {
+        "label" => Reveal::Label,
+        _ => Reveal::Scores,
+    };
+    if reveal == Reveal::Label && float.task == Task::Regression {
+        anyhow::bail!("--reveal label needs a classifier; this model predicts values");
+    }
+    let float = float.with_reveal(reveal)?;
     let cfg = QuantConfig {
         input_bits: a.input_bits,
         first_weight_bits: a.first_weight_bits,
@@ -70,10 +82,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "compiled {} -> {}: {} bootstraps per sample, widest accumulator {} bits, {}",
+            "compiled {} -> {}: reveals {}, {} bootstraps per sample ({} for the argmax), \
+             {} bytes per response, widest accumulator {} bits, {}",
             a.model.display(),
             a.output.display(),
+            compiled.reveal.name(),
             summary["pbs_per_sample"],
+            summary["argmax_pbs_per_sample"],
+            summary["response_bytes_per_sample"],
             summary["widest_accumulator_bits"],
             compiled.params.name()
         );

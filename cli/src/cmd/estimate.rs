@@ -57,8 +57,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let mb = |b: f64| b / 1e6;
         println!("{}: {}", path.display(), model.params.name());
         println!(
-            "  per sample: {} bootstraps, {} keyswitches, {} LWE multiply-accumulates",
-            cost.pbs_per_sample, cost.keyswitches_per_sample, cost.lwe_macs_per_sample
+            "  per sample: {} bootstraps ({} for the argmax; reveals {}), {} keyswitches, {} LWE \
+             multiply-accumulates",
+            cost.pbs_per_sample,
+            cost.argmax_pbs_per_sample,
+            cost.reveal,
+            cost.keyswitches_per_sample,
+            cost.lwe_macs_per_sample
         );
         println!(
             "  predicted latency: {:.1} ms per sample on {} threads ({})",
@@ -67,9 +72,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             machine.cpu
         );
         println!(
-            "  bytes: request {} per sample, response {} per sample, evaluation key {:.1} MB",
+            "  bytes: request {} per sample, response {} per sample ({}-bit ciphertexts), \
+             evaluation key {:.1} MB",
             cost.request_bytes_per_sample,
             cost.response_bytes_per_sample,
+            cost.output_modulus_bits,
             mb(machine.eval_key_bytes as f64)
         );
         println!(

@@ -120,7 +120,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         let samples = model.encrypt_batch(&keys, chunk.to_vec()).await?;
         ciphertext_bytes += samples.iter().map(Vec::len).sum::<usize>();
         let t1 = Instant::now();
-        let reply = client.infer(model.name(), &keys.key_id, samples).await?;
+        let reply = client.infer_model(&model, &keys.key_id, samples).await?;
         let t2 = Instant::now();
         let (request_len, response_len, server_eval) =
             (reply.request_bytes, reply.response_bytes, reply.server_eval);
@@ -178,6 +178,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         "decrypt_ms_median": median(&decrypt),
         "latency_ms_per_sample": latency,
         "pbs_per_sample": model.info.pbs_per_sample,
+        "reveal": model.info.reveal,
+        "model_digest": model.info.model_digest,
         "parameter_set": model.info.parameter_set,
     });
     if let Some(labels) = &data.labels {
@@ -199,8 +201,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "model {} on {}: {n} samples, key {} ({})",
+        "model {} ({} output) on {}: {n} samples, key {} ({})",
         model.name(),
+        if model.spec.reveal == veil_models::graph::Reveal::Label {
+            "label-only"
+        } else {
+            "scores"
+        },
         a.conn.server,
         &keys.key_id[..12],
         if key_uploaded {

@@ -28,6 +28,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                     "pbs_per_sample": m.info.pbs_per_sample,
                     "eval_key_bytes": m.info.eval_key_bytes,
                     "max_batch": m.info.max_batch,
+                    "reveal": m.info.reveal,
+                    "model_digest": m.info.model_digest,
                 })
             })
             .collect();
@@ -35,18 +37,20 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<10} {:>12} {:>8} {:>10} {:>10}  parameter set",
-        "model", "task", "input", "outputs", "pbs/sample", "key MB"
+        "{:<24} {:<10} {:>12} {:>8} {:>7} {:>10} {:>10} {:>14}  parameter set",
+        "model", "task", "input", "outputs", "reveals", "pbs/sample", "key MB", "digest"
     );
     for m in &models {
         println!(
-            "{:<24} {:<10} {:>12} {:>8} {:>10} {:>10.1}  {}",
+            "{:<24} {:<10} {:>12} {:>8} {:>7} {:>10} {:>10.1} {:>14}  {}",
             m.info.name,
             m.info.task,
             format!("{:?}", m.info.input_shape),
             m.info.n_outputs,
+            m.info.reveal,
             m.info.pbs_per_sample,
             m.info.eval_key_bytes as f64 / 1e6,
+            m.info.model_digest.get(..12).unwrap_or(""),
             m.info.parameter_set
         );
     }

@@ -210,16 +210,19 @@ impl FheModel {
         profile.linear_s += lap(&mut t);
         profile.bootstrap_phases = backend.take_phase_seconds();
         let per_sample = out.n_out() * self.lwe_size;
+        // Only the bits decoding needs go back (the plan chose them and counts their noise).
+        let bits = self.model.output.decoding.modulus_bits;
         let outputs = acc
             .chunks_exact(per_sample)
             .map(|c| {
-                EncryptedOutput(LweCiphertextListOwned::from_container(
+                EncryptedOutput::new(LweCiphertextListOwned::from_container(
                     c.to_vec(),
                     LweSize(self.lwe_size),
                     modulus,
                 ))
+                .modulus_switched(bits)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok((outputs, profile))
     }
 

@@ -116,7 +116,13 @@ impl ClientKey {
     /// Decrypts one sample's outputs into accumulators (phase / delta).
     pub fn decrypt(&self, spec: &ClientSpec, out: &super::EncryptedOutput) -> Result<Vec<f64>> {
         self.check_params(spec)?;
-        let list = &out.0;
+        if out.bits != spec.output.modulus_bits {
+            return Err(ModelError::Crypto(format!(
+                "outputs switched to {} bits, the model sends {}",
+                out.bits, spec.output.modulus_bits
+            )));
+        }
+        let list = &out.list;
         if list.lwe_size().0 != self.lwe_key.lwe_dimension().0 + 1 {
             return Err(ModelError::Crypto(format!(
                 "output ciphertexts have LWE size {}, expected {}",

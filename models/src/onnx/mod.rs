@@ -361,6 +361,7 @@ impl GraphWalker {
             tail: self.tail,
             class_labels: self.class_labels,
             task: self.builder.task,
+            reveal: crate::graph::Reveal::Scores,
         };
         model.prune();
         Ok(model)
