@@ -675,8 +675,10 @@ fn keeps_order(op: &TailOp) -> bool {
     use Activation as A;
     match op {
         TailOp::Softmax | TailOp::BinaryScores | TailOp::BinaryProbabilities => true,
+        // Zero scores stay 0 while negative ones become positive probabilities.
+        TailOp::SoftmaxZero => false,
         TailOp::Activation(a) => match *a {
-            A::Sigmoid | A::Tanh | A::Softplus | A::Softsign | A::Exp | A::Erf => true,
+            A::Sigmoid | A::Tanh | A::Softplus | A::Softsign | A::Exp | A::Erf | A::Probit => true,
             A::LeakyRelu { alpha } | A::Elu { alpha } | A::Celu { alpha } => alpha > 0.0,
             A::Selu { alpha, gamma } => alpha > 0.0 && gamma > 0.0,
             A::PRelu { slope } => slope > 0.0,
