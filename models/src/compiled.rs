@@ -294,7 +294,8 @@ pub struct CompiledModel {
     pub reveal: Reveal,
 }
 
-/// What a client needs to encrypt inputs and decode outputs; holds no weights.
+/// What a client needs to encrypt inputs and decode outputs: no weights, though in scores
+/// mode each output's decoding offset carries the last layer's bias (ARCHITECTURE.md, threat model).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClientSpec {
     pub params: ParamSet,

@@ -921,6 +921,46 @@ mod tests {
         assert!((g - 0.841_344_746_068_542_9).abs() < 1e-12);
     }
 
+    /// The label graph gives the client's argmax, ties to the lowest index, for K = 1, 2, 3.
+    #[test]
+    fn label_graph_is_the_argmax_with_ties_to_the_lowest_index() {
+        let scores_model = |k: usize, tail: Vec<TailOp>| FloatModel {
+            input_shape: vec![k],
+            input_grids: vec![None; k],
+            lookups: vec![],
+            outputs: (0..k as AtomId).map(Lin::atom).collect(),
+            tail,
+            class_labels: None,
+            reveal: Reveal::Scores,
+        };
+        let three = scores_model(3, vec![TailOp::Softmax]);
+        let label = three.clone().with_reveal(Reveal::Label).unwrap();
+        assert_eq!(label.lookups.len(), 3 + 3);
+        for x in [
+            [1.0, 1.0, 0.0],
+            [0.0, 2.0, 2.0],
+            [3.0, 1.0, 3.0],
+            [-1.0, -2.0, -0.5],
+            [5.0, 5.0, 5.0],
+        ] {
+            assert_eq!(label.predict(&x).label, three.predict(&x).label, "{x:?}");
+        }
+        let two = scores_model(2, vec![]);
+        let label = two.clone().with_reveal(Reveal::Label).unwrap();
+        assert_eq!(label.lookups.len(), 1);
+        for x in [[1.0, 1.0], [0.5, 1.0], [2.0, -1.0]] {
+            assert_eq!(label.predict(&x).label, two.predict(&x).label, "{x:?}");
+        }
+        let one = scores_model(1, vec![TailOp::BinaryScores, TailOp::Softmax]);
+        let label = one.clone().with_reveal(Reveal::Label).unwrap();
+        for x in [[0.0], [0.1], [-0.1]] {
+            assert_eq!(label.predict(&x).label, one.predict(&x).label, "{x:?}");
+        }
+        // A tail that could reorder the scores is refused, not silently wrong.
+        let abs = scores_model(3, vec![TailOp::Activation(Activation::Abs)]);
+        assert!(abs.with_reveal(Reveal::Label).is_err());
+    }
+
     #[test]
     fn tail_binary_and_softmax() {
         let out = apply_tail(&[TailOp::BinaryScores, TailOp::Softmax], vec![0.0]);
