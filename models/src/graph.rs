@@ -931,6 +931,7 @@ mod tests {
             outputs: (0..k as AtomId).map(Lin::atom).collect(),
             tail,
             class_labels: None,
+            task: Task::Classification,
             reveal: Reveal::Scores,
         };
         let three = scores_model(3, vec![TailOp::Softmax]);
