@@ -14,7 +14,11 @@ use veil_models::{QuantConfig, compile};
 /// scores model's argmax on the test set (all rows), without and with the predicted noise.
 #[test]
 fn label_models_agree_with_the_scores_argmax() {
-    for name in ZOO {
+    // Every classifier of the zoo, tree ensembles included.
+    for name in ZOO
+        .into_iter()
+        .chain(["breast_cancer_xgb", "wine_rf", "iris_lgbm"])
+    {
         let (float, scores) = compiled(name);
         let train = dataset(name, "train.csv", float.n_features());
         let test = dataset(name, "test.csv", float.n_features());
