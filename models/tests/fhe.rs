@@ -25,6 +25,22 @@ fn assert_within_predicted_noise(
     }
 }
 
+/// Encrypts each row and passes it through its wire form, as over the network.
+fn encrypt_through_the_wire(
+    client: &ClientKey,
+    model: &veil_models::CompiledModel,
+    xs: &[Vec<f64>],
+) -> Vec<EncryptedInput> {
+    let spec = model.client_spec();
+    let lwe_size = big_lwe_size(model.params);
+    xs.iter()
+        .map(|x| {
+            let bytes = client.encrypt(&spec, x).unwrap().to_bytes();
+            EncryptedInput::from_bytes(&bytes, model.n_inputs(), lwe_size).unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn encrypted_runs_agree_with_simulation() {
     let (float, mlp) = compiled("digits_mlp");
@@ -119,19 +135,12 @@ fn graph_models_encrypted_agree_with_simulation() {
     let client = ClientKey::generate_with_seed(params, 8);
     let server = ServerKey::from_compressed(params, &client.compressed_server_key()).unwrap();
     let backend = CpuBackend::new(&server);
-    let lwe_size = big_lwe_size(params);
     for (name, rows) in names {
         let (_, model) = compiled(name);
         let spec = model.client_spec();
         let test = dataset(name, "test.csv", model.n_features());
         let xs = &test.features[..rows];
-        let inputs: Vec<EncryptedInput> = xs
-            .iter()
-            .map(|x| {
-                let bytes = client.encrypt(&spec, x).unwrap().to_bytes();
-                EncryptedInput::from_bytes(&bytes, model.n_features(), lwe_size).unwrap()
-            })
-            .collect();
+        let inputs = encrypt_through_the_wire(&client, &model, xs);
         let fhe = FheModel::new(model.clone()).unwrap();
         let (outputs, profile) = fhe.evaluate_profiled(&backend, &inputs).unwrap();
         assert_eq!(profile.bootstraps, rows * model.pbs_per_sample());
@@ -176,19 +185,12 @@ fn trees_and_regressors_encrypted_agree_with_simulation() {
     let client = ClientKey::generate_with_seed(params, 9);
     let server = ServerKey::from_compressed(params, &client.compressed_server_key()).unwrap();
     let backend = CpuBackend::new(&server);
-    let lwe_size = big_lwe_size(params);
     for (name, rows) in [("breast_cancer_xgb", 20usize), ("diabetes_gbr", 12)] {
         let (_, model) = compiled(name);
         let spec = model.client_spec();
         let test = dataset(name, "test.csv", model.n_features());
         let xs = &test.features[..rows];
-        let inputs: Vec<EncryptedInput> = xs
-            .iter()
-            .map(|x| {
-                let bytes = client.encrypt(&spec, x).unwrap().to_bytes();
-                EncryptedInput::from_bytes(&bytes, model.n_inputs(), lwe_size).unwrap()
-            })
-            .collect();
+        let inputs = encrypt_through_the_wire(&client, &model, xs);
         let fhe = FheModel::new(model.clone()).unwrap();
         let outputs = fhe.evaluate(&backend, &inputs).unwrap();
         let mut worst = 0.0f64;
