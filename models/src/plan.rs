@@ -194,7 +194,8 @@ fn plan(
     // threshold instead, which the client sends.
     let mut windows: Vec<InputWindow> = Vec::new();
     let mut first_window: HashMap<u32, usize> = HashMap::new();
-    let mut window_read: Vec<Option<(usize, i64)>> = vec![None; n_lookups];
+    // (window value, window offset, the lookup's output per grid value of its feature)
+    let mut window_read: Vec<Option<(usize, i64, Vec<i64>)>> = vec![None; n_lookups];
     let mut exact_read = vec![false; n_lookups];
     let mut ranges = ranges;
     for (i, ql) in q.lookups.iter().enumerate() {
@@ -228,7 +229,7 @@ fn plan(
             windows.extend(InputWindow::cover(a, q.atoms[a as usize].max_q));
             at
         });
-        window_read[i] = Some((base + m as usize, m * WINDOW_STRIDE));
+        window_read[i] = Some((base + m as usize, m * WINDOW_STRIDE, g));
         ranges[i] = (0, WINDOW - 1);
         exact_read[i] = true;
     }
@@ -338,8 +339,8 @@ fn plan(
                 .map_or(1u64 << 40, |&(a, _)| delta_of[a as usize]);
             let k = (usable / (d_in as i128 * width)).max(1) as i64;
             st.max_acc_width = st.max_acc_width.max(width as u64);
-            st.weights.rows.push(match window_read[i] {
-                Some((w, _)) => vec![((nf + w) as u32, k)],
+            st.weights.rows.push(match &window_read[i] {
+                Some((w, _, _)) => vec![((nf + w) as u32, k)],
                 None => remap(ql, k),
             });
             let off = GUARD as i128 * POSITION - (k as i128) * (d_in as i128) * lo as i128;
@@ -352,10 +353,7 @@ fn plan(
             if exact_read[i] {
                 min_decision_spacing = min_decision_spacing.min(1.0 / step);
             }
-            let feature = window_read[i].map(|(_, o)| {
-                let (a, w) = ql.terms[0];
-                (feature_table(model, q, i, a, w), o)
-            });
+            let feature = window_read[i].as_ref().map(|(_, o, g)| (g, *o));
             for p in 0..POSITIONS {
                 let acc = lo as f64 + (p - GUARD) as f64 * step;
                 let out = match (&feature, exact_read[i]) {
