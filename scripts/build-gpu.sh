@@ -7,6 +7,9 @@
 # The code is SASS for one architecture (VEIL_CUDA_SM, default 90: H100/H200).
 #
 # Usage: scripts/build-gpu.sh [cargo build args...]   (default: the server and the CLI)
+#        scripts/build-gpu.sh --bench-bundle            (what scripts/gpu-bench.sh runs, stripped,
+#                                                        in .gpu/bin: veil, veil-server,
+#                                                        bench_serve, gpu-tests)
 #        VEIL_GPU_CHECK=1 scripts/build-gpu.sh          (cargo clippy only, no binaries: what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +46,25 @@ export CUDACXX=$ROOT/scripts/gpu/nvcc-arch.sh VEIL_NVCC=$CUDA/bin/nvcc VEIL_CUDA
 export PKG_CONFIG_PATH=$TOOLS/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 export CARGO_TARGET_DIR=$ROOT/target/gpu
 
-if [ "${VEIL_GPU_CHECK:-0}" = 1 ]; then
+if [ "${1:-}" = --bench-bundle ]; then
+  cargo build --release -p veil-server -p veil-cli --features veil-server/gpu,veil-cli/gpu
+  # bench_serve is a client: it needs no CUDA, and it is built where the CPU build lives
+  # (target/release), which CI's test run also fills.
+  (unset CARGO_TARGET_DIR; cargo build --release -p veil-tests --example bench_serve)
+  tests=$(cargo test --release -p veil-models --features gpu --test gpu --no-run --message-format=json \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+        print(m["executable"])')
+  mkdir -p "$TOOLS/bin"
+  for f in veil veil-server; do
+    strip -o "$TOOLS/bin/$f" "$CARGO_TARGET_DIR/release/$f"
+  done
+  strip -o "$TOOLS/bin/bench_serve" "$ROOT/target/release/examples/bench_serve"
+  strip -o "$TOOLS/bin/gpu-tests" "$tests"
+  ls -l "$TOOLS/bin" >&2
+elif [ "${VEIL_GPU_CHECK:-0}" = 1 ]; then
   cargo clippy --release --workspace --all-targets --features veil-models/gpu,veil-server/gpu,veil-client/gpu,veil-cli/gpu "$@"
 else
   if [ $# -eq 0 ]; then set -- -p veil-server -p veil-cli --features veil-server/gpu,veil-cli/gpu; fi

@@ -107,19 +107,23 @@ fn veil_backend(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(BenchmarkId::new("ks_pbs_all_threads", n), |b| {
             b.iter(|| {
-                backend.bootstrap_batch(input.as_view(), s.luts.as_view(), &idx, out.as_mut_view())
+                backend
+                    .bootstrap_batch(input.as_view(), s.luts.as_view(), &idx, out.as_mut_view())
+                    .unwrap()
             })
         });
         if n <= 16 {
             g.bench_function(BenchmarkId::new("ks_pbs_one_thread", n), |b| {
                 one.install(|| {
                     b.iter(|| {
-                        backend.bootstrap_batch(
-                            input.as_view(),
-                            s.luts.as_view(),
-                            &idx,
-                            out.as_mut_view(),
-                        )
+                        backend
+                            .bootstrap_batch(
+                                input.as_view(),
+                                s.luts.as_view(),
+                                &idx,
+                                out.as_mut_view(),
+                            )
+                            .unwrap()
                     })
                 })
             });
@@ -183,7 +187,9 @@ fn keyswitch_and_linear(c: &mut Criterion) {
                         weights[j],
                     );
                 }
-                backend.bootstrap_batch(acc.as_view(), s.luts.as_view(), &[0], res.as_mut_view());
+                backend
+                    .bootstrap_batch(acc.as_view(), s.luts.as_view(), &[0], res.as_mut_view())
+                    .unwrap();
             })
         })
     });

@@ -58,12 +58,14 @@ fn main() {
     let read = |inputs: &LweCiphertextListOwned<u64>| -> Vec<i64> {
         let n = inputs.lwe_ciphertext_count().0;
         let mut out = LweCiphertextList::new(0u64, size, LweCiphertextCount(n), modulus);
-        backend.bootstrap_batch(
-            inputs.as_view(),
-            luts.as_view(),
-            &vec![0; n],
-            out.as_mut_view(),
-        );
+        backend
+            .bootstrap_batch(
+                inputs.as_view(),
+                luts.as_view(),
+                &vec![0; n],
+                out.as_mut_view(),
+            )
+            .expect("the CPU backend reports no errors");
         out.iter()
             .map(|ct| {
                 let d = decrypt_lwe_ciphertext(&key, &ct).0;
@@ -156,12 +158,14 @@ fn main() {
     let scaled =
         GlweCiphertextList::from_container(scaled_lut.as_ref().to_vec(), glwe_size, poly, modulus);
     let mut boot = LweCiphertextList::new(0u64, size, LweCiphertextCount(reads * terms), modulus);
-    backend.bootstrap_batch(
-        enc_x.as_view(),
-        scaled.as_view(),
-        &vec![0; reads * terms],
-        boot.as_mut_view(),
-    );
+    backend
+        .bootstrap_batch(
+            enc_x.as_view(),
+            scaled.as_view(),
+            &vec![0; reads * terms],
+            boot.as_mut_view(),
+        )
+        .expect("the CPU backend reports no errors");
     let mut accs = LweCiphertextList::new(0u64, size, LweCiphertextCount(reads), modulus);
     let mut targets = Vec::with_capacity(reads);
     let mut sum_w2 = 0.0;

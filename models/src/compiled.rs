@@ -206,8 +206,12 @@ pub struct Stage {
     /// Per-neuron torus constant added to the accumulator (`GUARD` positions minus the
     /// scaled range start), so that `phase = delta_in * acc + offset` lands in `[0, 2^63)`.
     pub offset: Vec<u64>,
-    /// `POSITIONS` entries per neuron: the neuron's quantized output at each position.
+    /// The stage's distinct tables, `POSITIONS` entries each: a table's quantized output at
+    /// each position. Neurons with the same function and grids (a convolution channel's)
+    /// share one.
     pub lut: Vec<u16>,
+    /// Per neuron: which table of `lut` it reads.
+    pub lut_index: Vec<u32>,
     /// Torus scale of the values each neuron reads (they share one).
     pub delta_in: Vec<u64>,
     /// Torus scale each neuron's table writes its output at.
@@ -220,7 +224,23 @@ pub struct Stage {
 
 impl Stage {
     pub fn lut_of(&self, n: usize) -> &[u16] {
-        &self.lut[n * POSITIONS as usize..(n + 1) * POSITIONS as usize]
+        let t = self.lut_index[n] as usize;
+        &self.lut[t * POSITIONS as usize..(t + 1) * POSITIONS as usize]
+    }
+
+    /// Appends neuron `n`'s table (POSITIONS entries), sharing an identical earlier one.
+    pub(crate) fn push_table(
+        &mut self,
+        table: &[u16],
+        seen: &mut std::collections::HashMap<Vec<u16>, u32>,
+    ) {
+        debug_assert_eq!(table.len(), POSITIONS as usize);
+        let next = (self.lut.len() / POSITIONS as usize) as u32;
+        let t = *seen.entry(table.to_vec()).or_insert(next);
+        if t == next {
+            self.lut.extend_from_slice(table);
+        }
+        self.lut_index.push(t);
     }
 
     pub fn len(&self) -> usize {
@@ -311,9 +331,10 @@ pub struct ClientSpec {
 
 /// File format: magic, format version (u32 little-endian), then the bincode body.
 const MAGIC: &[u8; 8] = b"VEILMDL\0";
-pub const FORMAT_VERSION: u32 = 3;
-/// Largest compiled model a reader accepts.
-pub const MAX_MODEL_BYTES: u64 = 256 << 20;
+pub const FORMAT_VERSION: u32 = 4;
+/// Largest compiled model a reader accepts. Every neuron has a table of its own (its
+/// calibrated range sets its scale), so a CIFAR-size CNN of 53,248 neurons takes 318 MB.
+pub const MAX_MODEL_BYTES: u64 = 1 << 30;
 
 fn bincode_options() -> impl Options {
     bincode::DefaultOptions::new()
@@ -364,8 +385,11 @@ impl CompiledModel {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        // No size limit when writing (`save` refuses what a reader would): plain data
+        // always serializes into a Vec.
         out.extend(
-            bincode_options()
+            bincode::DefaultOptions::new()
+                .with_fixint_encoding()
                 .serialize(self)
                 .expect("a compiled model always serializes"),
         );
@@ -392,9 +416,17 @@ impl CompiledModel {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_bytes();
+        if bytes.len() as u64 > MAX_MODEL_BYTES + 12 {
+            return Err(ModelError::InvalidCompiledModel(format!(
+                "the compiled model is {} bytes, more than the {MAX_MODEL_BYTES} a reader \
+                 accepts: use fewer or smaller layers",
+                bytes.len()
+            )));
+        }
         let mut f = std::fs::File::create(path)
             .map_err(|e| ModelError::io(format!("creating {}", path.display()), e))?;
-        f.write_all(&self.to_bytes())
+        f.write_all(&bytes)
             .map_err(|e| ModelError::io(format!("writing {}", path.display()), e))
     }
 
@@ -466,7 +498,11 @@ impl CompiledModel {
                 || h.read_sigma.len() != n_out
                 || h.delta_in.len() != n_out
                 || h.delta_out.len() != n_out
-                || h.lut.len() != n_out * POSITIONS as usize
+                || h.lut_index.len() != n_out
+                || !h.lut.len().is_multiple_of(POSITIONS as usize)
+                || h.lut_index
+                    .iter()
+                    .any(|&t| (t as usize + 1) * POSITIONS as usize > h.lut.len())
             {
                 return bad(format!("{what}: per-neuron tables have the wrong length"));
             }

@@ -317,13 +317,15 @@ fn plan(
             .take_while(|&i| stage_of[nf + i] == s)
             .collect();
         start += members.len();
+        let mut seen_tables = std::collections::HashMap::new();
         let mut st = Stage {
             weights: IntMatrix {
                 n_in: n_before as u32,
                 rows: Vec::with_capacity(members.len()),
             },
             offset: Vec::with_capacity(members.len()),
-            lut: Vec::with_capacity(members.len() * POSITIONS as usize),
+            lut: Vec::new(),
+            lut_index: Vec::with_capacity(members.len()),
             delta_in: Vec::with_capacity(members.len()),
             delta_out: Vec::with_capacity(members.len()),
             read_sigma: Vec::with_capacity(members.len()),
@@ -354,6 +356,7 @@ fn plan(
                 min_decision_spacing = min_decision_spacing.min(1.0 / step);
             }
             let feature = window_read[i].as_ref().map(|(_, o, g)| (g, *o));
+            let mut table = Vec::with_capacity(POSITIONS as usize);
             for p in 0..POSITIONS {
                 let acc = lo as f64 + (p - GUARD) as f64 * step;
                 let out = match (&feature, exact_read[i]) {
@@ -367,8 +370,9 @@ fn plan(
                     }
                     (None, false) => out_q.quantize(func.eval(ql.scale * acc + ql.offset)),
                 };
-                st.lut.push(out as u16);
+                table.push(out as u16);
             }
+            st.push_table(&table, &mut seen_tables);
             st.delta_in.push(d_in);
             st.delta_out.push(delta_of[nf + i]);
             let w2: f64 = ql

@@ -28,9 +28,26 @@ Models:
 * ``iris_lgbm``            lightgbm LGBMClassifier(10 rounds, num_leaves=8), onnxmltools convert_lightgbm
 * ``diabetes_linear``      sklearn LinearRegression, skl2onnx (ai.onnx.ml LinearRegressor)
 * ``diabetes_gbr``         sklearn GradientBoostingRegressor(30 trees, max_depth=3), skl2onnx
+* ``cifar_vgg``            torch   input f32[batch,3,32,32]: Conv2d(3,16,3,p=1) -> ReLU -> Conv2d(16,16,3,p=1)
+                                   -> ReLU -> AvgPool2d(2) -> Conv2d(16,32,3,p=1) -> ReLU -> Conv2d(32,32,3,p=1)
+                                   -> ReLU -> AvgPool2d(2) -> Conv2d(32,64,3,p=1) -> ReLU -> AvgPool2d(2)
+                                   -> Flatten -> Linear(1024,10); 53248 ReLUs per image. Trained on all
+                                   1437 training rows; its train.csv holds only a 200-row stratified subset
+                                   of them (calibration data), test.csv all 360 test rows.
 
-The last five write CSV features at full precision (shortest float64 text of the float32
-value) and run onnxruntime with one thread (see ``run_ort_outputs``); the two regressors'
+cifar_vgg's data (no image data set can be downloaded) is synthetic "coloured digits",
+made by ``synthetic_cifar_digits()`` from sklearn's digits (8x8, integer pixels p in 0..16)
+with ``rng = np.random.default_rng(0)``, drawn in this order:
+``k = rng.integers(1, 4, size=(1797, 3))`` (a colour factor k_c in {1,2,3} per sample and
+channel); each image upsampled to 32x32 by nearest neighbour (``repeat(4)`` on both axes);
+channel c = round(p * k_c / 3) = ``(p * k_c + 1) // 3``; then background noise
+``mask = rng.random((1797,3,32,32)) < 0.1``, ``noise = rng.integers(1, 3, size=(1797,3,32,32))``,
+and every channel pixel that is 0 with its mask set becomes its noise value (1 or 2). Values
+are integers in 0..16; the model input (and the CSV features, NCHW flattened) is value / 16.
+
+The five tree / regression models (breast_cancer_xgb .. diabetes_gbr) write CSV features at
+full precision (shortest float64 text of the float32 value) and run onnxruntime with one
+thread (see ``run_ort_outputs``); the two regressors'
 last CSV column is ``target`` (a float) and they are split without stratification.
 
 Every split is ``train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)``.
@@ -524,6 +541,117 @@ def make_digits_qdq_cnn(out_dir: Path) -> dict:
                     epochs=100, lr=1e-2)
 
 
+# --------------------------------------------------------------------------- CIFAR-size VGG-style CNN
+#
+# No image data set can be downloaded here, so cifar_vgg trains on a fixed, seeded
+# synthetic "coloured digits" set at CIFAR's input size, f32[batch,3,32,32]. See
+# synthetic_cifar_digits() for the exact recipe; models/zoo/README.md repeats it.
+
+CIFAR_UPSAMPLE = 4            # 8x8 -> 32x32, nearest neighbour (every pixel becomes a 4x4 block)
+CIFAR_NOISE_P = 0.1           # fraction of background (value 0) channel pixels that get noise
+CIFAR_TRAIN_CSV_ROWS = 200    # train.csv holds a stratified subset of the training split (calibration data)
+CIFAR_EPOCHS = 20
+CIFAR_BATCH = 32
+CIFAR_LR = 1e-3
+
+
+def synthetic_cifar_digits():
+    """(X [1797,3,32,32] float32 = values/16, y [1797] int64, values [1797,3,32,32] int64 in 0..16).
+
+    From sklearn's digits (``load_digits().images``, 8x8, integer pixels p in 0..16), with
+    ``rng = np.random.default_rng(0)`` drawn from in exactly this order:
+
+    1. colour: ``k = rng.integers(1, 4, size=(1797, 3))``, one factor k_c in {1, 2, 3} per
+       sample and channel (the colour is (k_0, k_1, k_2) / 3);
+    2. upsample each image to 32x32 by nearest neighbour: ``img.repeat(4, 1).repeat(4, 2)``;
+    3. channel c = round(p * k_c / 3), computed as ``(p * k_c + 1) // 3`` (p * k_c / 3 never
+       ends in .5, so this is plain rounding); values stay integers in 0..16;
+    4. background noise: ``mask = rng.random((1797, 3, 32, 32)) < 0.1`` then
+       ``noise = rng.integers(1, 3, size=(1797, 3, 32, 32))`` (1 or 2); every channel pixel
+       whose value is 0 and whose mask is set becomes its noise value.
+
+    The model input is value / 16 (multiples of 1/16 in [0, 1], exact in float32), NCHW.
+    """
+    d = load_digits()
+    img = d.images.astype(np.int64)                        # [N, 8, 8], 0..16
+    n = len(img)
+    rng = np.random.default_rng(SEED)
+    k = rng.integers(1, 4, size=(n, 3))                    # colour factors in {1, 2, 3}
+    big = img.repeat(CIFAR_UPSAMPLE, axis=1).repeat(CIFAR_UPSAMPLE, axis=2)   # [N, 32, 32]
+    values = (big[:, None, :, :] * k[:, :, None, None] + 1) // 3            # [N, 3, 32, 32], 0..16
+    mask = rng.random(values.shape) < CIFAR_NOISE_P
+    noise = rng.integers(1, 3, size=values.shape)
+    values = np.where((values == 0) & mask, noise, values)
+    assert values.min() >= 0 and values.max() <= 16
+    X = (values / 16.0).astype(np.float32)
+    return X, d.target.astype(np.int64), values
+
+
+class CifarVGG(nn.Module):
+    """VGG-style CNN for 3x32x32 input; AvgPool (linear under FHE) instead of MaxPool."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),      # [B,16,32,32]
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),     # [B,16,32,32]
+            nn.AvgPool2d(2),                                # [B,16,16,16]
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),     # [B,32,16,16]
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),     # [B,32,16,16]
+            nn.AvgPool2d(2),                                # [B,32,8,8]
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),     # [B,64,8,8]
+            nn.AvgPool2d(2),                                # [B,64,4,4]
+        )
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.features(x)))
+
+
+# ReLU outputs per image: 16*32*32*2 + 32*16*16*2 + 64*8*8 = 32768 + 16384 + 4096
+CIFAR_RELUS_PER_IMAGE = 16 * 32 * 32 * 2 + 32 * 16 * 16 * 2 + 64 * 8 * 8
+
+
+def make_cifar_vgg(out_dir: Path) -> dict:
+    seed_everything()
+    X, y, _ = synthetic_cifar_digits()
+    X_train, X_test, y_train, y_test = split(X.reshape(len(X), -1), y)
+    shape = [3, 32, 32]
+    model = CifarVGG()
+    acc, logits = train_torch(model, X_train, y_train, X_test, y_test, epochs=CIFAR_EPOCHS,
+                              batch_size=CIFAR_BATCH, lr=CIFAR_LR, input_shape=shape)
+    how = export_torch(model, torch.from_numpy(X_test[:2].reshape([2] + shape)),
+                       out_dir / "cifar_vgg" / "model.onnx")
+    # train.csv: a stratified, seeded subset of the 1437 training rows (kept in split order);
+    # the model was trained on all of them. It only serves as calibration data.
+    keep, _ = train_test_split(np.arange(len(X_train)), train_size=CIFAR_TRAIN_CSV_ROWS,
+                               stratify=y_train, random_state=0)
+    keep = np.sort(keep)
+    return finish(out_dir, "cifar_vgg", source="torch",
+                  dataset="synthetic coloured digits 3x32x32 (sklearn load_digits upsampled x4, seeded colour "
+                          "and background noise; values/16)",
+                  X_train=X_train[keep], y_train=y_train[keep], X_test=X_test, y_test=y_test, n_classes=10,
+                  input_shape=shape, framework_accuracy=acc, framework_scores=logits,
+                  extra={"torch_exporter": how, "torch_version": torch.__version__,
+                         "n_train_fit": int(len(X_train)),
+                         "train_csv": f"stratified subset of the training split: train_test_split(arange("
+                                      f"{len(X_train)}), train_size={CIFAR_TRAIN_CSV_ROWS}, stratify=y_train, "
+                                      f"random_state=0), sorted; calibration data only",
+                         "generator": {"base": "sklearn.datasets.load_digits().images (8x8, 0..16)",
+                                       "rng": "numpy.random.default_rng(0)",
+                                       "upsample": f"nearest neighbour x{CIFAR_UPSAMPLE}",
+                                       "colour": "k = rng.integers(1, 4, size=(1797, 3)); "
+                                                 "channel c = (p * k_c + 1) // 3",
+                                       "noise": f"mask = rng.random((1797,3,32,32)) < {CIFAR_NOISE_P}; "
+                                                "noise = rng.integers(1, 3, size=(1797,3,32,32)); "
+                                                "value = noise where value == 0 and mask",
+                                       "input": "value / 16 (float32)"},
+                         "train": {"optimizer": "Adam", "lr": CIFAR_LR, "batch_size": CIFAR_BATCH,
+                                   "epochs": CIFAR_EPOCHS, "seed": SEED},
+                         "relu_activations_per_image": CIFAR_RELUS_PER_IMAGE})
+
+
 # --------------------------------------------------------------------------- sklearn models
 
 
@@ -957,6 +1085,7 @@ MODELS = {
     "iris_lgbm": make_iris_lgbm,
     "diabetes_linear": make_diabetes_linear,
     "diabetes_gbr": make_diabetes_gbr,
+    "cifar_vgg": make_cifar_vgg,
 }
 
 if __name__ == "__main__":

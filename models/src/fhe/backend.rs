@@ -119,8 +119,8 @@ pub fn gpu_available() -> bool {
     }
 }
 
-/// One layer's lookup tables: one GLWE accumulator per neuron, built once per model. A
-/// device backend keeps its own copy next to the host one, made on first use.
+/// One layer's lookup tables as GLWE accumulators, built once per model. A device backend
+/// keeps its own copy next to the host one, made on first use.
 pub struct LookupTables {
     host: GlweCiphertextListOwned<u64>,
     #[cfg(feature = "gpu")]
@@ -134,6 +134,14 @@ impl LookupTables {
             #[cfg(feature = "gpu")]
             device: std::sync::OnceLock::new(),
         }
+    }
+
+    pub fn len(&self) -> usize {
+        self.host.glwe_ciphertext_count().0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn host(&self) -> GlweCiphertextListView<'_, u64> {
@@ -150,14 +158,15 @@ pub trait PbsBackend: Send + Sync {
         self.kind().name()
     }
 
-    /// One batch with tables given on the host (benchmarks, calibration).
+    /// One batch with tables given on the host (benchmarks, calibration). A device backend
+    /// reports a device failure (no memory left, a kernel error) as an error.
     fn bootstrap_batch(
         &self,
         inputs: LweCiphertextListView<'_, u64>,
         luts: GlweCiphertextListView<'_, u64>,
         lut_index: &[usize],
         outputs: LweCiphertextListMutView<'_, u64>,
-    );
+    ) -> Result<()>;
 
     /// One model layer: a device backend reuses its copy of the model's tables.
     fn bootstrap_layer(
@@ -166,7 +175,7 @@ pub trait PbsBackend: Send + Sync {
         luts: &LookupTables,
         lut_index: &[usize],
         outputs: LweCiphertextListMutView<'_, u64>,
-    ) {
+    ) -> Result<()> {
         self.bootstrap_batch(inputs, luts.host(), lut_index, outputs)
     }
 
@@ -174,6 +183,12 @@ pub trait PbsBackend: Send + Sync {
     /// bootstrap, download), for profiles; empty where the backend does not split them.
     fn take_phase_seconds(&self) -> Vec<(&'static str, f64)> {
         Vec::new()
+    }
+
+    /// The GPU backend, which runs whole evaluations on the device (linear layers too).
+    #[cfg(feature = "gpu")]
+    fn as_gpu(&self) -> Option<&super::gpu::GpuBackend<'_>> {
+        None
     }
 }
 
@@ -317,7 +332,7 @@ impl PbsBackend for CpuBackend<'_> {
         luts: GlweCiphertextListView<'_, u64>,
         lut_index: &[usize],
         mut outputs: LweCiphertextListMutView<'_, u64>,
-    ) {
+    ) -> Result<()> {
         let in_size: LweSize = inputs.lwe_size();
         assert_eq!(inputs.lwe_ciphertext_count().0, lut_index.len());
         assert_eq!(outputs.lwe_ciphertext_count().0, lut_index.len());
@@ -334,5 +349,6 @@ impl PbsBackend for CpuBackend<'_> {
             .zip(outputs.as_mut().par_chunks_mut(per_thread * out_size))
             .zip(lut_index.par_chunks(per_thread))
             .for_each(|((inp, out), idx)| self.run_chunk(inp, in_size.0, &luts, idx, out));
+        Ok(())
     }
 }

@@ -51,12 +51,14 @@ pub fn calibrate(params: ParamSet) -> MachineProfile {
             modulus,
         );
         let t = Instant::now();
-        backend.bootstrap_batch(
-            input.as_view(),
-            luts.as_view(),
-            &vec![0; n],
-            out.as_mut_view(),
-        );
+        backend
+            .bootstrap_batch(
+                input.as_view(),
+                luts.as_view(),
+                &vec![0; n],
+                out.as_mut_view(),
+            )
+            .expect("the CPU backend reports no errors");
         t.elapsed().as_secs_f64()
     };
     run(threads); // warm up (FFT plans, page faults)
@@ -273,7 +275,7 @@ pub fn bench_backend(
         let mut out = LweCiphertextList::new(0u64, size, LweCiphertextCount(b), modulus);
         let idx = vec![0usize; b];
         // Warm-up (device tables, scratch, FFT plans).
-        backend.bootstrap_batch(input.as_view(), luts.as_view(), &idx, out.as_mut_view());
+        backend.bootstrap_batch(input.as_view(), luts.as_view(), &idx, out.as_mut_view())?;
         backend.take_phase_seconds();
         let started = Instant::now();
         let mut best = f64::MAX;
@@ -281,7 +283,7 @@ pub fn bench_backend(
         let mut reps = 0;
         while reps < 2 || (started.elapsed().as_secs_f64() < min_seconds && reps < 1000) {
             let t = Instant::now();
-            backend.bootstrap_batch(input.as_view(), luts.as_view(), &idx, out.as_mut_view());
+            backend.bootstrap_batch(input.as_view(), luts.as_view(), &idx, out.as_mut_view())?;
             let secs = t.elapsed().as_secs_f64();
             let phases = backend.take_phase_seconds();
             if secs < best {
@@ -305,25 +307,26 @@ pub fn bench_backend(
     let agreement = if reads > 0 {
         let targets: Vec<i64> = (0..reads).map(|_| next_target()).collect();
         let input = encrypt(&targets);
-        let read = |backend: &dyn PbsBackend| -> Vec<i64> {
+        let read = |backend: &dyn PbsBackend| -> crate::error::Result<Vec<i64>> {
             let mut out = LweCiphertextList::new(0u64, size, LweCiphertextCount(reads), modulus);
             backend.bootstrap_batch(
                 input.as_view(),
                 luts.as_view(),
                 &vec![0; reads],
                 out.as_mut_view(),
-            );
-            out.iter()
+            )?;
+            Ok(out
+                .iter()
                 .map(|ct| {
                     let d = decrypt_lwe_ciphertext(&lwe_key, &ct).0;
                     (d.wrapping_add(1 << 51) >> 52) as i64
                 })
-                .collect()
+                .collect())
         };
-        let mine = read(backend.as_ref());
+        let mine = read(backend.as_ref())?;
         let cpu_key =
             super::EvalKey::from_compressed(super::BackendKind::Cpu, params, &compressed)?;
-        let theirs = read(cpu_key.backend().as_ref());
+        let theirs = read(cpu_key.backend().as_ref())?;
         let stats = |got: &[i64]| {
             let errs: Vec<f64> = got
                 .iter()

@@ -3,8 +3,8 @@
 use rayon::prelude::*;
 use tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_scalar_mul_assign;
 use tfhe::core_crypto::prelude::{
-    CiphertextModulus, GlweCiphertextList, GlweSize, LweCiphertextList, LweCiphertextListOwned,
-    LweSize, PolynomialSize, generate_programmable_bootstrap_glwe_lut,
+    CiphertextModulus, GlweCiphertextList, GlweSize, LweCiphertextList, LweSize, PolynomialSize,
+    generate_programmable_bootstrap_glwe_lut,
 };
 
 use std::time::Instant;
@@ -17,11 +17,11 @@ use crate::error::{ModelError, Result};
 
 /// Where a model's values live during an evaluation: block 0 holds the inputs, block `s + 1`
 /// the outputs of stage `s`; a block is freed after the last step that reads it.
-struct Blocks {
+pub(crate) struct Blocks {
     /// First value index of each block, and one past the last value.
-    starts: Vec<usize>,
+    pub(crate) starts: Vec<usize>,
     /// Last step reading each block (stage index; `stages.len()` for the outputs).
-    last_read: Vec<usize>,
+    pub(crate) last_read: Vec<usize>,
 }
 
 impl Blocks {
@@ -47,25 +47,31 @@ impl Blocks {
         Blocks { starts, last_read }
     }
 
-    fn block_of(&self, v: usize) -> usize {
+    pub(crate) fn block_of(&self, v: usize) -> usize {
         self.starts.partition_point(|&s| s <= v) - 1
     }
 
-    fn len(&self, b: usize) -> usize {
+    pub(crate) fn len(&self, b: usize) -> usize {
         self.starts[b + 1] - self.starts[b]
     }
 }
 
 /// The centered modulus switch moves every phase down by half a position; adding it back
 /// keeps the read centred on the position the plan (and the simulator) round to.
-const CENTERED_SWITCH_FIX: u64 = 1 << 51;
+pub(crate) const CENTERED_SWITCH_FIX: u64 = 1 << 51;
 
 /// A compiled model with its lookup tables laid out as GLWE accumulators, built once.
 pub struct FheModel {
-    model: CompiledModel,
-    luts: Vec<LookupTables>,
-    lwe_size: usize,
-    blocks: Blocks,
+    pub(crate) model: CompiledModel,
+    /// Each stage's distinct tables (a convolution's neurons of one channel usually share
+    /// theirs), and which table each neuron reads.
+    pub(crate) luts: Vec<LookupTables>,
+    pub(crate) table_of: Vec<Vec<usize>>,
+    pub(crate) lwe_size: usize,
+    pub(crate) blocks: Blocks,
+    /// The weights and tables in GPU memory, uploaded on the first GPU evaluation.
+    #[cfg(feature = "gpu")]
+    pub(crate) device: std::sync::Mutex<Option<std::sync::Arc<super::gpu::DeviceModel>>>,
 }
 
 impl FheModel {
@@ -81,13 +87,17 @@ impl FheModel {
             )));
         }
         let modulus = CiphertextModulus::<u64>::new_native();
-        let luts = model
-            .stages
-            .iter()
-            .map(|h| {
-                let mut data = Vec::with_capacity(h.weights.n_out() * glwe_size.0 * poly.0);
-                for n in 0..h.weights.n_out() {
-                    let table = h.lut_of(n);
+        let mut luts = Vec::with_capacity(model.stages.len());
+        let mut table_of = Vec::with_capacity(model.stages.len());
+        for h in &model.stages {
+            let mut seen: std::collections::HashMap<(&[u16], u64), usize> = Default::default();
+            let mut data = Vec::new();
+            let mut which = Vec::with_capacity(h.weights.n_out());
+            for n in 0..h.weights.n_out() {
+                let table = h.lut_of(n);
+                let next = seen.len();
+                let t = *seen.entry((table, h.delta_out[n])).or_insert(next);
+                if t == next {
                     // One box per position (box size N / 2048 = 1), the value pre-scaled.
                     let glwe = generate_programmable_bootstrap_glwe_lut(
                         poly,
@@ -99,18 +109,23 @@ impl FheModel {
                     );
                     data.extend_from_slice(glwe.as_ref());
                 }
-                LookupTables::new(GlweCiphertextList::from_container(
-                    data, glwe_size, poly, modulus,
-                ))
-            })
-            .collect();
+                which.push(t);
+            }
+            luts.push(LookupTables::new(GlweCiphertextList::from_container(
+                data, glwe_size, poly, modulus,
+            )));
+            table_of.push(which);
+        }
         let lwe_size = big_lwe_size(model.params);
         let blocks = Blocks::new(&model);
         Ok(FheModel {
             model,
             luts,
+            table_of,
             lwe_size,
             blocks,
+            #[cfg(feature = "gpu")]
+            device: Default::default(),
         })
     }
 
@@ -170,6 +185,12 @@ impl FheModel {
         if samples == 0 {
             return Ok((Vec::new(), profile));
         }
+        #[cfg(feature = "gpu")]
+        if let Some(gpu) = backend.as_gpu() {
+            let outputs = super::gpu::model::evaluate(self, gpu, batch, &mut profile)?;
+            profile.bootstrap_phases = backend.take_phase_seconds();
+            return Ok((outputs, profile));
+        }
         let mut t = Instant::now();
         // Each sample regenerates its masks straight into its slice of the layer input.
         let per_sample = n_features * self.lwe_size;
@@ -191,7 +212,8 @@ impl FheModel {
                     *block = Vec::new();
                 }
             }
-            let lut_index: Vec<usize> = (0..samples * n_out).map(|i| i % n_out).collect();
+            let table_of = &self.table_of[step];
+            let lut_index: Vec<usize> = (0..samples * n_out).map(|i| table_of[i % n_out]).collect();
             let mut next = vec![0u64; samples * n_out * self.lwe_size];
             let acc_list =
                 LweCiphertextList::from_container(acc.as_slice(), LweSize(self.lwe_size), modulus);
@@ -200,7 +222,7 @@ impl FheModel {
                 LweSize(self.lwe_size),
                 modulus,
             );
-            backend.bootstrap_layer(acc_list, luts, &lut_index, out_list);
+            backend.bootstrap_layer(acc_list, luts, &lut_index, out_list)?;
             profile.bootstrap_s += lap(&mut t);
             profile.bootstraps += lut_index.len();
             blocks.push(next);
@@ -209,21 +231,17 @@ impl FheModel {
         let acc = self.linear(&blocks, samples, out, None);
         profile.linear_s += lap(&mut t);
         profile.bootstrap_phases = backend.take_phase_seconds();
-        let per_sample = out.n_out() * self.lwe_size;
+        Ok((self.outputs(&acc)?, profile))
+    }
+
+    /// The output layer's sums, one sample after the other, as the client receives them.
+    pub(crate) fn outputs(&self, acc: &[u64]) -> Result<Vec<EncryptedOutput>> {
+        let per_sample = self.model.output.weights.n_out() * self.lwe_size;
         // Only the bits decoding needs go back (the plan chose them and counts their noise).
         let bits = self.model.output.decoding.modulus_bits;
-        let outputs = acc
-            .chunks_exact(per_sample)
-            .map(|c| {
-                EncryptedOutput::new(LweCiphertextListOwned::from_container(
-                    c.to_vec(),
-                    LweSize(self.lwe_size),
-                    modulus,
-                ))
-                .modulus_switched(bits)
-            })
-            .collect::<Result<_>>()?;
-        Ok((outputs, profile))
+        acc.par_chunks_exact(per_sample)
+            .map(|c| EncryptedOutput::switched_from(c, self.lwe_size, bits))
+            .collect()
     }
 
     /// `out[s][n] = sum_j w[n][j] * v[s][j] (+ offset[n])` over the model's values `v`, held

@@ -169,11 +169,6 @@ impl EncryptedInput {
 }
 
 impl EncryptedOutput {
-    /// Full-precision outputs (modulus 2^64), as the executor computes them.
-    pub(crate) fn new(list: LweCiphertextListOwned<u64>) -> Self {
-        EncryptedOutput { list, bits: 64 }
-    }
-
     pub fn len(&self) -> usize {
         self.list.lwe_ciphertext_count().0
     }
@@ -189,6 +184,23 @@ impl EncryptedOutput {
 
     /// The same ciphertexts switched to modulus 2^bits (`bits` in 1..=64, at most the
     /// current): each element rounded to its top bits. The mask is not re-randomized.
+    /// The outputs in `words` (full-precision ciphertexts of `lwe_size` words), switched to
+    /// `bits` bits in the same pass that copies them.
+    pub(crate) fn switched_from(words: &[u64], lwe_size: usize, bits: u32) -> Result<Self> {
+        if !(1..=64).contains(&bits) {
+            return Err(bad(format!("cannot switch outputs to {bits} bits")));
+        }
+        let data = words.iter().map(|&x| round_to_bits(x, bits)).collect();
+        Ok(EncryptedOutput {
+            list: LweCiphertextListOwned::from_container(
+                data,
+                LweSize(lwe_size),
+                CiphertextModulus::new_native(),
+            ),
+            bits,
+        })
+    }
+
     pub fn modulus_switched(&self, bits: u32) -> Result<Self> {
         if !(1..=self.bits).contains(&bits) {
             return Err(bad(format!(
