@@ -50,8 +50,10 @@ const GPU: u32 = 0;
 /// scratch (about 100 KB per ciphertext); larger layers run in slices of the same buffers.
 pub const MAX_DEVICE_BATCH: usize = 32_768;
 
-/// Keyswitch batches at least this large use tfhe's GEMM keyswitch kernel.
-const GEMM_KEYSWITCH_FROM: usize = 256;
+/// Keyswitch batches at least this large use tfhe's GEMM keyswitch kernel. On an H200 the
+/// per-ciphertext kernel took 0.27 ms for 16 ciphertexts and 1.8 ms for 144 (a digits CNN
+/// layer), the GEMM kernel 0.83 ms for 256 (BENCHMARKS.md).
+const GEMM_KEYSWITCH_FROM: usize = 64;
 
 /// Most samples per device chunk; 0 lets device memory alone decide.
 static CHUNK_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -182,13 +182,22 @@ pub(crate) fn evaluate(
                     Some(p) => Some(next.slice(p.len() * per_sample_in)?),
                     None => None,
                 };
-                let (expanded, ran) = rayon::join(
-                    || match (next_dst, following) {
+                // The device work gets a thread of its own (it mostly waits on the GPU): as
+                // a rayon task it would only start once the expansion freed a worker.
+                let (expanded, ran) = std::thread::scope(|s| {
+                    let device =
+                        s.spawn(|| run_chunk(fhe, &dm, key, ws, x, part.len(), phase, profile));
+                    let expanded = match (next_dst, following) {
                         (Some(d), Some(p)) => expand(d, p),
                         _ => 0.0,
-                    },
-                    || run_chunk(fhe, &dm, key, ws, x, part.len(), phase, profile),
-                );
+                    };
+                    let ran = device.join().unwrap_or_else(|_| {
+                        Err(ModelError::Backend(
+                            "the device evaluation thread panicked".into(),
+                        ))
+                    });
+                    (expanded, ran)
+                });
                 profile.expand_s += expanded;
                 out.extend(ran?);
             }
