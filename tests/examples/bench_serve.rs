@@ -118,10 +118,7 @@ impl GpuSampler {
 
     fn memory_at(&self, t: f64) -> f64 {
         let s = self.samples.lock().unwrap();
-        s.iter()
-            .filter(|x| x.0 <= t)
-            .next_back()
-            .map_or(f64::NAN, |x| x.2)
+        s.iter().rfind(|x| x.0 <= t).map_or(f64::NAN, |x| x.2)
     }
 }
 
@@ -241,7 +238,9 @@ async fn main() {
             }));
         }
     }
-    let mut plans: Vec<Vec<(Vec<usize>, Vec<Vec<u8>>)>> = vec![Vec::new(); a.clients];
+    // Per client: (rows, encrypted samples) of each request.
+    type Plan = Vec<(Vec<usize>, Vec<Vec<u8>>)>;
+    let mut plans: Vec<Plan> = vec![Vec::new(); a.clients];
     for p in pending {
         let (i, rows, samples) = p.await.unwrap();
         plans[i].push((rows, samples));
