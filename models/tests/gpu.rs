@@ -85,32 +85,7 @@ fn gpu_runs_agree_with_simulation() {
     if !device() {
         return;
     }
-    let (_, model) = compiled("digits_mlp");
-    let client = ClientKey::generate(model.params);
-    let key = EvalKey::from_compressed(
-        BackendKind::Gpu,
-        model.params,
-        &client.compressed_server_key(),
-    )
-    .unwrap();
-    let spec = model.client_spec();
-    let test = dataset("digits_mlp", "test.csv", model.n_features());
-    let xs = &test.features[..64];
-    let inputs: Vec<_> = xs
-        .iter()
-        .map(|x| client.encrypt(&spec, x).unwrap())
-        .collect();
-    let fhe = FheModel::new(model.clone()).unwrap();
-    let outputs = fhe.evaluate(key.backend().as_ref(), &inputs).unwrap();
-    let agree = xs
-        .iter()
-        .zip(&outputs)
-        .filter(|(x, o)| {
-            let sim = model.simulate(x, None).unwrap();
-            let accs = client.decrypt(&spec, o).unwrap();
-            model.decode(&sim.accs).label == spec.decode(&accs).label
-        })
-        .count();
+    let agree = check_against_simulation("digits_mlp", 64, 0);
     assert!(
         agree >= 62,
         "{agree} of 64 GPU predictions agree with simulation"
