@@ -115,4 +115,19 @@ fn compiled_model_file_round_trips_and_rejects_damage() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("wrong length"), "{e}");
+    // A neuron naming a table past the stage's last one.
+    let mut broken = model.clone();
+    let tables = broken.stages[0].lut.len() / 2048;
+    broken.stages[0].lut_index[0] = tables as u32;
+    let e = CompiledModel::from_bytes(&broken.to_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("wrong length"), "{e}");
+    // Identical tables are stored once and still read back per neuron.
+    let st = &model.stages[0];
+    assert_eq!(st.lut_index.len(), st.len());
+    assert!(st.lut.len() <= st.len() * 2048);
+    for n in 0..st.len() {
+        assert_eq!(st.lut_of(n).len(), 2048);
+    }
 }
