@@ -207,8 +207,8 @@ pub struct Stage {
     /// scaled range start), so that `phase = delta_in * acc + offset` lands in `[0, 2^63)`.
     pub offset: Vec<u64>,
     /// The stage's distinct tables, `POSITIONS` entries each: a table's quantized output at
-    /// each position. Neurons with the same function and grids (a convolution channel's)
-    /// share one.
+    /// each position. Neurons whose tables come out identical share one (most neurons'
+    /// calibrated ranges differ, so most tables are their own).
     pub lut: Vec<u16>,
     /// Per neuron: which table of `lut` it reads.
     pub lut_index: Vec<u32>,

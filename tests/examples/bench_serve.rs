@@ -26,6 +26,7 @@ use clap::Parser;
 use veil_client::{Client, ConnectOptions, KeyPair};
 use veil_models::CompiledModel;
 use veil_models::data::{Labels, read_csv};
+use veil_tests::read_listen_address;
 
 #[derive(Parser)]
 struct Args {
@@ -171,13 +172,7 @@ async fn main() {
         .spawn()
         .expect("veil-server starts");
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("veil-server listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let addr = read_listen_address(&mut out);
     let url = format!("http://{addr}");
     eprintln!("server at {url} ({} backend)", a.backend);
 

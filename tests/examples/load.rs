@@ -71,14 +71,8 @@ async fn main() {
         .expect("veil-server starts");
     let pid = child.id();
     let mut out = BufReader::new(child.stdout.take().unwrap());
+    let addr = read_listen_address(&mut out);
     let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("veil-server listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    line.clear();
     out.read_line(&mut line).unwrap();
     let metrics_addr: std::net::SocketAddr = line
         .trim()

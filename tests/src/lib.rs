@@ -50,6 +50,16 @@ pub fn test_set(name: &str, n_features: usize) -> Dataset {
     .expect("test set")
 }
 
+/// The address a `veil-server` process prints on its first line of stdout.
+pub fn read_listen_address(out: &mut impl std::io::BufRead) -> String {
+    let mut line = String::new();
+    out.read_line(&mut line).expect("veil-server's stdout");
+    line.trim()
+        .strip_prefix("veil-server listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string()
+}
+
 /// A fresh directory under `root`, removed when dropped.
 pub struct TempDir(pub PathBuf);
 

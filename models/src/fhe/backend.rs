@@ -119,29 +119,15 @@ pub fn gpu_available() -> bool {
     }
 }
 
-/// One layer's lookup tables as GLWE accumulators, built once per model. A device backend
-/// keeps its own copy next to the host one, made on first use.
+/// One layer's distinct lookup tables as GLWE accumulators, built once per model. (The GPU
+/// evaluation keeps its own device copy with the model's weights.)
 pub struct LookupTables {
     host: GlweCiphertextListOwned<u64>,
-    #[cfg(feature = "gpu")]
-    pub(crate) device: std::sync::OnceLock<super::gpu::DeviceLuts>,
 }
 
 impl LookupTables {
     pub fn new(host: GlweCiphertextListOwned<u64>) -> Self {
-        LookupTables {
-            host,
-            #[cfg(feature = "gpu")]
-            device: std::sync::OnceLock::new(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.host.glwe_ciphertext_count().0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        LookupTables { host }
     }
 
     pub fn host(&self) -> GlweCiphertextListView<'_, u64> {
@@ -158,7 +144,7 @@ pub trait PbsBackend: Send + Sync {
         self.kind().name()
     }
 
-    /// One batch with tables given on the host (benchmarks, calibration). A device backend
+    /// One batch: a model layer on the host path, benchmarks, calibration. A device backend
     /// reports a device failure (no memory left, a kernel error) as an error.
     fn bootstrap_batch(
         &self,
@@ -167,17 +153,6 @@ pub trait PbsBackend: Send + Sync {
         lut_index: &[usize],
         outputs: LweCiphertextListMutView<'_, u64>,
     ) -> Result<()>;
-
-    /// One model layer: a device backend reuses its copy of the model's tables.
-    fn bootstrap_layer(
-        &self,
-        inputs: LweCiphertextListView<'_, u64>,
-        luts: &LookupTables,
-        lut_index: &[usize],
-        outputs: LweCiphertextListMutView<'_, u64>,
-    ) -> Result<()> {
-        self.bootstrap_batch(inputs, luts.host(), lut_index, outputs)
-    }
 
     /// Seconds spent per phase since the last call (device backends: upload, keyswitch,
     /// bootstrap, download), for profiles; empty where the backend does not split them.

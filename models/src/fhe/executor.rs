@@ -63,8 +63,7 @@ pub(crate) const CENTERED_SWITCH_FIX: u64 = 1 << 51;
 /// A compiled model with its lookup tables laid out as GLWE accumulators, built once.
 pub struct FheModel {
     pub(crate) model: CompiledModel,
-    /// Each stage's distinct tables (a convolution's neurons of one channel usually share
-    /// theirs), and which table each neuron reads.
+    /// Each stage's distinct tables, and which table each neuron reads.
     pub(crate) luts: Vec<LookupTables>,
     pub(crate) table_of: Vec<Vec<usize>>,
     pub(crate) lwe_size: usize,
@@ -90,13 +89,15 @@ impl FheModel {
         let mut luts = Vec::with_capacity(model.stages.len());
         let mut table_of = Vec::with_capacity(model.stages.len());
         for h in &model.stages {
-            let mut seen: std::collections::HashMap<(&[u16], u64), usize> = Default::default();
+            // The plan already shares identical tables; a shared table written at another
+            // output scale still needs an accumulator of its own.
+            let mut seen: std::collections::HashMap<(u32, u64), usize> = Default::default();
             let mut data = Vec::new();
             let mut which = Vec::with_capacity(h.weights.n_out());
             for n in 0..h.weights.n_out() {
                 let table = h.lut_of(n);
                 let next = seen.len();
-                let t = *seen.entry((table, h.delta_out[n])).or_insert(next);
+                let t = *seen.entry((h.lut_index[n], h.delta_out[n])).or_insert(next);
                 if t == next {
                     // One box per position (box size N / 2048 = 1), the value pre-scaled.
                     let glwe = generate_programmable_bootstrap_glwe_lut(
@@ -222,7 +223,7 @@ impl FheModel {
                 LweSize(self.lwe_size),
                 modulus,
             );
-            backend.bootstrap_layer(acc_list, luts, &lut_index, out_list)?;
+            backend.bootstrap_batch(acc_list, luts.host(), &lut_index, out_list)?;
             profile.bootstrap_s += lap(&mut t);
             profile.bootstraps += lut_index.len();
             blocks.push(next);

@@ -182,8 +182,6 @@ impl EncryptedOutput {
         self.bits
     }
 
-    /// The same ciphertexts switched to modulus 2^bits (`bits` in 1..=64, at most the
-    /// current): each element rounded to its top bits. The mask is not re-randomized.
     /// The outputs in `words` (full-precision ciphertexts of `lwe_size` words), switched to
     /// `bits` bits in the same pass that copies them.
     pub(crate) fn switched_from(words: &[u64], lwe_size: usize, bits: u32) -> Result<Self> {
@@ -201,6 +199,8 @@ impl EncryptedOutput {
         })
     }
 
+    /// The same ciphertexts switched to modulus 2^bits (`bits` in 1..=64, at most the
+    /// current): each element rounded to its top bits. The mask is not re-randomized.
     pub fn modulus_switched(&self, bits: u32) -> Result<Self> {
         if !(1..=self.bits).contains(&bits) {
             return Err(bad(format!(
@@ -208,20 +208,7 @@ impl EncryptedOutput {
                 self.bits
             )));
         }
-        let data = self
-            .list
-            .as_ref()
-            .iter()
-            .map(|&x| round_to_bits(x, bits))
-            .collect();
-        Ok(EncryptedOutput {
-            list: LweCiphertextListOwned::from_container(
-                data,
-                self.list.lwe_size(),
-                CiphertextModulus::new_native(),
-            ),
-            bits,
-        })
+        Self::switched_from(self.list.as_ref(), self.list.lwe_size().0, bits)
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

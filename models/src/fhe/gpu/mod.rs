@@ -35,7 +35,7 @@ use tfhe::shortint::server_key::{
 };
 use tfhe_cuda_backend::bindings as raw;
 
-use super::backend::{BackendKind, LookupTables, PbsBackend};
+use super::backend::{BackendKind, PbsBackend};
 use super::keys::check_key_dimensions;
 use crate::compiled::ParamSet;
 use crate::error::{ModelError, Result};
@@ -533,18 +533,6 @@ impl Drop for Workspace {
     }
 }
 
-/// A layer's lookup tables in device memory.
-pub struct DeviceLuts(DeviceBuf<u64>);
-
-impl DeviceLuts {
-    fn upload(luts: GlweCiphertextListView<'_, u64>) -> Result<Self> {
-        Ok(DeviceLuts(DeviceBuf::from_host(
-            luts.as_ref(),
-            std::ptr::null_mut(),
-        )?))
-    }
-}
-
 /// Runs evaluations with one [`GpuKey`], in a workspace taken from the key's pool (and
 /// given back when dropped).
 pub struct GpuBackend<'k> {
@@ -592,7 +580,7 @@ impl<'k> GpuBackend<'k> {
     fn run(
         &self,
         inputs: LweCiphertextListView<'_, u64>,
-        luts: &DeviceLuts,
+        luts: &DeviceBuf<u64>,
         lut_index: &[usize],
         mut outputs: LweCiphertextListMutView<'_, u64>,
     ) -> Result<()> {
@@ -617,7 +605,7 @@ impl<'k> GpuBackend<'k> {
                 d_in.ptr(),
                 d_out.ptr(),
                 n,
-                luts.0.ptr(),
+                luts.ptr(),
                 d_index.ptr(),
                 phase,
             );
@@ -659,29 +647,8 @@ impl PbsBackend for GpuBackend<'_> {
         if lut_index.is_empty() {
             return Ok(());
         }
-        let d_luts = DeviceLuts::upload(luts)?;
+        let d_luts = DeviceBuf::from_host(luts.as_ref(), std::ptr::null_mut())?;
         self.run(inputs, &d_luts, lut_index, outputs)
-    }
-
-    fn bootstrap_layer(
-        &self,
-        inputs: LweCiphertextListView<'_, u64>,
-        luts: &LookupTables,
-        lut_index: &[usize],
-        outputs: LweCiphertextListMutView<'_, u64>,
-    ) -> Result<()> {
-        if lut_index.is_empty() {
-            return Ok(());
-        }
-        let d_luts = match luts.device.get() {
-            Some(d) => d,
-            None => {
-                let up = DeviceLuts::upload(luts.host())?;
-                let _ = luts.device.set(up);
-                luts.device.get().expect("set above")
-            }
-        };
-        self.run(inputs, d_luts, lut_index, outputs)
     }
 
     fn take_phase_seconds(&self) -> Vec<(&'static str, f64)> {

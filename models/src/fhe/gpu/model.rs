@@ -105,18 +105,14 @@ fn device_model(fhe: &FheModel) -> Result<Arc<DeviceModel>> {
     Ok(m)
 }
 
-/// Device words one sample occupies at the evaluation's peak: the blocks still to be read
-/// plus one stage's sums and their bootstrapped copies (as on the host).
-fn device_words_per_sample(fhe: &FheModel) -> usize {
-    (fhe.working_bytes_per_sample() / 8) as usize
-}
-
 /// Samples per device chunk: as many as device memory holds (after the bootstrap scratch
 /// and the keyswitch buffer of a full slice), and for large batches no more than an eighth
 /// of the batch, so that the host's expansion of one chunk overlaps the device's work on
 /// another, but never so few that a layer stops filling the GPU.
 fn chunk_samples(fhe: &FheModel, key: &GpuKey, ws: &Workspace, samples: usize) -> Result<usize> {
-    let per_sample = device_words_per_sample(fhe) as u64 * 8;
+    // At its peak a sample holds the blocks still to be read plus one stage's sums and their
+    // bootstrapped copies, on the device as on the host.
+    let per_sample = fhe.working_bytes_per_sample();
     let widest = fhe.model.stages.iter().map(|s| s.len()).max().unwrap_or(0);
     let slice = (samples * widest).clamp(1, MAX_DEVICE_BATCH);
     let capacity = slice.next_power_of_two().min(MAX_DEVICE_BATCH);
