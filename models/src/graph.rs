@@ -470,6 +470,10 @@ impl UFn {
 pub enum OutputGrid {
     /// From the calibrated range, with the configured activation bits.
     Calibrated,
+    /// From the calibrated range, with [`crate::quantize::ARITHMETIC_BITS`]: an intermediate of
+    /// arithmetic between computed values (the quarter squares of a product, a normalization's
+    /// squares and `1/sqrt(var)`), whose small differences carry the result.
+    Arithmetic,
     /// Shared by every lookup of one tie group (the inputs of one MaxPool channel), so that
     /// differences between them are exact.
     Tied(u32),
@@ -496,6 +500,19 @@ pub struct Lookup {
     /// function is constant between integers, so the read must never be off by one: the plan
     /// spaces the integers 128 positions apart and reads each at a box centre.
     pub decision: bool,
+    /// Set on the two quarter squares of a product of two computed values, which compile
+    /// rebalances as a pair (`quantize::balance_products`).
+    pub product: Option<ProductHalf>,
+}
+
+/// One of the two lookups `P = (a + b)^2`, `M = (a - b)^2` that read a product of two computed
+/// values as `ab = (P - M) / 4`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProductHalf {
+    /// Shared by the two halves of one product.
+    pub pair: u32,
+    /// `P` (true) or `M` (false).
+    pub plus: bool,
 }
 
 /// What the client does with the decrypted scores, in the clear.
@@ -724,6 +741,7 @@ impl FloatModel {
                 grid,
                 origin: origin.clone(),
                 decision,
+                product: None,
             });
             (nf + m.lookups.len() - 1) as AtomId
         };
@@ -884,6 +902,7 @@ mod tests {
                     grid: OutputGrid::Calibrated,
                     origin: "dead".into(),
                     decision: false,
+                    product: None,
                 },
                 Lookup {
                     input: Lin::atom(1),
@@ -891,6 +910,7 @@ mod tests {
                     grid: OutputGrid::Calibrated,
                     origin: "live".into(),
                     decision: false,
+                    product: None,
                 },
             ],
             outputs: vec![Lin::combine([(3.0, &Lin::atom(3))], 1.0)],

@@ -16,7 +16,7 @@ use crate::compiled::{
 };
 use crate::error::{ModelError, Result};
 use crate::graph::{Activation, FloatModel, Rule, Task, UFn};
-use crate::quantize::{QuantConfig, QuantLin, QuantModel, quantize};
+use crate::quantize::{QuantConfig, QuantLin, QuantModel, balance_products, quantize};
 
 /// Compiles a float model: quantizes it on `calibration`, then plans its FHE encoding.
 ///
@@ -32,6 +32,8 @@ pub fn compile(
     calibration: &[Vec<f64>],
     cfg: &QuantConfig,
 ) -> Result<CompiledModel> {
+    let balanced = balance_products(model, calibration);
+    let model = &balanced;
     let build = |c: &QuantConfig, rows: &[Vec<f64>]| -> Result<CompiledModel> {
         let q = quantize(model, rows, c)?;
         plan(model, &q, rows, c)

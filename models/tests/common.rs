@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use veil_models::data::{Dataset, Labels, read_csv};
 use veil_models::{CompiledModel, FloatModel, QuantConfig, compile, onnx};
 
-pub const ZOO: [&str; 9] = [
+pub const ZOO: [&str; 13] = [
     "digits_mlp",
     "digits_cnn",
     "breast_cancer_logreg",
@@ -16,6 +16,10 @@ pub const ZOO: [&str; 9] = [
     "digits_resmlp",
     "digits_qdq_mlp",
     "digits_qdq_cnn",
+    "digits_torch_mlp",
+    "digits_torch_cnn",
+    "digits_torch_conv1d",
+    "digits_torch_lngelu",
 ];
 
 pub fn zoo_dir(name: &str) -> PathBuf {

@@ -145,14 +145,15 @@ def opset_map(model: onnx.ModelProto):
     return {o.domain: int(o.version) for o in sorted(model.opset_import, key=lambda o: o.domain)}
 
 
-def check_self_contained(model_path: Path) -> onnx.ModelProto:
+def check_self_contained(model_path: Path, external_ok: bool = False) -> onnx.ModelProto:
     model = onnx.load(str(model_path), load_external_data=False)
     for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
+        if t.data_location == onnx.TensorProto.EXTERNAL and not external_ok:
             raise RuntimeError(f"{model_path}: initializer {t.name} uses external data")
     if len(model.functions):
         raise RuntimeError(f"{model_path}: model contains ONNX functions")
-    onnx.checker.check_model(model, full_check=True)
+    # The checker reads external data relative to the file when given its path.
+    onnx.checker.check_model(str(model_path) if external_ok else model, full_check=True)
     inp = model.graph.input[0]
     if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise RuntimeError(f"{model_path}: input is not float32")
@@ -164,8 +165,12 @@ def run_ort(model_path: Path, X: np.ndarray, input_shape):
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     in_name = sess.get_inputs()[0].name
     out_names = [o.name for o in sess.get_outputs()]
-    feed = {in_name: X.reshape([len(X)] + list(input_shape)).astype(np.float32)}
-    outs = sess.run(None, feed)
+    X = X.reshape([len(X)] + list(input_shape)).astype(np.float32)
+    if sess.get_inputs()[0].shape[0] == 1:  # exported with a fixed batch of one
+        rows = [sess.run(None, {in_name: X[i:i + 1]}) for i in range(len(X))]
+        outs = [np.concatenate([r[k] for r in rows]) for k in range(len(rows[0]))]
+    else:
+        outs = sess.run(None, {in_name: X})
     if len(outs) == 1:  # torch: logits
         scores = np.asarray(outs[0], dtype=np.float32)
         labels = scores.argmax(axis=1)
@@ -188,13 +193,13 @@ def run_ort(model_path: Path, X: np.ndarray, input_shape):
 
 def finish(out_dir: Path, name: str, *, source: str, dataset: str, X_train, y_train, X_test,
            y_test, n_classes: int, input_shape, framework_accuracy: float, framework_scores,
-           extra=None) -> dict:
+           extra=None, external_ok: bool = False) -> dict:
     folder = out_dir / name
     model_path = folder / "model.onnx"
     write_csv(folder / "train.csv", X_train, y_train)
     write_csv(folder / "test.csv", X_test, y_test)
 
-    model = check_self_contained(model_path)
+    model = check_self_contained(model_path, external_ok)
     # Evaluate exactly what was written to test.csv.
     Xt, yt = read_csv(folder / "test.csv")
     assert np.array_equal(Xt, np.asarray(X_test, np.float32).reshape(len(X_test), -1))
@@ -331,6 +336,107 @@ def make_digits_mlp(out_dir: Path) -> dict:
                   X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, n_classes=10,
                   input_shape=[64], framework_accuracy=acc, framework_scores=logits,
                   extra={"torch_exporter": how, "torch_version": torch.__version__})
+
+
+def export_torch_default(model: nn.Module, example: torch.Tensor, path: Path) -> list:
+    """``torch.onnx.export(model, (example,), path)`` with no options, as a new user calls it.
+
+    torch 2.15's defaults: the dynamo exporter, opset 20, the example's fixed batch of one,
+    and weights over a size threshold in ``model.onnx.data`` beside the file (external
+    data). Only the per-node stack-trace metadata is stripped afterwards (it holds this
+    checkout's paths); the tensors keep their external references. Returns the names of the
+    tensors stored externally.
+    """
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for p in (path, Path(str(path) + ".data")):
+        if p.exists():
+            p.unlink()
+    torch.onnx.export(model, (example,), str(path))
+    strip_stack_traces(path)
+    proto = check_self_contained(path, external_ok=True)
+    external = [t.name for t in proto.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        raise RuntimeError(f"{path}: expected the default exporter to write external data")
+    return external
+
+
+def make_torch_default(out_dir: Path, name: str, model: nn.Module, *, input_shape, epochs: int,
+                       what: str) -> dict:
+    """A digits classifier trained in torch and exported with the default options."""
+    X_train, X_test, y_train, y_test = digits_split()
+    acc, logits = train_torch(model, X_train, y_train, X_test, y_test, epochs=epochs,
+                              batch_size=32, lr=1e-3, input_shape=input_shape)
+    example = torch.from_numpy(X_test[:1].reshape([1] + list(input_shape)))
+    external = export_torch_default(model, example, out_dir / name / "model.onnx")
+    return finish(out_dir, name, source="torch", dataset="sklearn.datasets.load_digits (pixels/16)",
+                  X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, n_classes=10,
+                  input_shape=input_shape, framework_accuracy=acc, framework_scores=logits,
+                  external_ok=True,
+                  extra={"torch_exporter": "default (torch.onnx.export(model, (x,), path))",
+                         "torch_version": torch.__version__, "architecture": what,
+                         "external_tensors": external})
+
+
+def make_digits_torch_mlp(out_dir: Path) -> dict:
+    seed_everything()
+    model = nn.Sequential(nn.Linear(64, 48), nn.BatchNorm1d(48), nn.ReLU(), nn.Linear(48, 10))
+    return make_torch_default(out_dir, "digits_torch_mlp", model, input_shape=[64], epochs=100,
+                              what="Linear(64,48) BatchNorm1d ReLU Linear(48,10)")
+
+
+class DigitsTorchCnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(6 * 3 * 3, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.bn(self.conv(x)))), 1))
+
+
+def make_digits_torch_cnn(out_dir: Path) -> dict:
+    seed_everything()
+    return make_torch_default(out_dir, "digits_torch_cnn", DigitsTorchCnn(), input_shape=[1, 8, 8],
+                              epochs=100, what="Conv2d(1,6,3) BatchNorm2d ReLU MaxPool2d(2) Linear(54,10)")
+
+
+class DigitsTorchConv1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 6, stride=2)
+        self.pool = nn.AvgPool1d(2)
+        self.fc = nn.Linear(4 * 15, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+def make_digits_torch_conv1d(out_dir: Path) -> dict:
+    seed_everything()
+    return make_torch_default(out_dir, "digits_torch_conv1d", DigitsTorchConv1d(),
+                              input_shape=[1, 64], epochs=100,
+                              what="Conv1d(1,4,6,stride 2) ReLU AvgPool1d(2) Linear(60,10)")
+
+
+class DigitsTorchLnGelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 24)
+        self.norm = nn.LayerNorm(24)
+        self.fc2 = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.fc2(nn.functional.gelu(self.norm(self.fc1(x))))
+
+
+def make_digits_torch_lngelu(out_dir: Path) -> dict:
+    seed_everything()
+    return make_torch_default(out_dir, "digits_torch_lngelu", DigitsTorchLnGelu(), input_shape=[64],
+                              epochs=100, what="Linear(64,24) LayerNorm(24) GELU Linear(24,10)")
 
 
 SWEEP_WIDTHS = (8, 16, 32, 64, 128)
@@ -1086,6 +1192,10 @@ MODELS = {
     "diabetes_linear": make_diabetes_linear,
     "diabetes_gbr": make_diabetes_gbr,
     "cifar_vgg": make_cifar_vgg,
+    "digits_torch_mlp": make_digits_torch_mlp,
+    "digits_torch_cnn": make_digits_torch_cnn,
+    "digits_torch_conv1d": make_digits_torch_conv1d,
+    "digits_torch_lngelu": make_digits_torch_lngelu,
 }
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 //! label (Softmax, ArgMax, Cast, ZipMap, ...) becomes the tail the client computes in the
 //! clear, and so do element-wise functions applied to the final scores.
 
+mod external;
 mod nd;
 mod ops;
 mod symbolic;
@@ -43,11 +44,11 @@ Pad (constant), Identity, Dropout, Cast, Shape, Constant, ConstantOfShape; non-l
 bootstrap per value): MaxPool, GlobalMaxPool, Relu, PRelu, LeakyRelu, Sigmoid, Tanh, Elu, Celu, \
 Selu, Softplus, Softsign, HardSigmoid, HardSwish, Mish, ThresholdedRelu, Clip, Abs, Exp, Log, \
 Sqrt, Reciprocal, Erf, Gelu, Sin, Cos, Sign, Floor, Ceil, Round, Pow, Mul/Div of computed \
-tensors, QuantizeLinear + DequantizeLinear; tail ops Softmax, LogSoftmax, ArgMax, ZipMap, \
+tensors, LayerNormalization, QuantizeLinear + DequantizeLinear; tail ops Softmax, LogSoftmax, ArgMax, ZipMap, \
 Normalizer; ai.onnx.ml Scaler, LinearClassifier, LinearRegressor, TreeEnsembleClassifier, \
 TreeEnsembleRegressor (one bootstrap per distinct test, leaf values packed per subtree)";
 
-/// Reads and imports an ONNX file.
+/// Reads and imports an ONNX file, with any external data files beside it.
 pub fn import_file(path: &std::path::Path) -> Result<FloatModel> {
     let meta = std::fs::metadata(path)
         .map_err(|e| ModelError::io(format!("reading {}", path.display()), e))?;
@@ -61,19 +62,34 @@ pub fn import_file(path: &std::path::Path) -> Result<FloatModel> {
     }
     let bytes = std::fs::read(path)
         .map_err(|e| ModelError::io(format!("reading {}", path.display()), e))?;
-    import_bytes(&bytes)
+    let mut model = decode(&bytes)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    // The file and its external data share one size limit.
+    external::resolve(&mut model, dir, (MAX_ONNX_BYTES - bytes.len()) as u64)?;
+    walk(&model)
 }
 
-/// Imports an ONNX model from its protobuf bytes.
+/// Imports an ONNX model from its protobuf bytes. A model whose weights live in external
+/// data files needs [`import_file`], which knows the folder to read them from.
 pub fn import_bytes(bytes: &[u8]) -> Result<FloatModel> {
+    walk(&decode(bytes)?)
+}
+
+fn decode(bytes: &[u8]) -> Result<pb::ModelProto> {
     if bytes.len() > MAX_ONNX_BYTES {
         return Err(ModelError::InvalidOnnx(format!(
             "{} bytes, more than the {MAX_ONNX_BYTES} byte limit",
             bytes.len()
         )));
     }
-    let model = pb::ModelProto::decode(bytes)
-        .map_err(|e| ModelError::InvalidOnnx(format!("protobuf decoding failed ({e})")))?;
+    pb::ModelProto::decode(bytes)
+        .map_err(|e| ModelError::InvalidOnnx(format!("protobuf decoding failed ({e})")))
+}
+
+fn walk(model: &pb::ModelProto) -> Result<FloatModel> {
     let graph = model
         .graph
         .as_ref()

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::graph::{Activation, AtomId, Grid, Lin, Lookup, OutputGrid, Task, UFn};
+use crate::graph::{Activation, AtomId, Grid, Lin, Lookup, OutputGrid, ProductHalf, Task, UFn};
 
 /// One element of a computed tensor.
 #[derive(Clone, Debug)]
@@ -68,6 +68,7 @@ pub(crate) struct GraphBuilder {
     /// regressors).
     pub task: Task,
     next_tie: u32,
+    next_product: u32,
 }
 
 impl GraphBuilder {
@@ -78,6 +79,7 @@ impl GraphBuilder {
             lookups: Vec::new(),
             task: Task::Classification,
             next_tie: 0,
+            next_product: 0,
         }
     }
 
@@ -134,6 +136,7 @@ impl GraphBuilder {
             grid,
             origin: origin.into(),
             decision,
+            product: None,
         });
         let grid = match self.lookups.last().map(|l| &l.grid) {
             Some(OutputGrid::Fixed(g)) => Some(*g),
@@ -169,6 +172,18 @@ impl GraphBuilder {
         };
         let (s, f) = e.view();
         self.lookup(s, Arc::new(UFn::Act(act, f)), grid, origin)
+    }
+
+    /// `act(e)` as an intermediate of arithmetic, on a finer output grid
+    /// ([`OutputGrid::Arithmetic`]).
+    pub fn arithmetic(&mut self, e: &Elem, act: Activation, origin: &str) -> Elem {
+        let (s, f) = e.view();
+        self.lookup(
+            s,
+            Arc::new(UFn::Act(act, f)),
+            OutputGrid::Arithmetic,
+            origin,
+        )
     }
 
     /// `a + k * b` for two computed elements.
@@ -216,12 +231,20 @@ impl GraphBuilder {
         let diff = Arc::new(Lin::combine([(1.0, &*a.lin), (-1.0, &*b.lin)], 0.0));
         let square = |s| Arc::new(UFn::Act(Activation::Pow { p: 2.0 }, s));
         let x = Arc::new(UFn::X);
-        let p = self.lookup(sum, square(x.clone()), OutputGrid::Calibrated, origin);
-        let m = self.lookup(diff, square(x), OutputGrid::Calibrated, origin);
+        let p = self.lookup(sum, square(x.clone()), OutputGrid::Arithmetic, origin);
+        let m = self.lookup(diff, square(x), OutputGrid::Arithmetic, origin);
+        self.next_product += 1;
+        for (half, plus) in [(&p, true), (&m, false)] {
+            let pair = self.next_product;
+            if let Some(l) = half.lin.as_atom().and_then(|a| self.lookup_mut(a)) {
+                l.product = Some(ProductHalf { pair, plus });
+            }
+        }
         Elem::linear(Lin::combine([(0.25, &*p.lin), (-0.25, &*m.lin)], 0.0))
     }
 
-    /// `a / b` when both are functions of one source (or `b` is constant).
+    /// `a / b`: one lookup when both are functions of one source, else a product by the
+    /// reciprocal; `None` for a division by the constant 0.
     pub fn div(&mut self, a: &Elem, b: &Elem, origin: &str) -> Option<Elem> {
         if b.lin.is_constant() {
             return (b.lin.bias != 0.0).then(|| a.affine(1.0 / b.lin.bias, 0.0));
@@ -237,14 +260,18 @@ impl GraphBuilder {
                 origin,
             ));
         }
-        same_source(&sa, &sb).then(|| {
-            self.lookup(
+        if same_source(&sa, &sb) {
+            return Some(self.lookup(
                 sa,
                 Arc::new(UFn::Div(fa, fb)),
                 OutputGrid::Calibrated,
                 origin,
-            )
-        })
+            ));
+        }
+        // a * (1 / b): one lookup for the reciprocal, two for the product (a decomposed
+        // normalization, `(x - mean) / sqrt(var + eps)`).
+        let r = self.arithmetic(b, Activation::Reciprocal, origin);
+        Some(self.mul(a, &r, origin))
     }
 
     /// `max(a, b) = a + relu(b - a)`: one lookup. When `a` and `b` share a grid the difference

@@ -44,11 +44,8 @@ impl Tensor {
 
     pub fn from_proto(t: &pb::TensorProto) -> Result<Self> {
         let bad = |why: String| ModelError::InvalidOnnx(format!("tensor '{}': {why}", t.name));
-        if t.data_location == 1 {
-            return Err(bad(
-                "data is stored in an external file; export the model with its weights embedded"
-                    .into(),
-            ));
+        if t.data_location == super::external::EXTERNAL {
+            return Err(super::external::unreadable(t));
         }
         let mut dims = Vec::with_capacity(t.dims.len());
         let mut count: usize = 1;

@@ -44,11 +44,9 @@ fn binary(ctx: &NodeCtx, b: &mut GraphBuilder, op: &str, x: &Value, y: &Value) -
                     "Add" => b.add(u, v, 1.0),
                     "Sub" => b.add(u, v, -1.0),
                     "Mul" => b.mul(u, v, ctx.name),
-                    _ => b.div(u, v, ctx.name).ok_or_else(|| {
-                        ctx.unsupported(
-                            "divides by a computed value that is not a function of the numerator's source",
-                        )
-                    })?,
+                    _ => b
+                        .div(u, v, ctx.name)
+                        .ok_or_else(|| ctx.unsupported("divides by the constant 0"))?,
                 });
             }
             Ok(Value::Dyn(Nd {

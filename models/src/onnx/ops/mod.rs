@@ -5,6 +5,7 @@ mod arith;
 mod elementwise;
 mod linear;
 mod ml;
+mod norm;
 mod pool;
 mod qdq;
 mod shape;
@@ -214,6 +215,7 @@ pub(crate) fn map_node(
             pool::max_pool(ctx, b, &inputs).map(|t| NodeEffect::Values(vec![Value::Dyn(t)]))
         }
         "QuantizeLinear" | "DequantizeLinear" => qdq::map(ctx, b, &inputs).and_then(one),
+        "LayerNormalization" => norm::layer_norm(ctx, b, &inputs).map(NodeEffect::Values),
         "Softmax" | "LogSoftmax" | "ArgMax" => {
             let x = inputs.dynamic(ctx, 0)?;
             let n = x.data.len();
