@@ -295,6 +295,39 @@ pub struct NodeCost {
     pub acc_bits: u32,
 }
 
+/// What rounding weights to integers lost in one ONNX node's linear forms (its lookups'
+/// inputs; the node `outputs` for the model's output forms), for `veil compile --json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRounding {
+    pub node: String,
+    /// Forms of the node (one per lookup, or per output).
+    pub forms: usize,
+    /// Worst form's share of its span carried by weights that rounded to zero: a branch much
+    /// smaller than its sibling (a residual, a Concat) that quantization removed.
+    pub dropped_weight: f64,
+    /// Worst form's total weight rounding error, as a share of its span.
+    pub rounding_error: f64,
+}
+
+/// A node whose forms lose more than this share of their span to dropped weights is worth a
+/// warning: its output no longer depends on part of its input.
+pub const DROPPED_WEIGHT_WARNING: f64 = 0.02;
+
+impl NodeRounding {
+    /// The warning `veil compile` prints for this node, if it drops too much.
+    pub fn warning(&self) -> Option<String> {
+        (self.dropped_weight > DROPPED_WEIGHT_WARNING).then(|| {
+            format!(
+                "node '{}': {:.1}% of its weight mass rounds to zero (a branch much smaller \
+                 than its sibling?); raise --weight-bits / --first-weight-bits or rescale the \
+                 branch",
+                self.node,
+                100.0 * self.dropped_weight
+            )
+        })
+    }
+}
+
 /// A model ready for simulation and encrypted execution; what a `.veil` file holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CompiledModel {
@@ -310,6 +343,8 @@ pub struct CompiledModel {
     pub task: Task,
     /// Bootstraps and widths per ONNX node, in graph order.
     pub nodes: Vec<NodeCost>,
+    /// Weight rounding per ONNX node, in graph order.
+    pub rounding: Vec<NodeRounding>,
     /// Scores, or the class index only (the argmax's lookups are in the stages).
     pub reveal: Reveal,
 }
@@ -580,6 +615,8 @@ impl CompiledModel {
             "input_ciphertexts": self.n_inputs(),
             "stages": stages,
             "nodes": self.nodes,
+            "rounding": self.rounding,
+            "warnings": self.rounding.iter().filter_map(NodeRounding::warning).collect::<Vec<_>>(),
             "input_bits": self.input.quant.iter().map(|q| 64 - (q.max_q.max(1) as u64).leading_zeros()).max(),
             "first_layer_weight_bits": self.config.first_weight_bits,
             "weight_bits": self.config.weight_bits,

@@ -11,12 +11,14 @@ use std::collections::HashMap;
 
 use crate::compiled::{
     CompiledModel, GUARD, InputEncoding, InputWindow, IntMatrix, KS_MS_VARIANCE, NodeCost,
-    OutputDecoding, OutputLayer, PBS_OUTPUT_VARIANCE, POSITION, POSITIONS, ParamSet, Stage, WINDOW,
-    WINDOW_STRIDE, bits, switch_sigma_positions,
+    NodeRounding, OutputDecoding, OutputLayer, PBS_OUTPUT_VARIANCE, POSITION, POSITIONS, ParamSet,
+    Stage, WINDOW, WINDOW_STRIDE, bits, switch_sigma_positions,
 };
 use crate::error::{ModelError, Result};
 use crate::graph::{Activation, FloatModel, Rule, Task, UFn};
-use crate::quantize::{QuantConfig, QuantLin, QuantModel, balance_products, quantize};
+use crate::quantize::{
+    QuantConfig, QuantLin, QuantModel, balance_products, quantize, rounding_loss,
+};
 
 /// Compiles a float model: quantizes it on `calibration`, then plans its FHE encoding.
 ///
@@ -462,6 +464,7 @@ fn plan(
         class_labels: model.class_labels.clone(),
         task: model.task,
         nodes: costs,
+        rounding: node_rounding(model, q),
         reveal: model.reveal,
     };
     // Half the spacing is the noise margin of an exact read; 48 positions is about ten read
@@ -474,6 +477,43 @@ fn plan(
     }
     compiled.validate()?;
     Ok(compiled)
+}
+
+/// Weight rounding per ONNX node (lookups grouped by origin, then the output forms as node
+/// `outputs`): a node is as lossy as its lossiest form.
+fn node_rounding(model: &FloatModel, q: &QuantModel) -> Vec<NodeRounding> {
+    let mut nodes: Vec<NodeRounding> = Vec::new();
+    let forms = model
+        .lookups
+        .iter()
+        .zip(&q.lookups)
+        .map(|(l, ql)| (&*l.origin, &l.input, ql))
+        .chain(
+            model
+                .outputs
+                .iter()
+                .zip(&q.outputs)
+                .map(|(o, ql)| ("outputs", o, ql)),
+        );
+    for (node, lin, ql) in forms {
+        let (dropped, error) = rounding_loss(lin, ql, &q.atoms);
+        let entry = match nodes.iter().position(|n| n.node == node) {
+            Some(i) => &mut nodes[i],
+            None => {
+                nodes.push(NodeRounding {
+                    node: node.to_string(),
+                    forms: 0,
+                    dropped_weight: 0.0,
+                    rounding_error: 0.0,
+                });
+                nodes.last_mut().expect("just pushed")
+            }
+        };
+        entry.forms += 1;
+        entry.dropped_weight = entry.dropped_weight.max(dropped);
+        entry.rounding_error = entry.rounding_error.max(error);
+    }
+    nodes
 }
 
 /// Lookup `i`'s output for each grid value `q` of input feature `a` (its form is `w * q`).
@@ -529,4 +569,70 @@ fn output_modulus(sigma: &[f64], delta: u64) -> (u32, Vec<f64>) {
         .map(|s| (s * s + extra * extra).sqrt())
         .collect();
     (bits, sigma)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::{Lin, Reveal};
+
+    /// A sum of two large terms and 64 small ones (a branch 20 times smaller than its
+    /// sibling): 4-bit weights round the small ones to zero and the report says how much of
+    /// the form's span went; 8-bit weights keep them.
+    #[test]
+    fn dropped_weights_are_reported_per_node() {
+        let n = 66;
+        let small = 0.05;
+        let mut terms = vec![(0, 1.0), (1, 1.0)];
+        terms.extend((2..n as u32).map(|a| (a, small)));
+        let model = FloatModel {
+            input_shape: vec![n],
+            input_grids: vec![None; n],
+            lookups: vec![],
+            outputs: vec![
+                Lin { terms, bias: 0.0 },
+                Lin::combine([(1.0, &Lin::atom(0)), (-1.0, &Lin::atom(1))], 0.0),
+            ],
+            tail: vec![],
+            class_labels: None,
+            task: Task::Regression,
+            reveal: Reveal::Scores,
+        };
+        let rows: Vec<Vec<f64>> = (0..40)
+            .map(|r| {
+                (0..n)
+                    .map(|j| ((r * 7 + j * 13) % 17) as f64 / 16.0)
+                    .collect()
+            })
+            .collect();
+        let cfg = |bits| QuantConfig {
+            first_weight_bits: bits,
+            search: false,
+            ..QuantConfig::default()
+        };
+        let narrow = compile(&model, &rows, &cfg(4)).unwrap();
+        let out = narrow
+            .rounding
+            .iter()
+            .find(|r| r.node == "outputs")
+            .unwrap();
+        assert_eq!(out.forms, 2);
+        // Every input spans [0, 1]: the small terms carry 64 * 0.05 of a 5.2 span.
+        let expected = 64.0 * small / (2.0 + 64.0 * small);
+        assert!(
+            (out.dropped_weight - expected).abs() < 0.01,
+            "{} vs {expected}",
+            out.dropped_weight
+        );
+        assert!(out.rounding_error >= out.dropped_weight);
+        assert!(out.warning().unwrap().contains("outputs"));
+        assert_eq!(narrow.summary()["warnings"].as_array().unwrap().len(), 1);
+
+        let wide = compile(&model, &rows, &cfg(8)).unwrap();
+        let out = wide.rounding.iter().find(|r| r.node == "outputs").unwrap();
+        assert_eq!(out.dropped_weight, 0.0);
+        assert!(out.rounding_error < 0.02, "{}", out.rounding_error);
+        assert!(out.warning().is_none());
+        assert!(wide.summary()["warnings"].as_array().unwrap().is_empty());
+    }
 }

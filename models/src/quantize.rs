@@ -294,6 +294,29 @@ fn difference_grid(input: &Lin, atoms: &[UniformQuant]) -> Option<UniformQuant> 
     })
 }
 
+/// What rounding `lin`'s weights to `ql`'s integers lost, as shares of the form's span (the
+/// sum over terms of |weight| times the atom's range): `(dropped, error)`, where `dropped` is
+/// the span of the terms that rounded to zero and `error` the span of all rounding errors.
+pub fn rounding_loss(lin: &Lin, ql: &QuantLin, atoms: &[UniformQuant]) -> (f64, f64) {
+    let kept: HashMap<u32, i64> = ql.terms.iter().copied().collect();
+    let (mut span, mut dropped, mut error) = (0.0, 0.0, 0.0);
+    for &(a, w) in &lin.terms {
+        let u = &atoms[a as usize];
+        let range = u.scale * u.max_q as f64;
+        let kept = kept.get(&a).map_or(0.0, |&q| q as f64 * ql.scale / u.scale);
+        span += w.abs() * range;
+        error += (w - kept).abs() * range;
+        if kept == 0.0 {
+            dropped += w.abs() * range;
+        }
+    }
+    if span > 0.0 {
+        (dropped / span, error / span)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
 /// Integer weights for one form: input scales folded in, then one rounding scale chosen so
 /// that weights on fresh inputs use `first_weight_bits` and weights on bootstrap outputs
 /// `weight_bits`. A decision's form (a tree's tests) keeps its exact unit at any width.

@@ -50,6 +50,11 @@ fn simulated_accuracy_is_within_1_5_points_of_float() {
             })
             .collect();
         let noisy_acc = accuracy(&noisy, &labels);
+        eprintln!(
+            "{name}: onnxruntime {float_acc:.4}, simulated {sim_acc:.4}, with predicted noise \
+             {noisy_acc:.4}, {} bootstraps per sample",
+            model.pbs_per_sample()
+        );
         assert!(
             noisy_acc >= float_acc - 0.025,
             "{name}: noisy simulation {noisy_acc:.4} vs float {float_acc:.4}"

@@ -268,6 +268,32 @@ def case_reducemean_spatial():
     return c
 
 
+def case_layernorm(name, in_shape, axis, bias=True, desc=""):
+    c = Case(name, in_shape, f"LayerNormalization axis={axis}{'' if bias else ', no bias'} (opset 17) {desc}",
+             opset=17)
+    norm_shape = in_shape[axis:] if axis >= 0 else in_shape[len(in_shape) + axis:]
+    ins = ["x", c.weight("scale", norm_shape, 1.0)]
+    if bias:
+        ins.append(c.weight("bias", norm_shape))
+    c.node("LayerNormalization", ins, out="y", axis=axis, epsilon=1e-3)
+    return c
+
+
+def case_layernorm_decomposed():
+    c = Case("layernorm_decomposed", [2, 6],
+             "LayerNorm as older exporters write it: ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, "
+             "Div, Mul, Add (opset 18, axes as an input)", opset=18)
+    axes = c.const("axes", [-1], np.int64)
+    m = c.node("ReduceMean", ["x", axes])
+    d = c.node("Sub", ["x", m])
+    sq = c.node("Pow", [d, c.const("two", 2.0)])
+    v = c.node("ReduceMean", [sq, axes])
+    s = c.node("Sqrt", [c.node("Add", [v, c.const("eps", 1e-3)])])
+    n = c.node("Div", [d, s])
+    c.node("Add", [c.node("Mul", [n, c.weight("g", [6], 1.0)]), c.weight("b", [6])], out="y")
+    return c
+
+
 def case_globalaveragepool_flatten():
     c = Case("globalaveragepool", [3, 5, 5], "GlobalAveragePool -> Flatten(axis=1)")
     g = c.node("GlobalAveragePool", ["x"])
@@ -422,6 +448,11 @@ def case_tree_clf_probit_strings():
 
 
 CASES = {
+    "layernorm_last": lambda: case_layernorm("layernorm_last", [3, 8], -1),
+    "layernorm_axis1_nobias": lambda: case_layernorm("layernorm_axis1_nobias", [2, 3, 4], 1, bias=False,
+                                                     desc="(normalizes C, H, W together)"),
+    "layernorm_axis2": lambda: case_layernorm("layernorm_axis2", [2, 3, 4], 2),
+    "layernorm_decomposed": case_layernorm_decomposed,
     "conv_pads_asym": lambda: conv("conv_pads_asym", [2, 5, 5], [3, 2, 3, 3],
                                    "Conv k3 pads [1,2,0,1] (top,left,bottom,right)",
                                    kernel_shape=[3, 3], pads=[1, 2, 0, 1]),

@@ -75,6 +75,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let compiled = compile(&float, &calib.features, &cfg)?;
     compiled.save(&a.output)?;
+    // On stderr, so that `--json` output stays parseable.
+    for w in compiled.rounding.iter().filter_map(|r| r.warning()) {
+        eprintln!("warning: {w}");
+    }
     let mut summary = compiled.summary();
     summary["output"] = serde_json::json!(a.output.display().to_string());
     summary["calibration_samples"] = serde_json::json!(calib.len());
