@@ -191,6 +191,25 @@ fn unsafe_missing_short_and_oversized_references_are_refused() {
     let msg = import_error(&path);
     assert!(msg.contains("import limit"), "{msg}");
 
+    // A named pipe or a folder where the data file should be: refused, never opened (opening
+    // a pipe with no writer would block the import forever).
+    for case in ["fifo", "folder"] {
+        let dir = workdir(case);
+        let data = dir.join("model.onnx.data");
+        std::fs::remove_file(&data).unwrap();
+        if case == "fifo" {
+            let made = std::process::Command::new("mkfifo")
+                .arg(&data)
+                .status()
+                .unwrap();
+            assert!(made.success());
+        } else {
+            std::fs::create_dir(&data).unwrap();
+        }
+        let msg = import_error(&dir.join("model.onnx"));
+        assert!(msg.contains("is not a file"), "{case}: {msg}");
+    }
+
     // A length that is not a number.
     let dir = workdir("garbled");
     let path = rewrite(&dir, |m| set_entry(first_external(m), "length", "12kB"));

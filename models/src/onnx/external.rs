@@ -163,15 +163,16 @@ impl Reader<'_> {
                     path.display()
                 ));
             }
-            let file = File::open(&real).map_err(missing)?;
-            let meta = file.metadata().map_err(missing)?;
-            if !meta.is_file() {
+            // Checked before opening: opening a named pipe would block.
+            if !std::fs::metadata(&real).map_err(missing)?.is_file() {
                 return Err(format!(
                     "external data location '{}' is not a file",
                     path.display()
                 ));
             }
-            self.files.insert(location.to_string(), (file, meta.len()));
+            let file = File::open(&real).map_err(missing)?;
+            let len = file.metadata().map_err(missing)?.len();
+            self.files.insert(location.to_string(), (file, len));
         }
         Ok(self.files[location].1)
     }
