@@ -176,8 +176,8 @@ fn graph_models_encrypted_agree_with_simulation() {
         assert!(agree >= rows - 1, "{name}: {agree}/{rows} agree");
         // LayerNorm multiplies a one-step misread of the variance by every centred value, so
         // its scores move more than a quarter of their range on some rows (37% and 49% of the
-        // largest score in two runs of 10 rows) while
-        // the label and the per-output bound above still hold.
+        // largest score in two runs of 10 rows) while the label and the per-output bound above
+        // still hold.
         if name == "digits_torch_lngelu" {
             continue;
         }
