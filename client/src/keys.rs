@@ -68,17 +68,35 @@ impl KeyPair {
         std::fs::create_dir_all(dir)
             .map_err(|e| ClientError::io(format!("creating {}", dir.display()), e))?;
         let client_bytes = self.client.to_bytes();
-        write_file(&dir.join("client.key"), &client_bytes, true)?;
-        write_file(&dir.join("eval.key"), &self.eval_key, false)?;
         let meta = serde_json::json!({
             "format": KEYS_FORMAT,
             "parameter_set": self.params.name(),
             "key_id": self.key_id,
+            "client_key_sha256": key_id(&client_bytes),
             "eval_key_bytes": self.eval_key.len(),
             "client_key_bytes": client_bytes.len(),
         });
         let text = serde_json::to_string_pretty(&meta).expect("JSON");
-        write_file(&dir.join("keys.json"), text.as_bytes(), false)
+        // Each file is written whole under a temporary name, then renamed over the old one;
+        // keys.json goes last and names both keys' hashes, so a replacement cut short
+        // anywhere leaves a directory that `load` refuses, never a mismatched pair.
+        let files: [(&str, &[u8], bool); 3] = [
+            ("client.key", &client_bytes, true),
+            ("eval.key", &self.eval_key, false),
+            ("keys.json", text.as_bytes(), false),
+        ];
+        for (name, bytes, secret) in files {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            // A stale one would keep its permissions: the secret's mode is set on creation.
+            let _ = std::fs::remove_file(&tmp);
+            write_file(&tmp, bytes, secret)?;
+        }
+        for (name, _, _) in files {
+            let (tmp, path) = (dir.join(format!(".{name}.tmp")), dir.join(name));
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| ClientError::io(format!("replacing {}", path.display()), e))?;
+        }
+        sync_dir(dir)
     }
 
     /// Reads a key directory written by [`KeyPair::save`] and checks that `eval.key` is the
@@ -122,6 +140,17 @@ impl KeyPair {
             )));
         }
         let client_bytes = read_bounded(&dir.join("client.key"), MAX_CLIENT_KEY_BYTES)?;
+        // Directories written before this field existed carry only the evaluation key's id.
+        if let Some(recorded) = meta["client_key_sha256"].as_str()
+            && self::key_id(&client_bytes) != recorded
+        {
+            return Err(ClientError::Keys(format!(
+                "{}: client.key is not the one keys.json records (a key replacement was \
+                 interrupted?); generate new keys with `veil keygen --force -o {}`",
+                dir.display(),
+                dir.display()
+            )));
+        }
         let client = Arc::new(ClientKey::from_bytes(params, &client_bytes)?);
         Ok(KeyPair {
             params,
@@ -148,6 +177,17 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Makes the renames in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ClientError::io(format!("syncing {}", dir.display()), e))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
@@ -165,4 +205,47 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .map_err(|e| ClientError::io(format!("writing {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replacement cut short (one new key file beside the old ones) is refused on load,
+    /// whichever file was replaced; a finished one loads.
+    #[test]
+    fn a_mismatched_key_pair_is_refused_on_load() {
+        let dir = std::env::temp_dir().join(format!("veil-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let params = PARAM_SETS[0];
+        let old = KeyPair::generate(params);
+        old.save(&dir, false).unwrap();
+        assert_eq!(KeyPair::load(&dir).unwrap().key_id, old.key_id);
+        assert!(old.save(&dir, false).is_err(), "kept unless overwriting");
+
+        let new = KeyPair::generate(params);
+        let staged = dir.join("staged");
+        new.save(&staged, false).unwrap();
+        for file in ["client.key", "eval.key"] {
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            std::fs::copy(staged.join(file), dir.join(file)).unwrap();
+            let e = KeyPair::load(&dir).err().expect(file).to_string();
+            assert!(e.contains(&format!("{file} ")), "{file}: {e}");
+            std::fs::write(dir.join(file), bytes).unwrap();
+        }
+        new.save(&dir, true).unwrap();
+        let loaded = KeyPair::load(&dir).unwrap();
+        assert_eq!(loaded.key_id, new.key_id);
+        assert!(!dir.join(".client.key.tmp").exists());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("client.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "client.key is private");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

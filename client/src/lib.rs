@@ -181,7 +181,7 @@ pub struct InferReply {
 }
 
 /// How to reach a server: TLS trust and identity, and the bearer token.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ConnectOptions {
     /// PEM certificate(s) of the CA that signed the server's certificate, for `https://` URLs.
     /// Without it the system's trusted roots are used.
@@ -193,6 +193,25 @@ pub struct ConnectOptions {
     pub token: Option<String>,
     /// The name to check the server's certificate against, when it differs from the URL's host.
     pub tls_domain: Option<String>,
+}
+
+/// Secrets are shown only as present or absent, so that options can be logged.
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |present: bool| if present { "<redacted>" } else { "None" };
+        f.debug_struct("ConnectOptions")
+            .field("ca_cert_pem", &self.ca_cert_pem.as_ref().map(Vec::len))
+            .field(
+                "client_identity_pem",
+                &self
+                    .client_identity_pem
+                    .as_ref()
+                    .map(|(cert, _)| (cert.len(), "<redacted key>")),
+            )
+            .field("token", &redacted(self.token.is_some()))
+            .field("tls_domain", &self.tls_domain)
+            .finish()
+    }
 }
 
 impl ConnectOptions {
@@ -221,6 +240,22 @@ impl ConnectOptions {
             }
         }
         Ok(self)
+    }
+}
+
+/// The URL's host is `localhost` or a loopback IP address (127.0.0.0/8, ::1).
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    match uri.host() {
+        Some(h) if h.eq_ignore_ascii_case("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
     }
 }
 
@@ -282,6 +317,12 @@ impl Client {
         } else if tls {
             return Err(ClientError::Config(format!(
                 "TLS options given for {url}; use an https:// URL"
+            )));
+        }
+        if options.token.is_some() && !url.starts_with("https://") && !is_loopback_url(url) {
+            return Err(ClientError::Config(format!(
+                "refusing to send the bearer token in the clear to {url}: use an https:// URL \
+                 (plain http carries a token only to a loopback address)"
             )));
         }
         let auth = match &options.token {
@@ -525,4 +566,66 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ClientError::Protocol(format!("encryption task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_count_as_loopback() {
+        for url in [
+            "http://127.0.0.1:50051",
+            "http://127.8.9.10:1",
+            "http://localhost:50051",
+            "http://LOCALHOST",
+            "http://[::1]:50051",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1:50051",
+            "http://0.0.0.0:50051",
+            "http://veil.example.com:50051",
+            "http://localhost.example.com",
+            "http://[::]:50051",
+            "not a url",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
+
+    /// A token is never sent over plain http beyond loopback: refused before connecting.
+    #[tokio::test]
+    async fn a_token_over_plain_http_beyond_loopback_is_refused() {
+        let options = ConnectOptions {
+            token: Some("s3cret".into()),
+            ..ConnectOptions::default()
+        };
+        let Err(e) = Client::connect_with("http://192.0.2.7:50051", &options).await else {
+            panic!("connected");
+        };
+        assert!(matches!(e, ClientError::Config(_)), "{e}");
+        assert!(e.to_string().contains("https://"), "{e}");
+        // Loopback over plain http may carry it: this fails only because nothing listens.
+        let e = Client::connect_with("http://127.0.0.1:1", &options)
+            .await
+            .err()
+            .unwrap();
+        assert!(!matches!(e, ClientError::Config(_)), "{e}");
+    }
+
+    #[test]
+    fn debug_output_hides_the_token_and_the_private_key() {
+        let options = ConnectOptions {
+            token: Some("tok-1234567890".into()),
+            client_identity_pem: Some((b"CERT".to_vec(), b"PRIVATE-KEY-BYTES".to_vec())),
+            ..ConnectOptions::default()
+        };
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("tok-1234567890"), "{shown}");
+        assert!(!shown.contains("PRIVATE"), "{shown}");
+        assert!(!shown.contains("80, 82, 73"), "{shown}"); // the key's bytes as numbers
+        assert!(shown.contains("token: \"<redacted>\""), "{shown}");
+    }
 }

@@ -94,6 +94,9 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
 }
 
+/// Disk bound on stored evaluation keys unless the operator sets one.
+pub const DEFAULT_MAX_KEY_STORE_BYTES: u64 = 20 << 30;
+
 impl Config {
     pub fn new(models_dir: impl Into<PathBuf>, data_dir: impl Into<PathBuf>) -> Self {
         Config {
@@ -106,7 +109,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(30),
             drain: Duration::ZERO,
             tenants: None,
-            max_key_store_bytes: None,
+            max_key_store_bytes: Some(DEFAULT_MAX_KEY_STORE_BYTES),
             tls: None,
         }
     }

@@ -53,9 +53,14 @@ struct Args {
     /// requests_per_second, burst). Without it the server is open to anyone who reaches it.
     #[arg(long)]
     tenants: Option<PathBuf>,
-    /// Most bytes of evaluation keys kept on disk; least recently used keys are removed first.
+    /// Serve without --tenants on an address other than loopback: anyone who reaches it may
+    /// upload keys and run inferences. Refused unless given.
     #[arg(long)]
-    max_key_store_bytes: Option<u64>,
+    allow_open: bool,
+    /// Most bytes of evaluation keys kept on disk (20 GiB unless set); least recently used
+    /// keys are removed first.
+    #[arg(long, default_value_t = veil_server::DEFAULT_MAX_KEY_STORE_BYTES)]
+    max_key_store_bytes: u64,
     /// PEM certificate chain of the server: serve gRPC over TLS (with --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -112,6 +117,9 @@ async fn main() {
 }
 
 async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if a.tenants.is_none() && !a.allow_open {
+        refuse_open_exposure(&a.listen).await?;
+    }
     let backend = a
         .backend
         .unwrap_or_else(BackendKind::default_for_this_machine);
@@ -151,7 +159,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
         drain: Duration::from_millis(a.drain_ms),
         tenants,
-        max_key_store_bytes: a.max_key_store_bytes,
+        max_key_store_bytes: Some(a.max_key_store_bytes),
         tls: tls.clone(),
         ..Config::new(&a.models, &a.data_dir)
     };
@@ -181,6 +189,23 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     server.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Open mode (no tenants file) is for a server only this machine reaches: refused on any
+/// address that resolves to something other than loopback (`0.0.0.0` included).
+async fn refuse_open_exposure(listen: &str) -> Result<(), String> {
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(listen)
+        .await
+        .map_err(|e| format!("cannot resolve --listen {listen}: {e}"))?
+        .collect();
+    match addrs.iter().find(|a| !a.ip().is_loopback()) {
+        None => Ok(()),
+        Some(exposed) => Err(format!(
+            "refusing to serve without --tenants on {exposed}, which is not a loopback address: \
+             anyone who reaches it could upload keys and run inferences; give --tenants FILE, \
+             listen on 127.0.0.1, or pass --allow-open"
+        )),
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

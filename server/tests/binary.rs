@@ -193,3 +193,46 @@ fn gpu_backend_without_a_gpu_is_refused_at_start() {
     assert!(out.stdout.is_empty(), "never listened");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Without a tenants file the server is open to anyone who reaches it: it refuses to start on
+/// an address beyond loopback unless told `--allow-open`, and says what to do instead.
+#[test]
+fn open_mode_beyond_loopback_needs_allow_open() {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("open-{}", std::process::id()));
+    let empty = root.join("models");
+    std::fs::create_dir_all(&empty).unwrap();
+    let run = |listen: &str, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_veil-server"))
+            .args(["--listen", listen, "--models"])
+            .arg(&empty)
+            .arg("--data-dir")
+            .arg(root.join("data"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        let (ok, err) = run(listen, &[]);
+        assert!(!ok, "{listen}");
+        assert!(
+            err.contains("--allow-open") && err.contains("--tenants"),
+            "{listen}: {err}"
+        );
+    }
+    // Loopback, or an explicit --allow-open, gets past the check: the empty models folder
+    // is what stops these.
+    for (listen, extra) in [
+        ("127.0.0.1:0", &[][..]),
+        ("0.0.0.0:0", &["--allow-open"][..]),
+    ] {
+        let (ok, err) = run(listen, extra);
+        assert!(!ok);
+        assert!(!err.contains("--allow-open"), "{listen}: {err}");
+        assert!(err.contains("no *.veil files"), "{listen}: {err}");
+    }
+}

@@ -180,7 +180,8 @@ pub async fn scrape(addr: SocketAddr) -> String {
 }
 
 /// The value of one sample of the exposition text: `name` with its labels exactly as printed
-/// (`veil_requests_total{code="OK",method="Infer"}`), or a bare name; 0 when absent.
+/// (`veil_requests_total{code="OK",method="Infer"}`), or a bare name. A missing sample fails
+/// the test: read as 0 it would let a renamed or unregistered metric pass every `== 0` check.
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -188,7 +189,7 @@ pub fn metric(text: &str, name: &str) -> f64 {
             let (n, v) = l.rsplit_once(' ')?;
             (n == name).then(|| v.parse().ok())?
         })
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("no metric sample {name} in\n{text}"))
 }
 
 /// A test CA and certificates it signed: the server's (for 127.0.0.1 and localhost) and a
