@@ -216,3 +216,38 @@ fn tree_fixtures_simulate_exactly() {
     }
     assert!(n >= 6, "tree fixtures missing");
 }
+
+/// Classifiers whose onnxruntime outputs follow a per-sample rule Veil does not reproduce (a
+/// class weighted on only some leaves, one PROBIT score) or that make no sense (one label) are
+/// refused with the node named, never a panic.
+#[test]
+fn refused_tree_fixtures_name_the_node_and_the_reason() {
+    let dir = zoo_dir("fixtures").join("refused");
+    let cases = [
+        (
+            "tree_clf_one_label",
+            "1 class label; a classifier needs two or more",
+        ),
+        (
+            "tree_clf_partial_class1",
+            "class 1 is weighted by the leaves some samples reach",
+        ),
+        (
+            "tree_clf_partial0_base",
+            "class 0 weighted by the leaves some samples reach",
+        ),
+        ("tree_clf_binary_probit", "PROBIT on one binary score"),
+    ];
+    for (name, reason) in cases {
+        let err = veil_models::onnx::import_file(&dir.join(format!("{name}.onnx")))
+            .err()
+            .unwrap_or_else(|| panic!("{name}: imported"));
+        match &err {
+            veil_models::ModelError::Unsupported { node, .. } => {
+                assert_eq!(node, "n0_TreeEnsembleClassifier", "{name}: {err}")
+            }
+            other => panic!("{name}: {other}"),
+        }
+        assert!(err.to_string().contains(reason), "{name}: {err}");
+    }
+}
