@@ -293,6 +293,13 @@ pub struct NodeCost {
     pub weight_bits: u32,
     /// Widest accumulator of the node's lookups, in bits.
     pub acc_bits: u32,
+    /// Lookups whose tables round the read to its integer and whose values sit
+    /// `MIN_DECISION_SPACING` positions apart or more (tree tests, leaf tables).
+    #[serde(default)]
+    pub exact_reads: usize,
+    /// Lookups read with the bootstrap's noise (activations).
+    #[serde(default)]
+    pub approximate_reads: usize,
 }
 
 /// A model ready for simulation and encrypted execution; what a `.veil` file holds.
@@ -580,6 +587,8 @@ impl CompiledModel {
             "input_ciphertexts": self.n_inputs(),
             "stages": stages,
             "nodes": self.nodes,
+            "exact_reads": self.nodes.iter().map(|n| n.exact_reads).sum::<usize>(),
+            "approximate_reads": self.nodes.iter().map(|n| n.approximate_reads).sum::<usize>(),
             "input_bits": self.input.quant.iter().map(|q| 64 - (q.max_q.max(1) as u64).leading_zeros()).max(),
             "first_layer_weight_bits": self.config.first_weight_bits,
             "weight_bits": self.config.weight_bits,

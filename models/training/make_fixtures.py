@@ -485,6 +485,46 @@ def case_tree_clf_binary_partial0_tensor():
                      as_tensor=True, classlabels_int64s=[0, 1])
 
 
+# Tree tests on computed values (models/tests/trees.rs): a projection with unit weights on
+# integer inputs 0..3 is read exactly when the inputs take 2 bits (its sums span 7 integers)
+# and refused, naming the tree, at 8 bits; random weights or a ReLU's output are refused.
+PROJ_X = [[0, 0, 0, 0], [1, 2, 3, 0], [3, 3, 3, 3], [2, 0, 1, 3], [0, 3, 0, 1], [1, 1, 2, 2],
+          [3, 0, 2, 1], [2, 2, 0, 0]]
+
+
+def _proj_tree(name, description, w, relu=False):
+    c = Case(name, [4], description)
+    c.ml_opset = 1
+    c.inputs = PROJ_X
+    h = c.node("MatMul", ["x", c.const("w", w)])
+    if relu:
+        h = c.node("Relu", [h])
+    trees = [split(0, "BRANCH_LEQ", 2.5, split(1, "BRANCH_GT", 3.5, leaf((0, 1.0)), leaf((0, -0.5))),
+                   leaf((0, 2.0))),
+             split(1, "BRANCH_LT", 1.5, leaf((0, 0.25)), leaf((0, 0.75)))]
+    c.nodes.append(helper.make_node("TreeEnsembleRegressor", [h], ["y"], name="n9_TreeEnsembleRegressor",
+                                    domain="ai.onnx.ml", **ensemble_attrs(trees, "target"), n_targets=1))
+    return c
+
+
+def case_proj_tree_unit():
+    w = [[1, 0], [1, 1], [0, 1], [0, 0]]
+    return _proj_tree("proj_tree_unit", "MatMul [[1,0],[1,1],[0,1],[0,0]] then TreeEnsembleRegressor on the sums",
+                      np.asarray(w, np.float32))
+
+
+def case_proj_tree_random():
+    c = np.random.default_rng(zlib.crc32(b"proj_tree_random"))
+    w = (c.standard_normal([4, 2]) * 0.5).astype(np.float32)
+    return _proj_tree("proj_tree_random", "MatMul (random [4,2]) then TreeEnsembleRegressor", w)
+
+
+def case_relu_tree():
+    w = [[1, 0], [1, 1], [0, 1], [0, -1]]
+    return _proj_tree("relu_tree", "MatMul, Relu, then TreeEnsembleRegressor on the Relu's output",
+                      np.asarray(w, np.float32), relu=True)
+
+
 # Refused at import (models/tests/trees.rs checks each error): written to refused/ without outputs.
 def refused_tree_clf_partial_class1():
     trees = _binary(A=[(0, 0.5)], B=[(0, -0.25), (1, 0.5)], C=[(0, 1.5)], D=[(0, 0.75)], E=[(0, -0.5)],
@@ -596,6 +636,9 @@ CASES = {
     "tree_clf_binary_positive": case_tree_clf_binary_positive,
     "tree_clf_softmax_zero": case_tree_clf_softmax_zero,
     "tree_clf_probit_strings": case_tree_clf_probit_strings,
+    "proj_tree_unit": case_proj_tree_unit,
+    "proj_tree_random": case_proj_tree_random,
+    "relu_tree": case_relu_tree,
     "tree_clf_binary_bv2_strings": case_tree_clf_binary_bv2_strings,
     "tree_clf_binary_class1_logistic": case_tree_clf_binary_class1_logistic,
     "tree_clf_binary_class0_bv2_softmax": case_tree_clf_binary_class0_bv2_softmax,
