@@ -293,6 +293,13 @@ pub struct NodeCost {
     pub weight_bits: u32,
     /// Widest accumulator of the node's lookups, in bits.
     pub acc_bits: u32,
+    /// Lookups whose tables round the read to its integer and whose values sit
+    /// `MIN_DECISION_SPACING` positions apart or more (tree tests, leaf tables).
+    #[serde(default)]
+    pub exact_reads: usize,
+    /// Lookups read with the bootstrap's noise (activations).
+    #[serde(default)]
+    pub approximate_reads: usize,
 }
 
 /// What rounding weights to integers lost in one ONNX node's linear forms (its lookups'
@@ -617,6 +624,8 @@ impl CompiledModel {
             "nodes": self.nodes,
             "rounding": self.rounding,
             "warnings": self.rounding.iter().filter_map(NodeRounding::warning).collect::<Vec<_>>(),
+            "exact_reads": self.nodes.iter().map(|n| n.exact_reads).sum::<usize>(),
+            "approximate_reads": self.nodes.iter().map(|n| n.approximate_reads).sum::<usize>(),
             "input_bits": self.input.quant.iter().map(|q| 64 - (q.max_q.max(1) as u64).leading_zeros()).max(),
             "first_layer_weight_bits": self.config.first_weight_bits,
             "weight_bits": self.config.weight_bits,

@@ -195,7 +195,10 @@ fn plan(
 
     // Decisions (tree tests) read small exact integers at box centres, 128 positions apart. A
     // test of a feature wider than 16 values reads the window of its grid around the
-    // threshold instead, which the client sends.
+    // threshold instead, which the client sends. A test of a computed value (a projection, a
+    // lookup's output) reads its whole integer range, each value owning the positions nearest
+    // it, so its threshold falls between integers; too wide a range is refused, never read
+    // approximately.
     let mut windows: Vec<InputWindow> = Vec::new();
     let mut first_window: HashMap<u32, usize> = HashMap::new();
     // (window value, window offset, the lookup's output per grid value of its feature)
@@ -203,19 +206,34 @@ fn plan(
     let mut exact_read = vec![false; n_lookups];
     let mut ranges = ranges;
     for (i, ql) in q.lookups.iter().enumerate() {
-        if !model.lookups[i].decision || !ql.exact {
+        if !model.lookups[i].decision {
             continue;
+        }
+        let origin = &*model.lookups[i].origin;
+        if !ql.exact {
+            return Err(ModelError::Plan(format!(
+                "node '{origin}': a tree test reads a computed value whose weights are not integer \
+                 multiples of one unit; it could only be read approximately"
+            )));
         }
         let (tlo, thi) = ql.bounds(&q.atoms);
-        if thi - tlo < WINDOW {
+        exact_read[i] = true;
+        let feature = match ql.terms[..] {
+            [(a, w)] if (a as usize) < nf && thi - tlo >= WINDOW => Some((a, w)),
+            _ => None,
+        };
+        let Some((a, w)) = feature else {
+            if (thi - tlo) as f64 * MIN_DECISION_SPACING > (POSITIONS - 2 * GUARD) as f64 {
+                return Err(ModelError::Plan(format!(
+                    "node '{origin}': a tree test reads a computed value of {} integer levels; an \
+                     exact read separates at most {}",
+                    thi - tlo + 1,
+                    ((POSITIONS - 2 * GUARD) as f64 / MIN_DECISION_SPACING) as i64 + 1
+                )));
+            }
             ranges[i] = (tlo, thi);
-            exact_read[i] = true;
             continue;
-        }
-        let [(a, w)] = ql.terms[..] else { continue };
-        if a as usize >= nf {
-            continue;
-        }
+        };
         let g = feature_table(model, q, i, a, w);
         let steps: Vec<i64> = (0..g.len() as i64 - 1)
             .filter(|&v| g[v as usize] != g[v as usize + 1])
@@ -226,7 +244,9 @@ fn plan(
         };
         let m = first / WINDOW_STRIDE;
         if last > m * WINDOW_STRIDE + WINDOW - 1 {
-            continue; // the function changes over more than one window: read it approximately
+            return Err(ModelError::Plan(format!(
+                "node '{origin}': a tree test of feature {a} changes over more than one window of its grid"
+            )));
         }
         let base = *first_window.entry(a).or_insert_with(|| {
             let at = windows.len();
@@ -235,7 +255,6 @@ fn plan(
         });
         window_read[i] = Some((base + m as usize, m * WINDOW_STRIDE, g));
         ranges[i] = (0, WINDOW - 1);
-        exact_read[i] = true;
     }
     let n_inputs = nf + windows.len();
 
@@ -311,7 +330,8 @@ fn plan(
 
     let mut stages = Vec::with_capacity(n_stages);
     let mut n_before = n_inputs;
-    let mut min_decision_spacing = f64::INFINITY;
+    // The narrowest exact read, and its node.
+    let mut min_decision_spacing: Option<(f64, &str)> = None;
     let mut costs: Vec<NodeCost> = Vec::new();
     let mut start = 0;
     for s in 1..=n_stages {
@@ -356,8 +376,9 @@ fn plan(
             // accumulator to its integer first, so each value owns the positions nearest it.
             let step = POSITION as f64 / (k as f64 * d_in as f64);
             let (func, out_q) = (&model.lookups[i].func, q.atoms[nf + i]);
-            if exact_read[i] {
-                min_decision_spacing = min_decision_spacing.min(1.0 / step);
+            let origin = &*model.lookups[i].origin;
+            if exact_read[i] && min_decision_spacing.is_none_or(|m| 1.0 / step < m.0) {
+                min_decision_spacing = Some((1.0 / step, origin));
             }
             let feature = window_read[i].as_ref().map(|(_, o, g)| (g, *o));
             let mut table = Vec::with_capacity(POSITIONS as usize);
@@ -387,7 +408,6 @@ fn plan(
                 .sum();
             st.read_sigma
                 .push((KS_MS_VARIANCE + w2 * PBS_OUTPUT_VARIANCE).sqrt());
-            let origin = &*model.lookups[i].origin;
             let cost = match costs.iter_mut().find(|c| c.node == origin) {
                 Some(c) => c,
                 None => {
@@ -397,11 +417,18 @@ fn plan(
                         output_bits: 0,
                         weight_bits: 0,
                         acc_bits: 0,
+                        exact_reads: 0,
+                        approximate_reads: 0,
                     });
                     costs.last_mut().expect("just pushed")
                 }
             };
             cost.pbs += 1;
+            if exact_read[i] {
+                cost.exact_reads += 1;
+            } else {
+                cost.approximate_reads += 1;
+            }
             cost.output_bits = cost.output_bits.max(out_q.bits());
             cost.weight_bits = cost.weight_bits.max(ql.weight_bits);
             cost.acc_bits = cost.acc_bits.max(bits(width as u64));
@@ -467,12 +494,12 @@ fn plan(
         rounding: node_rounding(model, q),
         reveal: model.reveal,
     };
-    // Half the spacing is the noise margin of an exact read; 48 positions is about ten read
-    // standard deviations (4.9 positions for fresh inputs).
-    if min_decision_spacing < 96.0 {
+    if let Some((spacing, origin)) = min_decision_spacing
+        && spacing < MIN_DECISION_SPACING
+    {
         return Err(ModelError::Plan(format!(
-            "exact reads (tree tests) are {min_decision_spacing:.0} positions apart, fewer than 96: \
-             the values they share a scale with are too wide"
+            "node '{origin}': exact reads (tree tests) are {spacing:.0} positions apart, fewer than \
+             {MIN_DECISION_SPACING}: the values they share a scale with are too wide"
         )));
     }
     compiled.validate()?;
@@ -515,6 +542,10 @@ fn node_rounding(model: &FloatModel, q: &QuantModel) -> Vec<NodeRounding> {
     }
     nodes
 }
+
+/// Fewest positions between the values of an exact read: half of it is the read's noise
+/// margin, and 48 positions are about ten read standard deviations (4.9 for fresh inputs).
+pub const MIN_DECISION_SPACING: f64 = 96.0;
 
 /// Lookup `i`'s output for each grid value `q` of input feature `a` (its form is `w * q`).
 /// An equality test holds on the grid value nearest its threshold (a categorical feature's

@@ -216,3 +216,99 @@ fn tree_fixtures_simulate_exactly() {
     }
     assert!(n >= 6, "tree fixtures missing");
 }
+
+/// Classifiers whose onnxruntime outputs follow a per-sample rule Veil does not reproduce (a
+/// class weighted on only some leaves, one PROBIT score) or that make no sense (one label) are
+/// refused with the node named, never a panic.
+#[test]
+fn refused_tree_fixtures_name_the_node_and_the_reason() {
+    let dir = zoo_dir("fixtures").join("refused");
+    let cases = [
+        (
+            "tree_clf_one_label",
+            "1 class label; a classifier needs two or more",
+        ),
+        (
+            "tree_clf_partial_class1",
+            "class 1 is weighted by the leaves some samples reach",
+        ),
+        (
+            "tree_clf_partial0_base",
+            "class 0 weighted by the leaves some samples reach",
+        ),
+        ("tree_clf_binary_probit", "PROBIT on one binary score"),
+    ];
+    for (name, reason) in cases {
+        let err = veil_models::onnx::import_file(&dir.join(format!("{name}.onnx")))
+            .err()
+            .unwrap_or_else(|| panic!("{name}: imported"));
+        match &err {
+            veil_models::ModelError::Unsupported { node, .. } => {
+                assert_eq!(node, "n0_TreeEnsembleClassifier", "{name}: {err}")
+            }
+            other => panic!("{name}: {other}"),
+        }
+        assert!(err.to_string().contains(reason), "{name}: {err}");
+    }
+}
+
+/// A tree test on a computed value is read exactly or refused, naming the tree: a unit-weight
+/// projection of 2-bit integer inputs (sums of 7 levels) simulates exactly what onnxruntime
+/// computes; at 8 bits (511 levels), with random weights, or on a ReLU's output (an 8-bit
+/// grid) no exact read fits, and none is made approximately.
+#[test]
+fn tree_tests_on_computed_values_are_exact_or_refused() {
+    let load = |name: &str| {
+        let path = zoo_dir("fixtures").join(format!("{name}.onnx"));
+        let spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap())
+                .unwrap();
+        let inputs: Vec<Vec<f64>> = serde_json::from_value(spec["inputs"].clone()).unwrap();
+        let outputs: Vec<Vec<f64>> = serde_json::from_value(spec["outputs"].clone()).unwrap();
+        (
+            veil_models::onnx::import_file(&path).unwrap(),
+            inputs,
+            outputs,
+        )
+    };
+    let tree = "n9_TreeEnsembleRegressor";
+
+    let (float, inputs, outputs) = load("proj_tree_unit");
+    let two_bits = veil_models::QuantConfig {
+        input_bits: 2,
+        ..Default::default()
+    };
+    let model = veil_models::compile(&float, &inputs, &two_bits).unwrap();
+    let cost = model.nodes.iter().find(|n| n.node == tree).unwrap();
+    assert!(
+        cost.exact_reads > 0 && cost.approximate_reads == 0,
+        "{cost:?}"
+    );
+    for (x, want) in inputs.iter().zip(&outputs) {
+        let sim = model.simulate(x, None).unwrap();
+        assert_eq!(sim.overflows, 0);
+        let got = model.decode(&sim.accs).outputs;
+        // A test read wrongly moves the output by a leaf difference (0.5 or more).
+        assert!(
+            (got[0] - want[0]).abs() < 5e-3,
+            "x {x:?}: simulated {got:?} vs onnxruntime {want:?}"
+        );
+    }
+
+    let refused = [
+        ("proj_tree_unit", "511 integer levels"),
+        ("proj_tree_random", "not integer multiples of one unit"),
+        ("relu_tree", "integer levels"),
+    ];
+    for (name, reason) in refused {
+        let (float, inputs, _) = load(name);
+        let err = veil_models::compile(&float, &inputs, &Default::default())
+            .err()
+            .unwrap_or_else(|| panic!("{name}: compiled"))
+            .to_string();
+        assert!(
+            err.contains(&format!("node '{tree}'")) && err.contains(reason),
+            "{name}: {err}"
+        );
+    }
+}

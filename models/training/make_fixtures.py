@@ -18,6 +18,8 @@ crc32 of its name, so adding or reordering cases changes no other file.
 
     python models/training/make_fixtures.py [--out models/zoo/fixtures] [--only case1,case2]
 
+Cases Veil refuses (``REFUSED``) are written as ``refused/<case>.onnx`` only.
+
 Each output is also compared with ``onnx.reference.ReferenceEvaluator`` and the
 largest difference is printed (informational; the files hold onnxruntime's values).
 """
@@ -447,6 +449,143 @@ def case_tree_clf_probit_strings():
                      post_transform="PROBIT", base_values=[0.05, 0.1, 0.02])
 
 
+# onnxruntime's binary classifier writes 0 for a class no reached leaf weights (base value or
+# not), and one score instead of two when no reached leaf weights class 1: decided per sample.
+# These cases keep both static: each class is weighted on every leaf of one tree, or on none
+# (class 0 may vary when there is no base value: its sum is then 0 either way).
+_T0 = split(0, "BRANCH_LEQ", -0.375, split(1, "BRANCH_LEQ", 0.625, "A", "B"), split(2, "BRANCH_LEQ", 0.125, "C", "D"))
+_T1 = split(3, "BRANCH_LT", 0.375, "E", "F")
+
+
+def _fill(tree, leaves):
+    """``tree`` with its leaf names replaced by ``leaves[name]`` (a list of (class, weight))."""
+    if isinstance(tree, str):
+        return ("leaf", leaves[tree])
+    _, f, mode, thr, yes, no = tree
+    return ("node", f, mode, thr, _fill(yes, leaves), _fill(no, leaves))
+
+
+def _binary(**leaves):
+    return [_fill(_T0, leaves), _fill(_T1, leaves)]
+
+
+def case_tree_clf_binary_bv2_strings():
+    trees = _binary(A=[(0, 0.5), (1, 0.5)], B=[(0, -0.25), (1, 0.0)], C=[(0, 1.5), (1, 2.0)],
+                    D=[(0, 0.75), (1, -1.0)], E=[(0, -0.5), (1, 0.25)], F=[(0, 0.125), (1, 0.5)])
+    return tree_case("tree_clf_binary_bv2_strings",
+                     "TreeEnsembleClassifier: 2 string classes, both weighted on every leaf, 2 base values, NONE "
+                     "([-(s0 + b1), s0 + b1])", trees, "TreeEnsembleClassifier", classlabels_strings=["no", "yes"],
+                     base_values=[0.3, -0.2])
+
+
+def case_tree_clf_binary_class1_logistic():
+    trees = _binary(A=[(1, 0.5)], B=[(1, -0.25)], C=[(1, 1.5)], D=[(1, 0.75)], E=[(1, -0.5)], F=[(1, 0.125)])
+    return tree_case("tree_clf_binary_class1_logistic",
+                     "TreeEnsembleClassifier: only class 1 weighted, 1 base value (dropped: class 0 has no weight), "
+                     "LOGISTIC ([0.5, logistic(s1)])", trees, "TreeEnsembleClassifier", classlabels_int64s=[0, 1],
+                     post_transform="LOGISTIC", base_values=[0.25])
+
+
+def case_tree_clf_binary_class0_bv2_softmax():
+    trees = _binary(A=[(0, 0.5)], B=[(0, 0.25)], C=[(0, 1.5)], D=[(0, 0.75)], E=[(0, 0.5)], F=[(0, 0.125)])
+    return tree_case("tree_clf_binary_class0_bv2_softmax",
+                     "TreeEnsembleClassifier: only class 0 weighted, 2 base values, SOFTMAX (softmax [s0 + b0, 0])",
+                     trees, "TreeEnsembleClassifier", classlabels_int64s=[2, 9], post_transform="SOFTMAX",
+                     base_values=[0.1, 0.4])
+
+
+def case_tree_clf_binary_mixed_softmax():
+    trees = _binary(A=[(0, 0.5)], B=[(0, -0.25)], C=[(0, 1.5)], D=[(0, -0.75)], E=[(0, 0.5)], F=[(0, -0.125)])
+    return tree_case("tree_clf_binary_mixed_softmax",
+                     "TreeEnsembleClassifier: one score column, mixed signs, SOFTMAX (onnxruntime writes [-s, s] "
+                     "without the softmax)", trees, "TreeEnsembleClassifier", classlabels_int64s=[0, 1],
+                     post_transform="SOFTMAX")
+
+
+def case_tree_clf_binary_partial0_tensor():
+    trees = _binary(A=[(0, 0.5), (1, 0.25)], B=[(1, -0.25)], C=[(1, 1.5)], D=[(0, -0.75), (1, 0.5)],
+                    E=[(1, 0.5)], F=[(0, 0.375), (1, -0.125)])
+    return tree_case("tree_clf_binary_partial0_tensor",
+                     "TreeEnsembleClassifier: class 1 on every leaf, class 0 on some (no base value), NONE "
+                     "([s0, s1]); *_as_tensor attributes", trees, "TreeEnsembleClassifier", ml_opset=3,
+                     as_tensor=True, classlabels_int64s=[0, 1])
+
+
+# Tree tests on computed values (models/tests/trees.rs): a projection with unit weights on
+# integer inputs 0..3 is read exactly when the inputs take 2 bits (its sums span 7 integers)
+# and refused, naming the tree, at 8 bits; random weights or a ReLU's output are refused.
+PROJ_X = [[0, 0, 0, 0], [1, 2, 3, 0], [3, 3, 3, 3], [2, 0, 1, 3], [0, 3, 0, 1], [1, 1, 2, 2],
+          [3, 0, 2, 1], [2, 2, 0, 0]]
+
+
+def _proj_tree(name, description, w, relu=False):
+    c = Case(name, [4], description)
+    c.ml_opset = 1
+    c.inputs = PROJ_X
+    h = c.node("MatMul", ["x", c.const("w", w)])
+    if relu:
+        h = c.node("Relu", [h])
+    trees = [split(0, "BRANCH_LEQ", 2.5, split(1, "BRANCH_GT", 3.5, leaf((0, 1.0)), leaf((0, -0.5))),
+                   leaf((0, 2.0))),
+             split(1, "BRANCH_LT", 1.5, leaf((0, 0.25)), leaf((0, 0.75)))]
+    c.nodes.append(helper.make_node("TreeEnsembleRegressor", [h], ["y"], name="n9_TreeEnsembleRegressor",
+                                    domain="ai.onnx.ml", **ensemble_attrs(trees, "target"), n_targets=1))
+    return c
+
+
+def case_proj_tree_unit():
+    w = [[1, 0], [1, 1], [0, 1], [0, 0]]
+    return _proj_tree("proj_tree_unit", "MatMul [[1,0],[1,1],[0,1],[0,0]] then TreeEnsembleRegressor on the sums",
+                      np.asarray(w, np.float32))
+
+
+def case_proj_tree_random():
+    c = np.random.default_rng(zlib.crc32(b"proj_tree_random"))
+    w = (c.standard_normal([4, 2]) * 0.5).astype(np.float32)
+    return _proj_tree("proj_tree_random", "MatMul (random [4,2]) then TreeEnsembleRegressor", w)
+
+
+def case_relu_tree():
+    w = [[1, 0], [1, 1], [0, 1], [0, -1]]
+    return _proj_tree("relu_tree", "MatMul, Relu, then TreeEnsembleRegressor on the Relu's output",
+                      np.asarray(w, np.float32), relu=True)
+
+
+# Refused at import (models/tests/trees.rs checks each error): written to refused/ without outputs.
+def refused_tree_clf_partial_class1():
+    trees = _binary(A=[(0, 0.5)], B=[(0, -0.25), (1, 0.5)], C=[(0, 1.5)], D=[(0, 0.75)], E=[(0, -0.5)],
+                    F=[(0, 0.125)])
+    return tree_case("tree_clf_partial_class1", "class 1 weighted on some leaves only", trees,
+                     "TreeEnsembleClassifier", classlabels_int64s=[0, 1])
+
+
+def refused_tree_clf_partial0_base():
+    trees = _binary(A=[(0, 0.5), (1, 0.25)], B=[(1, -0.25)], C=[(1, 1.5)], D=[(0, -0.75), (1, 0.5)],
+                    E=[(1, 0.5)], F=[(0, 0.375), (1, -0.125)])
+    return tree_case("tree_clf_partial0_base", "class 0 weighted on some leaves only, with base values", trees,
+                     "TreeEnsembleClassifier", classlabels_int64s=[0, 1], base_values=[0.1, 0.2])
+
+
+def refused_tree_clf_binary_probit():
+    trees = _binary(A=[(0, 0.5)], B=[(0, 0.25)], C=[(0, 0.125)], D=[(0, 0.75)], E=[(0, 0.0)], F=[(0, 0.125)])
+    return tree_case("tree_clf_binary_probit", "one score column, PROBIT (onnxruntime writes one of two scores)",
+                     trees, "TreeEnsembleClassifier", classlabels_int64s=[0, 1], post_transform="PROBIT")
+
+
+def refused_tree_clf_one_label():
+    trees = _binary(A=[(0, 0.5)], B=[(0, 0.25)], C=[(0, 1.5)], D=[(0, 0.75)], E=[(0, 0.5)], F=[(0, 0.125)])
+    return tree_case("tree_clf_one_label", "a single string class label", trees, "TreeEnsembleClassifier",
+                     classlabels_strings=["only"])
+
+
+REFUSED = {
+    "tree_clf_partial_class1": refused_tree_clf_partial_class1,
+    "tree_clf_partial0_base": refused_tree_clf_partial0_base,
+    "tree_clf_binary_probit": refused_tree_clf_binary_probit,
+    "tree_clf_one_label": refused_tree_clf_one_label,
+}
+
+
 CASES = {
     "layernorm_last": lambda: case_layernorm("layernorm_last", [3, 8], -1),
     "layernorm_axis1_nobias": lambda: case_layernorm("layernorm_axis1_nobias", [2, 3, 4], 1, bias=False,
@@ -528,6 +667,14 @@ CASES = {
     "tree_clf_binary_positive": case_tree_clf_binary_positive,
     "tree_clf_softmax_zero": case_tree_clf_softmax_zero,
     "tree_clf_probit_strings": case_tree_clf_probit_strings,
+    "proj_tree_unit": case_proj_tree_unit,
+    "proj_tree_random": case_proj_tree_random,
+    "relu_tree": case_relu_tree,
+    "tree_clf_binary_bv2_strings": case_tree_clf_binary_bv2_strings,
+    "tree_clf_binary_class1_logistic": case_tree_clf_binary_class1_logistic,
+    "tree_clf_binary_class0_bv2_softmax": case_tree_clf_binary_class0_bv2_softmax,
+    "tree_clf_binary_mixed_softmax": case_tree_clf_binary_mixed_softmax,
+    "tree_clf_binary_partial0_tensor": case_tree_clf_binary_partial0_tensor,
 }
 
 
@@ -596,21 +743,35 @@ def make_case(out_dir: Path, c: Case) -> dict:
     return {"case": c.name, "ops": ops, "ref_diff": ref_diff}
 
 
+def make_refused(out_dir: Path, c: Case) -> None:
+    """Writes only ``refused/<case>.onnx``: Veil refuses it, and onnxruntime's outputs depend per
+    sample on which classes the reached leaves weight (or leave a score unwritten)."""
+    model = c.build([2])
+    onnx.checker.check_model(model, full_check=True)
+    path = out_dir / "refused" / f"{c.name}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    print(f"{c.name:28s} refused/ | onnx {path.stat().st_size} B")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
     args = ap.parse_args()
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CASES)
-    unknown = [n for n in names if n not in CASES]
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CASES) + list(REFUSED)
+    unknown = [n for n in names if n not in CASES and n not in REFUSED]
     if unknown:
-        ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
+        ap.error(f"unknown case(s) {unknown}; known: {list(CASES) + list(REFUSED)}")
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, numpy {np.__version__}")
     for name in names:
-        c = CASES[name]()
+        c = (CASES.get(name) or REFUSED[name])()
         assert c.name == name, (c.name, name)
-        make_case(args.out, c)
+        if name in REFUSED:
+            make_refused(args.out, c)
+        else:
+            make_case(args.out, c)
 
 
 if __name__ == "__main__":

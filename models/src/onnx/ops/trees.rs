@@ -456,6 +456,38 @@ impl Packer<'_> {
     }
 }
 
+/// Whether the leaves a sample reaches weight output `k` (0 included): in every sample (some
+/// tree weights it on every leaf), in none, or in some only. onnxruntime's output depends on
+/// it per sample.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Always,
+    Never,
+    Varies,
+}
+
+fn presence(ens: &Ensemble, k: usize) -> Presence {
+    let (mut any, mut always) = (false, false);
+    for &r in &ens.roots {
+        let (mut with, mut without) = (false, false);
+        let mut stack = vec![r];
+        while let Some(i) = stack.pop() {
+            match &ens.nodes[i] {
+                Node::Branch { yes, no, .. } => stack.extend([*yes, *no]),
+                Node::Leaf(w) if w.iter().any(|e| e.0 == k) => with = true,
+                Node::Leaf(_) => without = true,
+            }
+        }
+        any |= with;
+        always |= with && !without;
+    }
+    match (always, any) {
+        (true, _) => Presence::Always,
+        (false, true) => Presence::Varies,
+        (false, false) => Presence::Never,
+    }
+}
+
 /// ONNX-ML post transforms as clear-text tail ops on two or more scores.
 fn post_ops(ctx: &NodeCtx, post: &str) -> Result<Vec<TailOp>> {
     Ok(match post {
@@ -506,6 +538,11 @@ pub(crate) fn tree_ensemble(
             .filter(|&t| (1..=4096).contains(&t))
             .ok_or_else(|| ctx.unsupported("n_targets out of range"))?,
     };
+    if classifier && n_out < 2 {
+        return Err(ctx.unsupported(format!(
+            "{n_out} class label; a classifier needs two or more"
+        )));
+    }
     let post = ctx
         .attr_str("post_transform")
         .unwrap_or_else(|| "NONE".into());
@@ -579,13 +616,6 @@ pub(crate) fn tree_ensemble(
         let total: f64 = tree_totals.iter().sum::<f64>() * scale;
         sums[last] = Lin::combine(others.iter().map(|l| (-1.0, l)), total);
     }
-    let has: Vec<bool> = (0..n_out)
-        .map(|k| {
-            ens.nodes
-                .iter()
-                .any(|n| matches!(n, Node::Leaf(w) if w.iter().any(|e| e.0 == k)))
-        })
-        .collect();
     let elem = |l: Lin| Elem::linear(l);
     let add = |l: &Lin, c: f64| Lin::combine([(1.0, l)], c);
 
@@ -594,19 +624,7 @@ pub(crate) fn tree_ensemble(
         // onnxruntime writes 0, not the base value, for a target no reached leaf weights; that
         // is not a linear function of the tests, so such an ensemble is refused.
         for (k, &base) in base_values.iter().enumerate() {
-            let partial = ens.roots.iter().any(|&r| {
-                let (mut with, mut without) = (false, false);
-                let mut stack = vec![r];
-                while let Some(i) = stack.pop() {
-                    match &ens.nodes[i] {
-                        Node::Branch { yes, no, .. } => stack.extend([*yes, *no]),
-                        Node::Leaf(w) if w.iter().any(|e| e.0 == k) => with = true,
-                        Node::Leaf(_) => without = true,
-                    }
-                }
-                with && without
-            });
-            if base != 0.0 && partial {
+            if base != 0.0 && presence(&ens, k) == Presence::Varies {
                 return Err(ctx.unsupported(format!(
                     "target {k} has a base value and leaves of one tree both with and without a weight for it \
                      (onnxruntime then drops the base value in some samples); give every leaf a weight, 0 included"
@@ -670,29 +688,57 @@ pub(crate) fn tree_ensemble(
             .map(|k| add(&sums[k], base_values.get(k).copied().unwrap_or(0.0)))
             .collect()
     } else {
-        let used: Vec<usize> = (0..n_out).filter(|&k| has[k]).collect();
-        let binary_case = used.len() == 1;
-        let all_positive = ens.nodes.iter().all(|n| match n {
-            Node::Leaf(w) => w.iter().all(|e| e.1 >= 0.0),
-            Node::Branch { .. } => true,
-        });
-        let two: Option<Vec<Lin>> = match base_values.len() {
-            2 if has[1] => {
-                let p1 = add(&sums[0], base_values[1]);
-                Some(vec![p1.scaled(-1.0, 0.0), p1])
+        // onnxruntime writes 0 for a class no reached leaf weights, base value or not, and
+        // writes one score instead of two when no reached leaf weights class 1: both are
+        // decided per sample, so they must not vary between samples.
+        let (p0, p1) = (presence(&ens, 0), presence(&ens, 1));
+        if p1 == Presence::Varies {
+            return Err(ctx.unsupported(
+                "class 1 is weighted by the leaves some samples reach and not by others \
+                 (onnxruntime then writes [s0, s1] for some samples and a score pair derived from s0 for others); \
+                 give class 1 a weight, 0 included, on every leaf of one tree, or on none",
+            ));
+        }
+        if p0 == Presence::Varies && !base_values.is_empty() {
+            return Err(ctx.unsupported(
+                "base values with class 0 weighted by the leaves some samples reach and not by others \
+                 (onnxruntime then drops the base value in some samples); give every leaf a class-0 weight, 0 included",
+            ));
+        }
+        let (h0, h1) = (p0 == Presence::Always, p1 == Presence::Always);
+        let zero = Lin::constant(0.0);
+        let base = |k: usize| base_values[k];
+        let two: Option<Vec<Lin>> = match (base_values.len(), h1) {
+            // onnxruntime's score for class 1 is then class 0's sum plus base value 1.
+            (2, true) => {
+                let pos = add(&sums[0], base(1));
+                let neg = if h0 { pos.scaled(-1.0, 0.0) } else { zero };
+                Some(vec![neg, pos])
             }
-            2 => Some(vec![
-                add(&sums[0], base_values[0]),
-                add(&sums[1], base_values[1]),
+            (2, false) => Some(vec![
+                if h0 {
+                    add(&sums[0], base(0))
+                } else {
+                    zero.clone()
+                },
+                zero,
             ]),
-            1 if has[1] => Some(vec![add(&sums[0], base_values[0]), sums[1].clone()]),
-            1 => {
-                sums[0] = add(&sums[0], base_values[0]);
+            (1, true) => Some(vec![
+                if h0 { add(&sums[0], base(0)) } else { zero },
+                sums[1].clone(),
+            ]),
+            (1, false) if !h0 => {
+                return Err(ctx.unsupported(
+                    "a base value and no leaf weight for either class (onnxruntime leaves the second score unwritten)",
+                ));
+            }
+            (1, false) => {
+                sums[0] = add(&sums[0], base(0));
                 None
             }
-            0 if has[1] => Some(sums.clone()),
-            0 => None,
-            n => return Err(ctx.unsupported(format!("{n} base values for 2 classes"))),
+            (0, true) => Some(sums.clone()),
+            (0, false) => None,
+            (n, _) => return Err(ctx.unsupported(format!("{n} base values for 2 classes"))),
         };
         match two {
             Some(s) => {
@@ -700,10 +746,20 @@ pub(crate) fn tree_ensemble(
                 s
             }
             None => {
-                // One score `s`: onnxruntime writes [1 - s, s] when every weight is positive
-                // (a probability), else [-s, s] (logistic of each under LOGISTIC).
+                // One score `s`: onnxruntime writes [1 - s, s] when only class 0 has weights and
+                // every weight is positive (a probability), else [-s, s] (logistic of each under
+                // LOGISTIC; SOFTMAX and SOFTMAX_ZERO leave the pair as it is).
+                let binary_case = p0 != Presence::Never;
+                let all_positive = ens.nodes.iter().all(|n| match n {
+                    Node::Leaf(w) => w.iter().all(|e| e.1 >= 0.0),
+                    Node::Branch { .. } => true,
+                });
                 match post.as_str() {
-                    "PROBIT" => ops.push(TailOp::Activation(Activation::Probit)),
+                    "PROBIT" => {
+                        return Err(ctx.unsupported(
+                            "post_transform=PROBIT on one binary score (onnxruntime writes the first of two scores only)",
+                        ));
+                    }
                     _ if binary_case && all_positive => ops.push(TailOp::BinaryProbabilities),
                     "LOGISTIC" => {
                         ops.push(TailOp::BinaryScores);
