@@ -28,7 +28,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use veil_models::ClientSpec;
+use veil_models::{ClientSpec, ModelError};
 use veil_models::eval::Prediction;
 use veil_models::fhe::{EncryptedOutput, big_lwe_size};
 use veil_proto::v1;
@@ -54,9 +54,15 @@ pub struct RemoteModel {
 }
 
 impl RemoteModel {
-    fn from_info(info: ModelInfo) -> Result<Self> {
+    /// Parses and checks the server's client spec: a hostile or broken server gets a clear
+    /// error here, never a panic or an oversized encryption later.
+    pub fn from_info(info: ModelInfo) -> Result<Self> {
         let spec: ClientSpec = serde_json::from_str(&info.client_spec_json).map_err(|e| {
             ClientError::Protocol(format!("model '{}': client spec: {e}", info.name))
+        })?;
+        spec.validate().map_err(|source| ClientError::InvalidSpec {
+            model: info.name.clone(),
+            source,
         })?;
         Ok(RemoteModel { info, spec })
     }
@@ -97,10 +103,29 @@ impl RemoteModel {
         Ok(())
     }
 
-    /// Quantizes and encrypts one sample into its wire form (seeded LWE ciphertexts).
+    /// Quantizes and encrypts one sample into its wire form (seeded LWE ciphertexts). A NaN,
+    /// infinite or huge feature is refused ([`ModelError::InvalidFeature`], row 0).
     pub fn encrypt(&self, keys: &KeyPair, x: &[f64]) -> Result<Vec<u8>> {
         self.check_keys(keys)?;
         Ok(keys.client.encrypt(&self.spec, x)?.to_bytes())
+    }
+
+    /// Checks samples before anything is encrypted or sent: the right number of features,
+    /// each finite and within 1e30; an error names the first bad row and column.
+    pub fn check_rows(&self, xs: &[Vec<f64>]) -> Result<()> {
+        for (row, x) in xs.iter().enumerate() {
+            if x.len() != self.n_features() {
+                return Err(ModelError::Shape(format!(
+                    "row {row}: {} features given, model '{}' takes {}",
+                    x.len(),
+                    self.name(),
+                    self.n_features()
+                ))
+                .into());
+            }
+            veil_models::data::check_row(row, x)?;
+        }
+        Ok(())
     }
 
     /// Decrypts one sample's outputs into accumulators.
@@ -123,6 +148,7 @@ impl RemoteModel {
     /// [`RemoteModel::encrypt`] for many samples, on the blocking pool.
     pub async fn encrypt_batch(&self, keys: &KeyPair, xs: Vec<Vec<f64>>) -> Result<Vec<Vec<u8>>> {
         self.check_keys(keys)?;
+        self.check_rows(&xs)?;
         let (spec, client) = (self.spec.clone(), Arc::clone(&keys.client));
         blocking(move || {
             xs.iter()
@@ -510,6 +536,8 @@ impl Client {
         keys: &KeyPair,
         xs: &[Vec<f64>],
     ) -> Result<Vec<Prediction>> {
+        // Every row first, so an error names its row in `xs` and nothing was sent.
+        model.check_rows(xs)?;
         let mut out = Vec::with_capacity(xs.len());
         for chunk in xs.chunks(model.max_batch()) {
             let samples = model.encrypt_batch(keys, chunk.to_vec()).await?;

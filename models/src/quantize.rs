@@ -105,8 +105,12 @@ impl UniformQuant {
         UniformQuant { scale, zero, max_q }
     }
 
+    /// The grid value nearest `x`. Clamped in floating point, so no `x`, `scale` or `zero`
+    /// can overflow an integer (callers refuse non-finite features first; NaN gives 0).
     pub fn quantize(&self, x: f64) -> i64 {
-        ((x / self.scale).round() as i64 + self.zero).clamp(0, self.max_q)
+        ((x / self.scale).round() + self.zero as f64)
+            .min(self.max_q as f64)
+            .max(0.0) as i64
     }
 
     pub fn dequantize(&self, q: i64) -> f64 {
@@ -372,6 +376,28 @@ mod tests {
         assert_eq!(q.dequantize(q.quantize(0.0)), 0.0);
         assert_eq!(q.quantize(100.0), 255);
         assert_eq!(q.quantize(-100.0), 0);
+    }
+
+    #[test]
+    fn extreme_values_and_grids_clamp_without_overflow() {
+        let q = UniformQuant::from_range(-1.0, 3.0, 8);
+        assert_eq!(q.quantize(1e300), 255);
+        assert_eq!(q.quantize(-1e300), 0);
+        assert_eq!(q.quantize(f64::NAN), 0);
+        // A hostile grid: the old `round() as i64 + zero` overflowed here.
+        let h = UniformQuant {
+            scale: 1e-300,
+            zero: i64::MAX,
+            max_q: 15,
+        };
+        assert_eq!(h.quantize(1e30), 15);
+        assert_eq!(h.quantize(-1e30), 0);
+        let h = UniformQuant {
+            scale: 1.0,
+            zero: i64::MIN,
+            max_q: -3,
+        };
+        assert_eq!(h.quantize(5.0), 0);
     }
 }
 
