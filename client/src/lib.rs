@@ -554,3 +554,106 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .await
         .map_err(|e| ClientError::Protocol(format!("encryption task failed: {e}")))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil_models::compiled::{InputEncoding, InputWindow, OutputDecoding, ParamSet};
+    use veil_models::graph::{Reveal, Task};
+    use veil_models::quantize::UniformQuant;
+
+    fn spec() -> ClientSpec {
+        ClientSpec {
+            params: ParamSet::Message2Carry2KsPbsTuniform2m128,
+            input_shape: vec![2],
+            input: InputEncoding {
+                quant: vec![
+                    UniformQuant {
+                        scale: 0.1,
+                        zero: 10,
+                        max_q: 255
+                    };
+                    2
+                ],
+                windows: vec![],
+                delta: 1 << 50,
+            },
+            output: OutputDecoding {
+                delta: 1 << 40,
+                scale: vec![1.0; 2],
+                offset: vec![0.0; 2],
+                modulus_bits: 64,
+            },
+            tail: vec![],
+            class_labels: None,
+            task: Task::Classification,
+            pbs_per_sample: 0,
+            reveal: Reveal::Scores,
+        }
+    }
+
+    fn info(spec: &ClientSpec) -> ModelInfo {
+        ModelInfo {
+            name: "m".into(),
+            client_spec_json: serde_json::to_string(spec).unwrap(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_hostile_servers_spec_is_refused_when_received() {
+        let model = RemoteModel::from_info(info(&spec())).unwrap();
+        assert_eq!(model.n_features(), 2);
+        let mut hostile = spec();
+        // A million windows: a million ciphertexts per sample.
+        hostile.input.windows = vec![
+            InputWindow {
+                feature: 0,
+                offset: 0
+            };
+            1 << 20
+        ];
+        let e = RemoteModel::from_info(info(&hostile)).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ClientError::InvalidSpec {
+                    source: ModelError::InvalidClientSpec(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("model 'm': the server's client spec is refused"));
+        let mut hostile = spec();
+        hostile.input.quant[1].scale = -0.0;
+        let e = RemoteModel::from_info(info(&hostile)).unwrap_err();
+        assert!(e.to_string().contains("feature 1"), "{e}");
+    }
+
+    #[test]
+    fn bad_rows_are_refused_before_anything_is_sent() {
+        let model = RemoteModel::from_info(info(&spec())).unwrap();
+        model
+            .check_rows(&[vec![0.0, 1e30], vec![-1e30, 2.0]])
+            .unwrap();
+        let e = model
+            .check_rows(&[vec![0.0, 1.0], vec![3.0, f64::INFINITY]])
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::Model(ModelError::InvalidFeature {
+                    row: 1,
+                    column: 1,
+                    ..
+                })
+            ),
+            "{e}"
+        );
+        let e = model.check_rows(&[vec![f64::NAN, 0.0]]).unwrap_err();
+        assert_eq!(e.to_string(), "row 0, column 0: NaN is not a number (NaN)");
+        let e = model.check_rows(&[vec![0.0, 0.0], vec![1.0]]).unwrap_err();
+        assert!(e.to_string().contains("row 1: 1 features given"), "{e}");
+    }
+}

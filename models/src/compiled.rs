@@ -484,6 +484,7 @@ impl ClientSpec {
         let bad = ModelError::InvalidClientSpec;
         self.input.check().map_err(bad)?;
         let n_out = self.output.scale.len();
+        self.output.check(n_out).map_err(bad)?;
         check_common(
             &self.input_shape,
             self.input.quant.len(),
@@ -493,7 +494,6 @@ impl ClientSpec {
             self.reveal,
         )
         .map_err(bad)?;
-        self.output.check(n_out).map_err(bad)?;
         if self.pbs_per_sample > MAX_LOOKUPS {
             return Err(bad(format!(
                 "{} bootstraps per sample, at most {MAX_LOOKUPS}",

@@ -109,8 +109,8 @@ impl UniformQuant {
     /// can overflow an integer (callers refuse non-finite features first; NaN gives 0).
     pub fn quantize(&self, x: f64) -> i64 {
         ((x / self.scale).round() + self.zero as f64)
-            .min(self.max_q as f64)
-            .max(0.0) as i64
+            .max(0.0)
+            .min(self.max_q.max(0) as f64) as i64
     }
 
     pub fn dequantize(&self, q: i64) -> f64 {
