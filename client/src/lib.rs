@@ -28,9 +28,9 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use veil_models::{ClientSpec, ModelError};
 use veil_models::eval::Prediction;
 use veil_models::fhe::{EncryptedOutput, big_lwe_size};
+use veil_models::{ClientSpec, ModelError};
 use veil_proto::v1;
 use veil_proto::v1::veil_client::VeilClient;
 
@@ -624,7 +624,10 @@ mod tests {
             ),
             "{e}"
         );
-        assert!(e.to_string().starts_with("model 'm': the server's client spec is refused"));
+        assert!(
+            e.to_string()
+                .starts_with("model 'm': the server's client spec is refused")
+        );
         let mut hostile = spec();
         hostile.input.quant[1].scale = -0.0;
         let e = RemoteModel::from_info(info(&hostile)).unwrap_err();

@@ -155,9 +155,11 @@ impl InputEncoding {
             ));
         }
         if let Some((j, u)) = self.quant.iter().enumerate().find(|(_, u)| {
-            !(u.scale.is_finite() && u.scale > 0.0)
-                || !(1..=MAX_GRID).contains(&u.max_q)
-                || !(0..=u.max_q).contains(&u.zero)
+            let ok = u.scale.is_finite()
+                && u.scale > 0.0
+                && (1..=MAX_GRID).contains(&u.max_q)
+                && (0..=u.max_q).contains(&u.zero);
+            !ok
         }) {
             return Err(format!(
                 "feature {j}: grid scale {} zero {} max {} (the scale must be finite and \
@@ -895,7 +897,10 @@ mod tests {
             "Task",
             "Reveal",
         ] {
-            assert!(registry.contains_key(name), "{name} missing from the schema");
+            assert!(
+                registry.contains_key(name),
+                "{name} missing from the schema"
+            );
         }
         let text = serde_json::to_string(&registry).unwrap();
         assert!(text.contains("\"lut_index\"") && text.contains("\"HardSigmoid\""));

@@ -346,14 +346,12 @@ impl Activation {
             Activation::Compare { rule, threshold } => {
                 f64::from(u8::from(rule.holds(x, threshold)))
             }
-            Activation::Select { base, ref table } => {
-                (x.round() as i64)
-                    .checked_sub(base)
-                    .and_then(|i| usize::try_from(i).ok())
-                    .and_then(|i| table.get(i))
-                    .copied()
-                    .unwrap_or(0.0)
-            }
+            Activation::Select { base, ref table } => (x.round() as i64)
+                .checked_sub(base)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| table.get(i))
+                .copied()
+                .unwrap_or(0.0),
             Activation::Probit => std::f64::consts::SQRT_2 * erf_inv(2.0 * x - 1.0),
         }
     }

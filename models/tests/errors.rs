@@ -215,12 +215,22 @@ fn nan_infinite_and_huge_features_are_refused_naming_row_and_column() {
         bad[2] = v;
         let e = spec.input.quantize_row(5, &bad).unwrap_err();
         assert!(
-            matches!(e, ModelError::InvalidFeature { row: 5, column: 2, .. }),
+            matches!(
+                e,
+                ModelError::InvalidFeature {
+                    row: 5,
+                    column: 2,
+                    ..
+                }
+            ),
             "{e}"
         );
         assert!(e.to_string().starts_with("row 5, column 2: ") && e.to_string().contains(why));
         let e = model.simulate(&bad, None).unwrap_err();
-        assert!(matches!(e, ModelError::InvalidFeature { column: 2, .. }), "{e}");
+        assert!(
+            matches!(e, ModelError::InvalidFeature { column: 2, .. }),
+            "{e}"
+        );
     }
     // The bound itself quantizes (to the grid's end).
     let mut edge = x.clone();
@@ -242,22 +252,43 @@ fn a_hostile_client_spec_is_refused_not_obeyed() {
         assert!(e.to_string().contains(want), "{want}: {e}");
     };
     use veil_models::compiled::InputWindow;
-    refused(&|s| s.input.quant[1].scale = f64::NAN, "feature 1: grid scale NaN");
+    refused(
+        &|s| s.input.quant[1].scale = f64::NAN,
+        "feature 1: grid scale NaN",
+    );
     refused(&|s| s.input.quant[1].scale = 0.0, "finite and positive");
     refused(&|s| s.input.quant[1].scale = -1.0, "finite and positive");
     refused(&|s| s.input.quant[0].zero = i64::MAX, "holding its zero");
     refused(&|s| s.input.quant[0].max_q = 1 << 40, "feature 0");
     refused(
-        &|s| s.input.windows.push(InputWindow { feature: 9, offset: 0 }),
+        &|s| {
+            s.input.windows.push(InputWindow {
+                feature: 9,
+                offset: 0,
+            })
+        },
         "window at offset 0 of feature 9",
     );
     refused(
-        &|s| s.input.windows.push(InputWindow { feature: 0, offset: -3 }),
+        &|s| {
+            s.input.windows.push(InputWindow {
+                feature: 0,
+                offset: -3,
+            })
+        },
         "outside the feature's grid",
     );
     // Millions of windows would have the client encrypt millions of values per sample.
     refused(
-        &|s| s.input.windows = vec![InputWindow { feature: 0, offset: 0 }; 1 << 20],
+        &|s| {
+            s.input.windows = vec![
+                InputWindow {
+                    feature: 0,
+                    offset: 0
+                };
+                1 << 20
+            ]
+        },
         "input ciphertexts",
     );
     refused(&|s| s.input.delta = 0, "delta");
@@ -281,7 +312,10 @@ fn a_hostile_client_spec_is_refused_not_obeyed() {
     refused(&|s| s.pbs_per_sample = usize::MAX, "bootstraps per sample");
     // An unvalidated spec still never panics: a window naming a missing feature is an error.
     let mut s = good.clone();
-    s.input.windows.push(InputWindow { feature: 9, offset: 0 });
+    s.input.windows.push(InputWindow {
+        feature: 9,
+        offset: 0,
+    });
     let e = s.input.quantize(&[0.0; 4]).unwrap_err();
     assert!(matches!(e, ModelError::InvalidClientSpec(_)), "{e}");
 }

@@ -81,7 +81,10 @@ fn golden_file_loads_and_simulates_to_the_recorded_outputs() {
     let model = CompiledModel::load(&golden_path("veil")).unwrap_or_else(|e| {
         panic!("the golden file no longer loads ({e}); see this file's doc comment")
     });
-    assert!(!model.stages.is_empty(), "the golden model should bootstrap");
+    assert!(
+        !model.stages.is_empty(),
+        "the golden model should bootstrap"
+    );
     assert_eq!(want.format_version, FORMAT_VERSION);
     assert_eq!(want.schema_hash, hex(schema_hash()));
     let got = expected(&model);
@@ -96,7 +99,10 @@ fn compiler_writes_the_golden_bytes() {
     let (_, model) = compiled(MODEL);
     let now = model.to_bytes();
     assert_eq!(now.len(), bytes.len(), "the compiled size changed");
-    assert!(now == bytes, "the compiler's output changed; see the doc comment");
+    assert!(
+        now == bytes,
+        "the compiler's output changed; see the doc comment"
+    );
 }
 
 #[test]
@@ -112,7 +118,10 @@ fn a_file_of_another_format_is_refused() {
     let mut old = bytes.clone();
     old[8..12].copy_from_slice(&4u32.to_le_bytes());
     let e = CompiledModel::from_bytes(&old).unwrap_err().to_string();
-    assert!(e.contains("format version 4") && e.contains("recompile"), "{e}");
+    assert!(
+        e.contains("format version 4") && e.contains("recompile"),
+        "{e}"
+    );
     let e = CompiledModel::from_bytes(&bytes[..HEADER_BYTES - 1])
         .unwrap_err()
         .to_string();
