@@ -19,7 +19,16 @@ pub enum ClientError {
     #[error("unknown model '{name}'; the server serves: {served}")]
     UnknownModel { name: String, served: String },
 
-    /// Encryption, decryption, decoding or data errors from the engine.
+    /// The server's client spec for `model` fails [`ClientSpec::validate`](veil_models::ClientSpec::validate).
+    #[error("model '{model}': the server's client spec is refused: {source}")]
+    InvalidSpec {
+        model: String,
+        #[source]
+        source: ModelError,
+    },
+
+    /// Encryption, decryption, decoding or data errors from the engine; a refused feature is
+    /// `Model(ModelError::InvalidFeature { row, column, .. })`.
     #[error(transparent)]
     Model(#[from] ModelError),
 

@@ -28,9 +28,9 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use veil_models::ClientSpec;
 use veil_models::eval::Prediction;
 use veil_models::fhe::{EncryptedOutput, big_lwe_size};
+use veil_models::{ClientSpec, ModelError};
 use veil_proto::v1;
 use veil_proto::v1::veil_client::VeilClient;
 
@@ -54,9 +54,15 @@ pub struct RemoteModel {
 }
 
 impl RemoteModel {
-    fn from_info(info: ModelInfo) -> Result<Self> {
+    /// Parses and checks the server's client spec: a hostile or broken server gets a clear
+    /// error here, never a panic or an oversized encryption later.
+    pub fn from_info(info: ModelInfo) -> Result<Self> {
         let spec: ClientSpec = serde_json::from_str(&info.client_spec_json).map_err(|e| {
             ClientError::Protocol(format!("model '{}': client spec: {e}", info.name))
+        })?;
+        spec.validate().map_err(|source| ClientError::InvalidSpec {
+            model: info.name.clone(),
+            source,
         })?;
         Ok(RemoteModel { info, spec })
     }
@@ -97,10 +103,29 @@ impl RemoteModel {
         Ok(())
     }
 
-    /// Quantizes and encrypts one sample into its wire form (seeded LWE ciphertexts).
+    /// Quantizes and encrypts one sample into its wire form (seeded LWE ciphertexts). A NaN,
+    /// infinite or huge feature is refused ([`ModelError::InvalidFeature`], row 0).
     pub fn encrypt(&self, keys: &KeyPair, x: &[f64]) -> Result<Vec<u8>> {
         self.check_keys(keys)?;
         Ok(keys.client.encrypt(&self.spec, x)?.to_bytes())
+    }
+
+    /// Checks samples before anything is encrypted or sent: the right number of features,
+    /// each finite and within 1e30; an error names the first bad row and column.
+    pub fn check_rows(&self, xs: &[Vec<f64>]) -> Result<()> {
+        for (row, x) in xs.iter().enumerate() {
+            if x.len() != self.n_features() {
+                return Err(ModelError::Shape(format!(
+                    "row {row}: {} features given, model '{}' takes {}",
+                    x.len(),
+                    self.name(),
+                    self.n_features()
+                ))
+                .into());
+            }
+            veil_models::data::check_row(row, x)?;
+        }
+        Ok(())
     }
 
     /// Decrypts one sample's outputs into accumulators.
@@ -123,6 +148,7 @@ impl RemoteModel {
     /// [`RemoteModel::encrypt`] for many samples, on the blocking pool.
     pub async fn encrypt_batch(&self, keys: &KeyPair, xs: Vec<Vec<f64>>) -> Result<Vec<Vec<u8>>> {
         self.check_keys(keys)?;
+        self.check_rows(&xs)?;
         let (spec, client) = (self.spec.clone(), Arc::clone(&keys.client));
         blocking(move || {
             xs.iter()
@@ -551,6 +577,8 @@ impl Client {
         keys: &KeyPair,
         xs: &[Vec<f64>],
     ) -> Result<Vec<Prediction>> {
+        // Every row first, so an error names its row in `xs` and nothing was sent.
+        model.check_rows(xs)?;
         let mut out = Vec::with_capacity(xs.len());
         for chunk in xs.chunks(model.max_batch()) {
             let samples = model.encrypt_batch(keys, chunk.to_vec()).await?;
@@ -571,6 +599,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use veil_models::compiled::{InputEncoding, InputWindow, OutputDecoding, ParamSet};
+    use veil_models::graph::{Reveal, Task};
+    use veil_models::quantize::UniformQuant;
 
     #[test]
     fn only_loopback_hosts_count_as_loopback() {
@@ -627,5 +658,103 @@ mod tests {
         assert!(!shown.contains("PRIVATE"), "{shown}");
         assert!(!shown.contains("80, 82, 73"), "{shown}"); // the key's bytes as numbers
         assert!(shown.contains("token: \"<redacted>\""), "{shown}");
+    }
+
+    fn spec() -> ClientSpec {
+        ClientSpec {
+            params: ParamSet::Message2Carry2KsPbsTuniform2m128,
+            input_shape: vec![2],
+            input: InputEncoding {
+                quant: vec![
+                    UniformQuant {
+                        scale: 0.1,
+                        zero: 10,
+                        max_q: 255
+                    };
+                    2
+                ],
+                windows: vec![],
+                delta: 1 << 50,
+            },
+            output: OutputDecoding {
+                delta: 1 << 40,
+                scale: vec![1.0; 2],
+                offset: vec![0.0; 2],
+                modulus_bits: 64,
+            },
+            tail: vec![],
+            class_labels: None,
+            task: Task::Classification,
+            pbs_per_sample: 0,
+            reveal: Reveal::Scores,
+        }
+    }
+
+    fn info(spec: &ClientSpec) -> ModelInfo {
+        ModelInfo {
+            name: "m".into(),
+            client_spec_json: serde_json::to_string(spec).unwrap(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_hostile_servers_spec_is_refused_when_received() {
+        let model = RemoteModel::from_info(info(&spec())).unwrap();
+        assert_eq!(model.n_features(), 2);
+        let mut hostile = spec();
+        // A million windows: a million ciphertexts per sample.
+        hostile.input.windows = vec![
+            InputWindow {
+                feature: 0,
+                offset: 0
+            };
+            1 << 20
+        ];
+        let e = RemoteModel::from_info(info(&hostile)).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ClientError::InvalidSpec {
+                    source: ModelError::InvalidClientSpec(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("model 'm': the server's client spec is refused")
+        );
+        let mut hostile = spec();
+        hostile.input.quant[1].scale = -0.0;
+        let e = RemoteModel::from_info(info(&hostile)).unwrap_err();
+        assert!(e.to_string().contains("feature 1"), "{e}");
+    }
+
+    #[test]
+    fn bad_rows_are_refused_before_anything_is_sent() {
+        let model = RemoteModel::from_info(info(&spec())).unwrap();
+        model
+            .check_rows(&[vec![0.0, 1e30], vec![-1e30, 2.0]])
+            .unwrap();
+        let e = model
+            .check_rows(&[vec![0.0, 1.0], vec![3.0, f64::INFINITY]])
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::Model(ModelError::InvalidFeature {
+                    row: 1,
+                    column: 1,
+                    ..
+                })
+            ),
+            "{e}"
+        );
+        let e = model.check_rows(&[vec![f64::NAN, 0.0]]).unwrap_err();
+        assert_eq!(e.to_string(), "row 0, column 0: NaN is not a number (NaN)");
+        let e = model.check_rows(&[vec![0.0, 0.0], vec![1.0]]).unwrap_err();
+        assert!(e.to_string().contains("row 1: 1 features given"), "{e}");
     }
 }

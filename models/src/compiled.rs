@@ -91,7 +91,7 @@ impl InputWindow {
     }
 
     pub fn value(&self, q: i64) -> i64 {
-        (q - self.offset).clamp(0, WINDOW - 1)
+        q.saturating_sub(self.offset).clamp(0, WINDOW - 1)
     }
 }
 
@@ -102,26 +102,114 @@ impl InputEncoding {
     }
 
     /// Every integer the client encrypts for one sample: the features on their grids, then
-    /// the windows.
+    /// the windows. A NaN, infinite or huge feature is refused (as row 0; see
+    /// [`Self::quantize_row`]).
     pub fn quantize(&self, x: &[f64]) -> Result<Vec<i64>> {
+        self.quantize_row(0, x)
+    }
+
+    /// [`Self::quantize`] for sample `row` of a batch, which a refused feature's error names.
+    pub fn quantize_row(&self, row: usize, x: &[f64]) -> Result<Vec<i64>> {
         if x.len() != self.quant.len() {
             return Err(ModelError::Shape(format!(
-                "{} features given, the model takes {}",
+                "row {row}: {} features given, the model takes {}",
                 x.len(),
                 self.quant.len()
             )));
         }
+        crate::data::check_row(row, x)?;
         let mut q: Vec<i64> = x
             .iter()
             .zip(&self.quant)
             .map(|(&v, u)| u.quantize(v))
             .collect();
         for w in &self.windows {
-            q.push(w.value(q[w.feature as usize]));
+            let v = q.get(w.feature as usize).copied().ok_or_else(|| {
+                ModelError::InvalidClientSpec(format!(
+                    "a window reads feature {}, the model has {}",
+                    w.feature,
+                    self.quant.len()
+                ))
+            })?;
+            q.push(w.value(v));
         }
         Ok(q)
     }
+
+    /// The largest integer each input ciphertext holds (grid maximum, or the window's).
+    fn max_values(&self) -> impl Iterator<Item = u64> + '_ {
+        let quant = self.quant.iter().map(|u| u.max_q.max(0) as u64);
+        quant.chain(self.windows.iter().map(|_| (WINDOW - 1) as u64))
+    }
+
+    /// Checks what the client relies on to quantize and encrypt: sane grids, windows inside
+    /// their features' grids, and a bounded number of ciphertexts.
+    fn check(&self) -> std::result::Result<(), String> {
+        let n = self.quant.len().saturating_add(self.windows.len());
+        if self.quant.is_empty() || n > MAX_INPUT_VALUES {
+            return Err(format!(
+                "{} features and {} windows; a sample holds 1 to {MAX_INPUT_VALUES} input \
+                 ciphertexts",
+                self.quant.len(),
+                self.windows.len()
+            ));
+        }
+        if let Some((j, u)) = self.quant.iter().enumerate().find(|(_, u)| {
+            let ok = u.scale.is_finite()
+                && u.scale > 0.0
+                && (1..=MAX_GRID).contains(&u.max_q)
+                && (0..=u.max_q).contains(&u.zero);
+            !ok
+        }) {
+            return Err(format!(
+                "feature {j}: grid scale {} zero {} max {} (the scale must be finite and \
+                 positive, the grid 2 to {} values holding its zero)",
+                u.scale,
+                u.zero,
+                u.max_q,
+                MAX_GRID + 1
+            ));
+        }
+        if let Some(w) = self.windows.iter().find(|w| {
+            self.quant
+                .get(w.feature as usize)
+                .is_none_or(|u| !(0..=u.max_q).contains(&w.offset))
+        }) {
+            return Err(format!(
+                "window at offset {} of feature {} lies outside the feature's grid",
+                w.offset, w.feature
+            ));
+        }
+        if self.delta == 0 {
+            return Err("input scale (delta) is 0".into());
+        }
+        Ok(())
+    }
 }
+
+/// Largest grid maximum of an input feature (16-bit grids).
+pub const MAX_GRID: i64 = 1 << 16;
+/// Most input ciphertexts of one sample (features plus windows): a client never encrypts more
+/// per sample, whatever a server's spec says. The CIFAR-size CNN takes 3,072.
+pub const MAX_INPUT_VALUES: usize = 1 << 16;
+/// Most outputs a model decrypts per sample, and most class labels.
+pub const MAX_OUTPUTS: usize = 1 << 16;
+/// Most clear-text tail ops (models have at most 2).
+pub const MAX_TAIL_OPS: usize = 16;
+/// Most stages (bootstrap layers) of a model.
+pub const MAX_STAGES: usize = 1 << 10;
+/// Most lookups (bootstraps) per sample. Each holds a 16 KiB ciphertext while a sample runs,
+/// so this bounds a sample's memory (2 GiB) and work; the CIFAR-size CNN has 53,248.
+pub const MAX_LOOKUPS: usize = 1 << 17;
+/// Most distinct lookup tables of a model: 256 MiB in the file, each expands to a 32 KiB
+/// GLWE accumulator on the server (2 GiB at most).
+pub const MAX_TABLES: usize = 1 << 16;
+/// Most nonzero weights (multiply-accumulates of ciphertexts per sample); the CIFAR-size CNN
+/// has 9.6 million.
+pub const MAX_WEIGHTS: usize = 1 << 26;
+/// Largest accumulator magnitude a linear form may reach (sum of |weight| times the largest
+/// value it reads): the integer pipeline never overflows an i64.
+pub const MAX_ACC: u128 = 1 << 62;
 
 /// How the client turns decrypted accumulators into scores: `score_n = scale_n * acc_n +
 /// offset_n`, where `acc_n = phase_n / delta` (phase read as a signed 64-bit value).
@@ -158,6 +246,28 @@ pub fn output_wire_bytes(count: usize, lwe_size: usize, bits: u32) -> usize {
 pub const OUTPUT_WIRE_HEADER: usize = 28;
 
 impl OutputDecoding {
+    /// Checks the decoding of `n_out` outputs: matching lengths, finite scales and offsets.
+    fn check(&self, n_out: usize) -> std::result::Result<(), String> {
+        if self.delta == 0
+            || !(1..=64).contains(&self.modulus_bits)
+            || self.scale.len() != n_out
+            || self.offset.len() != n_out
+        {
+            return Err(format!(
+                "output decoding: {} scales and {} offsets for {n_out} outputs, delta {}, \
+                 {} bits",
+                self.scale.len(),
+                self.offset.len(),
+                self.delta,
+                self.modulus_bits
+            ));
+        }
+        if !self.scale.iter().chain(&self.offset).all(|v| v.is_finite()) {
+            return Err("output decoding: a scale or offset is not finite".into());
+        }
+        Ok(())
+    }
+
     pub fn scores(&self, accs: &[f64]) -> Vec<f64> {
         accs.iter()
             .zip(self.scale.iter().zip(&self.offset))
@@ -371,9 +481,127 @@ pub struct ClientSpec {
     pub reveal: Reveal,
 }
 
-/// File format: magic, format version (u32 little-endian), then the bincode body.
+/// Checks what a client and a model share beyond the encodings: the input shape, the tail
+/// and the labels for `n_out` outputs.
+fn check_common(
+    input_shape: &[usize],
+    n_features: usize,
+    n_out: usize,
+    tail: &[TailOp],
+    class_labels: Option<&[i64]>,
+    reveal: Reveal,
+) -> std::result::Result<(), String> {
+    let product = input_shape
+        .iter()
+        .try_fold(1usize, |p, &d| p.checked_mul(d));
+    if product != Some(n_features) {
+        return Err(format!(
+            "input shape {input_shape:?} does not match {n_features} input quantizers"
+        ));
+    }
+    if !(1..=MAX_OUTPUTS).contains(&n_out) || tail.len() > MAX_TAIL_OPS {
+        return Err(format!(
+            "{n_out} outputs and {} tail ops (at most {MAX_OUTPUTS} and {MAX_TAIL_OPS})",
+            tail.len()
+        ));
+    }
+    if reveal == Reveal::Label && (n_out != 1 || !tail.is_empty()) {
+        return Err("a label-only model has one output and no tail".into());
+    }
+    if let Some(labels) = class_labels {
+        let n = crate::graph::apply_tail(tail, vec![0.0; n_out]).len();
+        // A label-only output is an index into the labels, whatever their number.
+        if reveal == Reveal::Scores && labels.len() != n
+            || labels.is_empty()
+            || labels.len() > MAX_OUTPUTS
+        {
+            return Err(format!("{} class labels for {n} outputs", labels.len()));
+        }
+    }
+    Ok(())
+}
+
+impl ClientSpec {
+    /// Checks a spec before the client uses it: a spec comes from a server, which must not be
+    /// able to make the client panic or encrypt more than [`MAX_INPUT_VALUES`] per sample.
+    pub fn validate(&self) -> Result<()> {
+        let bad = ModelError::InvalidClientSpec;
+        self.input.check().map_err(bad)?;
+        let n_out = self.output.scale.len();
+        self.output.check(n_out).map_err(bad)?;
+        check_common(
+            &self.input_shape,
+            self.input.quant.len(),
+            n_out,
+            &self.tail,
+            self.class_labels.as_deref(),
+            self.reveal,
+        )
+        .map_err(bad)?;
+        if self.pbs_per_sample > MAX_LOOKUPS {
+            return Err(bad(format!(
+                "{} bootstraps per sample, at most {MAX_LOOKUPS}",
+                self.pbs_per_sample
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// File format: magic, format version (u32 little-endian), the schema hash (32 bytes, see
+/// [`schema_hash`]), then the bincode body.
 const MAGIC: &[u8; 8] = b"VEILMDL\0";
-pub const FORMAT_VERSION: u32 = 4;
+/// Bumped by hand on a format change; the schema hash catches the changes nobody bumped for.
+pub const FORMAT_VERSION: u32 = 5;
+/// Bytes before the body.
+pub const HEADER_BYTES: usize = 8 + 4 + 32;
+
+/// SHA-256 of the body's wire types, traced from [`CompiledModel`] with `serde-reflection`:
+/// every container's name and its fields' names, order and types, every enum's variants, and
+/// the bincode options. Any change to a serialized type changes it, so a file written by
+/// another build of the format is refused instead of misread.
+pub fn schema_hash() -> &'static [u8; 32] {
+    static HASH: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        let registry = schema_registry().expect("the compiled model's types can be traced");
+        let text = serde_json::to_string(&registry).expect("a registry serializes");
+        hash_schema_text(&text)
+    })
+}
+
+/// The traced wire types of [`CompiledModel`] (a sorted map, so its JSON is deterministic).
+pub fn schema_registry() -> std::result::Result<serde_reflection::Registry, String> {
+    use serde_reflection::{Samples, Tracer, TracerConfig};
+    let mut tracer = Tracer::new(TracerConfig::default());
+    let samples = Samples::new();
+    // Enums nested in the model are traced on their own first so that every variant is
+    // seen; `registry` refuses a model with an enum left incomplete.
+    let trace = |t: &mut Tracer| -> serde_reflection::Result<()> {
+        t.trace_simple_type::<ParamSet>()?;
+        t.trace_simple_type::<Task>()?;
+        t.trace_simple_type::<Reveal>()?;
+        t.trace_simple_type::<crate::graph::Rule>()?;
+        t.trace_simple_type::<crate::graph::Activation>()?;
+        t.trace_simple_type::<TailOp>()?;
+        t.trace_type::<CompiledModel>(&samples)?;
+        Ok(())
+    };
+    trace(&mut tracer).map_err(|e| e.to_string())?;
+    tracer.registry().map_err(|e| e.to_string())
+}
+
+/// The schema hash of a registry's JSON text, with the body's encoding named.
+pub fn hash_schema_text(registry_json: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"veil compiled model; bincode 1, fixint, little-endian\n");
+    h.update(registry_json.as_bytes());
+    h.finalize().into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 /// Largest compiled model a reader accepts. Every neuron has a table of its own (its
 /// calibrated range sets its scale), so a CIFAR-size CNN of 53,248 neurons takes 318 MB.
 pub const MAX_MODEL_BYTES: u64 = 1 << 30;
@@ -427,6 +655,7 @@ impl CompiledModel {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(schema_hash());
         // No size limit when writing (`save` refuses what a reader would): plain data
         // always serializes into a Vec.
         out.extend(
@@ -444,14 +673,26 @@ impl CompiledModel {
         if bytes.len() < 12 || &bytes[..8] != MAGIC {
             return Err(bad("not a Veil compiled model (bad magic bytes)".into()));
         }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
         if version != FORMAT_VERSION {
             return Err(bad(format!(
-                "format version {version}; this build reads version {FORMAT_VERSION}"
+                "format version {version}; this build reads version {FORMAT_VERSION}: \
+                 recompile the model with this build's `veil compile`"
+            )));
+        }
+        let hash = bytes
+            .get(12..HEADER_BYTES)
+            .ok_or_else(|| bad("truncated header".into()))?;
+        if hash != schema_hash() {
+            return Err(bad(format!(
+                "written by a different Veil format (schema {}, this build reads {}); \
+                 recompile the model",
+                hex(&hash[..8]),
+                hex(&schema_hash()[..8])
             )));
         }
         let model: CompiledModel = bincode_options()
-            .deserialize(&bytes[12..])
+            .deserialize(&bytes[HEADER_BYTES..])
             .map_err(|e| bad(format!("damaged body: {e}")))?;
         model.validate()?;
         Ok(model)
@@ -459,7 +700,7 @@ impl CompiledModel {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_bytes();
-        if bytes.len() as u64 > MAX_MODEL_BYTES + 12 {
+        if bytes.len() as u64 > MAX_MODEL_BYTES + HEADER_BYTES as u64 {
             return Err(ModelError::InvalidCompiledModel(format!(
                 "the compiled model is {} bytes, more than the {MAX_MODEL_BYTES} a reader \
                  accepts: use fewer or smaller layers",
@@ -476,10 +717,10 @@ impl CompiledModel {
         let f = std::fs::File::open(path)
             .map_err(|e| ModelError::io(format!("opening {}", path.display()), e))?;
         let mut bytes = Vec::new();
-        f.take(MAX_MODEL_BYTES + 13)
+        f.take(MAX_MODEL_BYTES + HEADER_BYTES as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| ModelError::io(format!("reading {}", path.display()), e))?;
-        if bytes.len() as u64 > MAX_MODEL_BYTES + 12 {
+        if bytes.len() as u64 > MAX_MODEL_BYTES + HEADER_BYTES as u64 {
             return Err(ModelError::InvalidCompiledModel(format!(
                 "{} is larger than {MAX_MODEL_BYTES} bytes",
                 path.display()
@@ -488,65 +729,97 @@ impl CompiledModel {
         Self::from_bytes(&bytes)
     }
 
-    /// Checks every size and index the simulator and executor rely on.
+    /// Checks every size and index the simulator and executor rely on, and bounds the work
+    /// and memory a model can ask for ([`MAX_STAGES`], [`MAX_LOOKUPS`], [`MAX_TABLES`],
+    /// [`MAX_WEIGHTS`], [`MAX_ACC`]): a small hostile file cannot expand into gigabytes of
+    /// tables or ciphertexts.
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(ModelError::InvalidCompiledModel(why));
-        let n_features = self.n_features();
-        if n_features == 0 || self.input_shape.iter().product::<usize>() != n_features {
+        if let Err(why) = self.input.check() {
+            return bad(why);
+        }
+        let n_out = self.output.weights.n_out();
+        if let Err(why) = check_common(
+            &self.input_shape,
+            self.n_features(),
+            n_out,
+            &self.tail,
+            self.class_labels.as_deref(),
+            self.reveal,
+        ) {
+            return bad(why);
+        }
+        if self.stages.len() > MAX_STAGES {
             return bad(format!(
-                "input shape {:?} does not match {n_features} input quantizers",
-                self.input_shape
+                "{} stages, at most {MAX_STAGES}",
+                self.stages.len()
             ));
         }
-        let quant_ok = |u: &UniformQuant| {
-            u.scale.is_finite() && u.scale > 0.0 && (1..=1 << 16).contains(&u.max_q)
-        };
-        let window_ok = |w: &InputWindow| {
-            self.input
-                .quant
-                .get(w.feature as usize)
-                .is_some_and(|u| (0..=u.max_q).contains(&w.offset))
-        };
-        if !self.input.quant.iter().all(quant_ok)
-            || !self.input.windows.iter().all(window_ok)
-            || self.input.delta == 0
-        {
-            return bad("invalid input encoding".into());
+        let (mut lookups, mut tables) = (0usize, 0usize);
+        for h in &self.stages {
+            lookups = lookups.saturating_add(h.weights.n_out());
+            tables = tables.saturating_add(h.lut.len() / POSITIONS as usize);
         }
-        let check_matrix = |m: &IntMatrix, n_in: usize, what: &str| -> Result<()> {
+        if lookups > MAX_LOOKUPS || tables > MAX_TABLES {
+            return bad(format!(
+                "{lookups} lookups and {tables} tables, at most {MAX_LOOKUPS} and {MAX_TABLES}"
+            ));
+        }
+        let mut weights = 0usize;
+        // Largest magnitude of each value, for the accumulator bound.
+        let mut max_value: Vec<u64> = self.input.max_values().collect();
+        let mut check_matrix = |m: &IntMatrix, max_value: &[u64], what: &str| -> Result<()> {
+            let n_in = max_value.len();
             if m.n_in as usize != n_in || m.rows.is_empty() {
                 return bad(format!(
                     "{what}: reads {} values, {n_in} are computed before it",
                     m.n_in
                 ));
             }
+            weights = weights.saturating_add(m.nnz());
+            if weights > MAX_WEIGHTS {
+                return bad(format!("more than {MAX_WEIGHTS} weights"));
+            }
             for row in &m.rows {
-                if row
-                    .iter()
-                    .any(|&(c, w)| c as usize >= n_in || w.unsigned_abs() > 1 << 40)
-                {
-                    return bad(format!("{what}: weight index or value out of range"));
+                let mut acc = 0u128;
+                for &(c, w) in row {
+                    let Some(&v) = max_value.get(c as usize) else {
+                        return bad(format!("{what}: weight index out of range"));
+                    };
+                    if w.unsigned_abs() > 1 << 40 {
+                        return bad(format!("{what}: weight {w} out of range"));
+                    }
+                    acc += w.unsigned_abs() as u128 * v as u128;
+                    if acc > MAX_ACC {
+                        return bad(format!(
+                            "{what}: an accumulator can reach more than 2^62 (overflow)"
+                        ));
+                    }
                 }
             }
             Ok(())
         };
-        let mut n_in = self.n_inputs();
-        let mut deltas: Vec<u64> = vec![self.input.delta; n_in];
+        let mut deltas: Vec<u64> = vec![self.input.delta; self.n_inputs()];
         for (l, h) in self.stages.iter().enumerate() {
             let what = format!("stage {l}");
-            check_matrix(&h.weights, n_in, &what)?;
+            check_matrix(&h.weights, &max_value, &what)?;
             let n_out = h.weights.n_out();
+            let n_tables = h.lut.len() / POSITIONS as usize;
             if h.offset.len() != n_out
                 || h.read_sigma.len() != n_out
                 || h.delta_in.len() != n_out
                 || h.delta_out.len() != n_out
                 || h.lut_index.len() != n_out
                 || !h.lut.len().is_multiple_of(POSITIONS as usize)
-                || h.lut_index
-                    .iter()
-                    .any(|&t| (t as usize + 1) * POSITIONS as usize > h.lut.len())
+                || n_tables > n_out
+                || h.lut_index.iter().any(|&t| t as usize >= n_tables)
             {
                 return bad(format!("{what}: per-neuron tables have the wrong length"));
+            }
+            if h.max_acc_width as u128 > MAX_ACC
+                || !h.read_sigma.iter().all(|s| s.is_finite() && *s >= 0.0)
+            {
+                return bad(format!("{what}: accumulator width or noise out of range"));
             }
             for (n, row) in h.weights.rows.iter().enumerate() {
                 if h.delta_out[n] == 0
@@ -557,17 +830,22 @@ impl CompiledModel {
                     return bad(format!("{what}: encoding scales do not match"));
                 }
             }
+            let table_max: Vec<u64> = h
+                .lut
+                .chunks_exact(POSITIONS as usize)
+                .map(|t| t.iter().copied().max().unwrap_or(0) as u64)
+                .collect();
+            max_value.extend(h.lut_index.iter().map(|&t| table_max[t as usize]));
             deltas.extend_from_slice(&h.delta_out);
-            n_in += n_out;
         }
-        check_matrix(&self.output.weights, n_in, "output layer")?;
+        check_matrix(&self.output.weights, &max_value, "output layer")?;
         let d = &self.output.decoding;
-        let n_out = self.output.weights.n_out();
-        if d.delta == 0
-            || !(1..=64).contains(&d.modulus_bits)
-            || d.scale.len() != n_out
-            || d.offset.len() != n_out
-            || self.output.sigma.len() != n_out
+        if let Err(why) = d.check(n_out) {
+            return bad(why);
+        }
+        if self.output.sigma.len() != n_out
+            || !self.output.sigma.iter().all(|s| s.is_finite() && *s >= 0.0)
+            || self.output.max_acc_width as u128 > MAX_ACC
             || self
                 .output
                 .weights
@@ -577,16 +855,6 @@ impl CompiledModel {
                 .any(|&(c, _)| deltas[c as usize] != d.delta)
         {
             return bad("output decoding does not match the output layer".into());
-        }
-        if self.reveal == Reveal::Label && (n_out != 1 || !self.tail.is_empty()) {
-            return bad("a label-only model has one output and no tail".into());
-        }
-        if let Some(labels) = &self.class_labels {
-            let n = crate::graph::apply_tail(&self.tail, vec![0.0; n_out]).len();
-            // A label-only output is an index into the labels, whatever their number.
-            if self.reveal == Reveal::Scores && labels.len() != n || labels.is_empty() {
-                return bad(format!("{} class labels for {n} outputs", labels.len()));
-            }
         }
         Ok(())
     }
@@ -647,4 +915,46 @@ impl CompiledModel {
 /// Bits needed to hold `width + 1` distinct values.
 pub(crate) fn bits(width: u64) -> u32 {
     64 - width.leading_zeros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_is_traced_whole_and_deterministic() {
+        let registry = schema_registry().unwrap();
+        for name in [
+            "CompiledModel",
+            "Stage",
+            "IntMatrix",
+            "InputEncoding",
+            "InputWindow",
+            "UniformQuant",
+            "OutputLayer",
+            "OutputDecoding",
+            "QuantConfig",
+            "NodeCost",
+            "TailOp",
+            "Activation",
+            "Grid",
+            "Rule",
+            "ParamSet",
+            "Task",
+            "Reveal",
+        ] {
+            assert!(
+                registry.contains_key(name),
+                "{name} missing from the schema"
+            );
+        }
+        let text = serde_json::to_string(&registry).unwrap();
+        assert!(text.contains("\"lut_index\"") && text.contains("\"HardSigmoid\""));
+        let again = serde_json::to_string(&schema_registry().unwrap()).unwrap();
+        assert_eq!(text, again);
+        assert_eq!(*schema_hash(), hash_schema_text(&text));
+        // One renamed field changes the hash.
+        let renamed = text.replacen("\"lut_index\"", "\"table_index\"", 1);
+        assert_ne!(hash_schema_text(&renamed), *schema_hash());
+    }
 }

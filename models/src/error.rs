@@ -29,6 +29,21 @@ pub enum ModelError {
     #[error("invalid compiled model: {0}")]
     InvalidCompiledModel(String),
 
+    /// A feature value the client refuses to quantize: NaN, infinite or beyond
+    /// [`crate::data::MAX_FEATURE_ABS`]. `row` and `column` count from 0.
+    #[error("row {row}, column {column}: {value} {why}")]
+    InvalidFeature {
+        row: usize,
+        column: usize,
+        value: f64,
+        why: &'static str,
+    },
+
+    /// A client specification (from a server or a file) that is inconsistent or asks for more
+    /// work than any model Veil compiles.
+    #[error("invalid client spec: {0}")]
+    InvalidClientSpec(String),
+
     /// Inputs that do not fit the model (wrong number of features or ciphertexts).
     #[error("shape mismatch: {0}")]
     Shape(String),

@@ -213,8 +213,10 @@ pub struct Grid {
 impl Grid {
     /// `scale * (clamp(round_half_even(x / scale) + zero, qmin, qmax) - zero)`.
     pub fn fake_quant(&self, x: f64) -> f64 {
+        // max/min, not clamp: a grid from an untrusted spec with qmin > qmax must not panic.
         let q = (round_half_even(x / self.scale) + self.zero as f64)
-            .clamp(self.qmin as f64, self.qmax as f64);
+            .max(self.qmin as f64)
+            .min(self.qmax as f64);
         self.scale * (q - self.zero as f64)
     }
 }
@@ -344,14 +346,12 @@ impl Activation {
             Activation::Compare { rule, threshold } => {
                 f64::from(u8::from(rule.holds(x, threshold)))
             }
-            Activation::Select { base, ref table } => {
-                let i = x.round() as i64 - base;
-                usize::try_from(i)
-                    .ok()
-                    .and_then(|i| table.get(i))
-                    .copied()
-                    .unwrap_or(0.0)
-            }
+            Activation::Select { base, ref table } => (x.round() as i64)
+                .checked_sub(base)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| table.get(i))
+                .copied()
+                .unwrap_or(0.0),
             Activation::Probit => std::f64::consts::SQRT_2 * erf_inv(2.0 * x - 1.0),
         }
     }

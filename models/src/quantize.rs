@@ -105,8 +105,12 @@ impl UniformQuant {
         UniformQuant { scale, zero, max_q }
     }
 
+    /// The grid value nearest `x`. Clamped in floating point, so no `x`, `scale` or `zero`
+    /// can overflow an integer (callers refuse non-finite features first; NaN gives 0).
     pub fn quantize(&self, x: f64) -> i64 {
-        ((x / self.scale).round() as i64 + self.zero).clamp(0, self.max_q)
+        ((x / self.scale).round() + self.zero as f64)
+            .max(0.0)
+            .min(self.max_q.max(0) as f64) as i64
     }
 
     pub fn dequantize(&self, q: i64) -> f64 {
@@ -381,23 +385,6 @@ fn quantize_form(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uniform_quant_round_trips_within_half_a_step() {
-        let q = UniformQuant::from_range(-1.0, 3.0, 8);
-        for i in 0..=100 {
-            let x = -1.0 + 4.0 * i as f64 / 100.0;
-            assert!((q.dequantize(q.quantize(x)) - x).abs() <= q.scale / 2.0 + 1e-12);
-        }
-        assert_eq!(q.dequantize(q.quantize(0.0)), 0.0);
-        assert_eq!(q.quantize(100.0), 255);
-        assert_eq!(q.quantize(-100.0), 0);
-    }
-}
-
 /// Rebalances every product of two computed values before quantization.
 ///
 /// The importer reads `ab` as `(P - M) / 4` with `P = (a + b)^2`, `M = (a - b)^2`. When `a`
@@ -489,4 +476,43 @@ pub fn balance_products(model: &FloatModel, rows: &[Vec<f64>]) -> FloatModel {
         out.outputs.iter_mut().for_each(fix);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_quant_round_trips_within_half_a_step() {
+        let q = UniformQuant::from_range(-1.0, 3.0, 8);
+        for i in 0..=100 {
+            let x = -1.0 + 4.0 * i as f64 / 100.0;
+            assert!((q.dequantize(q.quantize(x)) - x).abs() <= q.scale / 2.0 + 1e-12);
+        }
+        assert_eq!(q.dequantize(q.quantize(0.0)), 0.0);
+        assert_eq!(q.quantize(100.0), 255);
+        assert_eq!(q.quantize(-100.0), 0);
+    }
+
+    #[test]
+    fn extreme_values_and_grids_clamp_without_overflow() {
+        let q = UniformQuant::from_range(-1.0, 3.0, 8);
+        assert_eq!(q.quantize(1e300), 255);
+        assert_eq!(q.quantize(-1e300), 0);
+        assert_eq!(q.quantize(f64::NAN), 0);
+        // A hostile grid: the old `round() as i64 + zero` overflowed here.
+        let h = UniformQuant {
+            scale: 1e-300,
+            zero: i64::MAX,
+            max_q: 15,
+        };
+        assert_eq!(h.quantize(1e30), 15);
+        assert_eq!(h.quantize(-1e30), 0);
+        let h = UniformQuant {
+            scale: 1.0,
+            zero: i64::MIN,
+            max_q: -3,
+        };
+        assert_eq!(h.quantize(5.0), 0);
+    }
 }

@@ -199,3 +199,123 @@ fn csv_with_wrong_column_count_names_the_line() {
     let err = veil_models::data::read_csv(&path, 64, Labels::Required).unwrap_err();
     assert!(err.to_string().contains("line 1"), "{err}");
 }
+
+#[test]
+fn nan_infinite_and_huge_features_are_refused_naming_row_and_column() {
+    let (_, model) = compiled("iris_logreg");
+    let spec = model.client_spec();
+    let x = vec![1.0, 2.0, 3.0, 4.0];
+    spec.input.quantize(&x).unwrap();
+    for (v, why) in [
+        (f64::NAN, "NaN"),
+        (f64::INFINITY, "infinite"),
+        (-1.5e30, "beyond"),
+    ] {
+        let mut bad = x.clone();
+        bad[2] = v;
+        let e = spec.input.quantize_row(5, &bad).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ModelError::InvalidFeature {
+                    row: 5,
+                    column: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("row 5, column 2: ") && e.to_string().contains(why));
+        let e = model.simulate(&bad, None).unwrap_err();
+        assert!(
+            matches!(e, ModelError::InvalidFeature { column: 2, .. }),
+            "{e}"
+        );
+    }
+    // The bound itself quantizes (to the grid's end).
+    let mut edge = x.clone();
+    edge[0] = 1e30;
+    let q = spec.input.quantize(&edge).unwrap();
+    assert_eq!(q[0], spec.input.quant[0].max_q);
+}
+
+#[test]
+fn a_hostile_client_spec_is_refused_not_obeyed() {
+    let (_, model) = compiled("iris_logreg");
+    let good = model.client_spec();
+    good.validate().unwrap();
+    let refused = |f: &dyn Fn(&mut veil_models::ClientSpec), want: &str| {
+        let mut s = good.clone();
+        f(&mut s);
+        let e = s.validate().unwrap_err();
+        assert!(matches!(e, ModelError::InvalidClientSpec(_)), "{e}");
+        assert!(e.to_string().contains(want), "{want}: {e}");
+    };
+    use veil_models::compiled::InputWindow;
+    refused(
+        &|s| s.input.quant[1].scale = f64::NAN,
+        "feature 1: grid scale NaN",
+    );
+    refused(&|s| s.input.quant[1].scale = 0.0, "finite and positive");
+    refused(&|s| s.input.quant[1].scale = -1.0, "finite and positive");
+    refused(&|s| s.input.quant[0].zero = i64::MAX, "holding its zero");
+    refused(&|s| s.input.quant[0].max_q = 1 << 40, "feature 0");
+    refused(
+        &|s| {
+            s.input.windows.push(InputWindow {
+                feature: 9,
+                offset: 0,
+            })
+        },
+        "window at offset 0 of feature 9",
+    );
+    refused(
+        &|s| {
+            s.input.windows.push(InputWindow {
+                feature: 0,
+                offset: -3,
+            })
+        },
+        "outside the feature's grid",
+    );
+    // Millions of windows would have the client encrypt millions of values per sample.
+    refused(
+        &|s| {
+            s.input.windows = vec![
+                InputWindow {
+                    feature: 0,
+                    offset: 0
+                };
+                1 << 20
+            ]
+        },
+        "input ciphertexts",
+    );
+    refused(&|s| s.input.delta = 0, "delta");
+    refused(&|s| s.input_shape = vec![usize::MAX, 2], "input shape");
+    refused(&|s| s.input_shape = vec![5], "input shape");
+    refused(&|s| s.output.scale.push(1.0), "output decoding");
+    refused(&|s| s.output.offset[0] = f64::INFINITY, "not finite");
+    refused(&|s| s.output.modulus_bits = 65, "output decoding");
+    refused(
+        &|s| {
+            s.output.scale = vec![1.0; 1 << 17];
+            s.output.offset = vec![0.0; 1 << 17];
+        },
+        "131072 outputs",
+    );
+    refused(
+        &|s| s.tail = vec![veil_models::graph::TailOp::Softmax; 1000],
+        "tail ops",
+    );
+    refused(&|s| s.class_labels = Some(vec![0; 7]), "7 class labels");
+    refused(&|s| s.pbs_per_sample = usize::MAX, "bootstraps per sample");
+    // An unvalidated spec still never panics: a window naming a missing feature is an error.
+    let mut s = good.clone();
+    s.input.windows.push(InputWindow {
+        feature: 9,
+        offset: 0,
+    });
+    let e = s.input.quantize(&[0.0; 4]).unwrap_err();
+    assert!(matches!(e, ModelError::InvalidClientSpec(_)), "{e}");
+}

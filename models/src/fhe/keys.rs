@@ -87,7 +87,8 @@ impl ClientKey {
         self.encrypt_quantized(spec, &q)
     }
 
-    /// Encrypts already quantized inputs `q_j` as `q_j * delta`.
+    /// Encrypts already quantized inputs `q_j` as `q_j * delta`, as given: no count or range
+    /// check (tests use it to send malformed samples); [`Self::encrypt`] is the checked path.
     pub fn encrypt_quantized(&self, spec: &ClientSpec, q: &[i64]) -> Result<super::EncryptedInput> {
         self.check_params(spec)?;
         let plain: Vec<u64> = q
