@@ -15,7 +15,9 @@ use crate::compiled::{
     WINDOW_STRIDE, bits, switch_sigma_positions,
 };
 use crate::error::{ModelError, Result};
-use crate::graph::{Activation, FloatModel, Rule, Task, UFn};
+use crate::graph::{
+    Activation, FloatModel, LABEL_ORIGIN, OutputGrid, Reveal, Rule, Task, UFn,
+};
 use crate::quantize::{QuantConfig, QuantLin, QuantModel, balance_products, quantize};
 
 /// Compiles a float model: quantizes it on `calibration`, then plans its FHE encoding.
@@ -51,7 +53,10 @@ pub fn compile(
     let held: Vec<&Vec<f64>> = calibration.iter().step_by(5).collect();
     let step = held.len().div_ceil(256).max(1);
     let rows: Vec<&Vec<f64>> = held.into_iter().step_by(step).collect();
-    let float: Vec<crate::eval::Prediction> = rows.iter().map(|x| model.predict(x)).collect();
+    let float: Vec<crate::eval::Prediction> = rows
+        .iter()
+        .map(|x| model.predict(x))
+        .collect::<Result<_>>()?;
     // Classifiers: rows whose class agrees with the float model's. Regressors: minus the
     // squared error against the float outputs. A row that overflows counts as a miss.
     let score = |m: &CompiledModel| -> f64 {
@@ -61,9 +66,8 @@ pub fn compile(
                 let mut rng = crate::simulate::NoiseRng::new(seed);
                 rows.iter()
                     .zip(&float)
-                    .map(|(x, f)| match m.simulate(x, Some(&mut rng)) {
-                        Ok(s) if s.overflows == 0 => {
-                            let p = m.decode(&s.accs);
+                    .map(|(x, f)| match m.simulate(x, Some(&mut rng)).map(|s| (s.overflows, m.decode(&s.accs))) {
+                        Ok((0, Ok(p))) => {
                             match model.task {
                                 Task::Classification => f64::from(u8::from(p.label == f.label)),
                                 Task::Regression => -p
@@ -236,6 +240,7 @@ fn plan(
         exact_read[i] = true;
     }
     let n_inputs = nf + windows.len();
+    check_label_exact(model, q, &exact_read)?;
 
     // Torus scale groups.
     let mut groups = Groups((0..n_atoms).collect());
@@ -474,6 +479,35 @@ fn plan(
     }
     compiled.validate()?;
     Ok(compiled)
+}
+
+/// A label model's argmax must not misread: after the one read of each score onto the label
+/// grid, every lookup of the argmax reads a small exact integer at box centres, and the output
+/// sums exact bits with exact weights. Anything else is refused here rather than decoded
+/// into a wrong class.
+fn check_label_exact(model: &FloatModel, q: &QuantModel, exact_read: &[bool]) -> Result<()> {
+    if model.reveal != Reveal::Label {
+        return Ok(());
+    }
+    for (i, l) in model.lookups.iter().enumerate() {
+        let score_read = matches!(l.grid, OutputGrid::LabelScores(_)) && !l.decision;
+        let single_score = matches!(&*l.func, UFn::Affine(_, _, f) if matches!(**f, UFn::Predict(_)));
+        if &*l.origin == LABEL_ORIGIN && !score_read && !single_score && !exact_read[i] {
+            let (lo, hi) = q.lookups[i].bounds(&q.atoms);
+            return Err(ModelError::Plan(format!(
+                "label output: argmax lookup {i} reads {} values ({lo}..={hi}, exact weights: {});                  one bootstrap reads at most {WINDOW} exactly",
+                hi - lo + 1,
+                q.lookups[i].exact
+            )));
+        }
+    }
+    if let Some(o) = q.outputs.iter().find(|o| !o.exact) {
+        return Err(ModelError::Plan(format!(
+            "label output: the class index's weights {:?} cannot be kept exact",
+            o.terms.iter().map(|t| t.1).collect::<Vec<_>>()
+        )));
+    }
+    Ok(())
 }
 
 /// Lookup `i`'s output for each grid value `q` of input feature `a` (its form is `w * q`).

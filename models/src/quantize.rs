@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::graph::{Activation, FloatModel, Lin, OutputGrid, UFn};
+use crate::graph::{Activation, FloatModel, LABEL_LEVELS, Lin, OutputGrid, Reveal, UFn};
 
 /// Bits of a [`OutputGrid::Summed`] grid. Its values reach the client through sums it
 /// decrypts, with no bootstrap to fit, so the grid can be much finer than an activation's; the
@@ -190,10 +190,23 @@ pub fn quantize(
             bad.len()
         )));
     }
-    // Float range of every atom.
+    // Float range of every atom; per label-score group, the lowest and highest top score.
     let mut range = vec![(f64::INFINITY, f64::NEG_INFINITY); model.n_atoms()];
+    let mut top: HashMap<u32, (f64, f64)> = HashMap::new();
     for x in calibration {
-        for (r, v) in range.iter_mut().zip(model.atoms(x)) {
+        let atoms = model.atoms(x);
+        let mut row_top: HashMap<u32, f64> = HashMap::new();
+        for (i, l) in model.lookups.iter().enumerate() {
+            if let OutputGrid::LabelScores(g) = l.grid {
+                let t = row_top.entry(g).or_insert(f64::NEG_INFINITY);
+                *t = t.max(atoms[nf + i]);
+            }
+        }
+        for (g, t) in row_top {
+            let r = top.entry(g).or_insert((f64::INFINITY, f64::NEG_INFINITY));
+            *r = (r.0.min(t), r.1.max(t));
+        }
+        for (r, v) in range.iter_mut().zip(atoms) {
             r.0 = r.0.min(v);
             r.1 = r.1.max(v);
         }
@@ -250,6 +263,10 @@ pub fn quantize(
                 UniformQuant::from_range(lo, hi, SUMMED_BITS)
             }
             OutputGrid::Fixed(g) => coarse(g),
+            OutputGrid::LabelScores(g) => {
+                let (lo, hi) = top[g];
+                label_grid(lo, hi, cfg.range_margin)
+            }
             OutputGrid::DifferenceOfInputs => {
                 difference_grid(&l.input, &atoms).unwrap_or(calibrated)
             }
@@ -264,13 +281,27 @@ pub fn quantize(
     let outputs = model
         .outputs
         .iter()
-        .map(|o| quantize_form(o, &atoms, nf, cfg, false))
+        // A label's output sums exact bits with exact weights.
+        .map(|o| quantize_form(o, &atoms, nf, cfg, model.reveal == Reveal::Label))
         .collect();
     Ok(QuantModel {
         atoms,
         lookups,
         outputs,
     })
+}
+
+/// The label scores' grid: [`LABEL_LEVELS`] levels over `[lo, hi]` widened by `margin` of its
+/// width each side; `lo` need not be 0 (the zero point may lie off the grid).
+pub fn label_grid(lo: f64, hi: f64, margin: f64) -> UniformQuant {
+    let w = (hi - lo).max(1e-9);
+    let (lo, hi) = (lo - margin * w, hi + margin * w);
+    let scale = (hi - lo) / (LABEL_LEVELS - 1) as f64;
+    UniformQuant {
+        scale,
+        zero: (-lo / scale).round() as i64,
+        max_q: LABEL_LEVELS - 1,
+    }
 }
 
 /// The grid of `relu(b - a)` inside a pairwise maximum: when every atom of the difference

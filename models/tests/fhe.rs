@@ -106,7 +106,7 @@ fn encrypted_runs_agree_with_simulation() {
                     assert_eq!(e.round(), *s, "{name}");
                 }
             }
-            if spec.decode(&accs).label == model.decode(&sim.accs).label {
+            if spec.decode(&accs).unwrap().label == model.decode(&sim.accs).unwrap().label {
                 agree += 1;
             }
         }
@@ -158,7 +158,7 @@ fn graph_models_encrypted_agree_with_simulation() {
                 worst = worst.max((e - s).abs() / spread);
             }
             assert_within_predicted_noise(name, &model, x, &accs, &sim.accs);
-            agree += usize::from(spec.decode(&accs).label == model.decode(&sim.accs).label);
+            agree += usize::from(spec.decode(&accs).unwrap().label == model.decode(&sim.accs).unwrap().label);
         }
         eprintln!(
             "{name}: {agree}/{rows} encrypted predictions equal the simulation's; largest score \
@@ -316,9 +316,9 @@ fn label_models_encrypted_give_the_scores_argmax() {
             let idx = spec.output.scores(&accs)[0];
             assert!((idx - idx.round()).abs() < 0.25, "{name}: index {idx}");
             let sim = model.simulate(x, None).unwrap();
-            let got = spec.decode(&accs).label;
-            agree += usize::from(got == model.decode(&sim.accs).label);
-            let want = scores.decode(&scores.simulate(x, None).unwrap().accs).label;
+            let got = spec.decode(&accs).unwrap().label;
+            agree += usize::from(got == model.decode(&sim.accs).unwrap().label);
+            let want = scores.decode(&scores.simulate(x, None).unwrap().accs).unwrap().label;
             argmax += usize::from(got == want);
         }
         eprintln!(

@@ -70,14 +70,14 @@ fn label_models_agree_with_the_scores_argmax() {
         let (mut agree, mut noisy_agree, mut float_agree, mut overflows) = (0, 0, 0, 0);
         let mut rng = NoiseRng::new(5);
         for x in &test.features {
-            let want = scores.decode(&scores.simulate(x, None).unwrap().accs).label;
+            let want = scores.decode(&scores.simulate(x, None).unwrap().accs).unwrap().label;
             let sim = label.simulate(x, None).unwrap();
             overflows += sim.overflows;
-            let got = label.decode(&sim.accs).label;
+            let got = label.decode(&sim.accs).unwrap().label;
             agree += usize::from(got == want);
             let noisy = label.simulate(x, Some(&mut rng)).unwrap();
-            noisy_agree += usize::from(label.decode(&noisy.accs).label == want);
-            float_agree += usize::from(label_float.predict(x).label == float.predict(x).label);
+            noisy_agree += usize::from(label.decode(&noisy.accs).unwrap().label == want);
+            float_agree += usize::from(label_float.predict(x).unwrap().label == float.predict(x).unwrap().label);
             // The index is an exact small integer: the output reads it without rounding.
             let idx = label.output.decoding.scores(&sim.accs)[0];
             assert!(

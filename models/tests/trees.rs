@@ -54,7 +54,7 @@ fn tree_and_regression_models_match_onnxruntime_on_every_test_row() {
                         want[i]
                     );
                 }
-                assert_eq!(model.predict(x).label, labels[i], "{name} row {i}");
+                assert_eq!(model.predict(x).unwrap().label, labels[i], "{name} row {i}");
             }
         }
     }
@@ -205,7 +205,7 @@ fn tree_fixtures_simulate_exactly() {
         for (x, want) in inputs.iter().zip(&outputs) {
             let sim = model.simulate(x, None).unwrap();
             assert_eq!(sim.overflows, 0, "{name}");
-            let got = model.decode(&sim.accs).outputs;
+            let got = model.decode(&sim.accs).unwrap().outputs;
             for (g, w) in got.iter().zip(want) {
                 assert!(
                     (g - w).abs() < 5e-3 * (1.0 + w.abs()),

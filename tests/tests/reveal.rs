@@ -65,7 +65,7 @@ async fn label_only_and_scores_models_and_stale_digests() {
         assert!(o.len() <= 10 * 8_200, "{} bytes for 10 outputs", o.len());
         let accs = s_remote.decrypt_accs(&keys, o).unwrap();
         check_sample_against_simulation(&scores, x, &accs);
-        s_labels.push(s_remote.spec.decode(&accs).label);
+        s_labels.push(s_remote.spec.decode(&accs).unwrap().label);
     }
 
     // Label only: one ciphertext of at most 4 KB that decrypts to the class index.
@@ -86,7 +86,7 @@ async fn label_only_and_scores_models_and_stale_digests() {
         assert!(o.len() <= 4096, "{} bytes", o.len());
         let decoded = l_remote.decrypt(&keys, o).unwrap();
         let sim = label.simulate(x, None).unwrap();
-        assert_eq!(decoded.label, label.decode(&sim.accs).label);
+        assert_eq!(decoded.label, label.decode(&sim.accs).unwrap().label);
         assert_eq!(decoded.label, p.label);
     }
     let agree = l_predictions
