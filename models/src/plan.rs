@@ -179,7 +179,8 @@ fn plan(
     let ranges: Vec<(i64, i64)> = acc_range
         .iter()
         .zip(&q.lookups)
-        .map(|(&(lo, hi), ql)| {
+        .zip(&model.lookups)
+        .map(|((&(lo, hi), ql), l)| {
             let (tlo, thi) = ql.bounds(&q.atoms);
             // 16 positions per integer keeps a read exact with the measured noise.
             if ql.exact && (thi - tlo) * 16 <= POSITIONS - 2 * GUARD {
@@ -187,6 +188,10 @@ fn plan(
             }
             let margin = if ql.exact {
                 cfg.range_margin.max(0.3)
+            } else if matches!(l.grid, OutputGrid::LabelScores(_)) {
+                // Only the top of a label score's range matters, but a score past the window
+                // would wrap around the torus and read as a large level.
+                cfg.range_margin.max(0.5)
             } else {
                 cfg.range_margin
             };

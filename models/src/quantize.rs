@@ -352,23 +352,31 @@ fn quantize_form(
     let t = if t > 0.0 { t } else { 1.0 };
     // Weights that are already small integer multiples of one unit (a difference of values
     // on one grid, a sum pooled by MaxPool) keep that unit: exact, and as narrow as can be.
-    let unit = folded
+    let smallest = folded
         .iter()
         .map(|t| t.1.abs())
         .fold(f64::INFINITY, f64::min);
-    let exact_unit = unit.is_finite()
-        && (unit >= t || decision)
-        && folded.iter().all(|&(_, v)| {
-            let r = v / unit;
-            (r - r.round()).abs() < 1e-9
-                && r.abs()
-                    <= if decision {
-                        1024.0
-                    } else {
-                        w_max(cfg.first_weight_bits)
-                    }
-        });
-    let t = if exact_unit { unit } else { t };
+    let exact_with = |unit: f64| {
+        unit.is_finite()
+            && (unit >= t || decision)
+            && folded.iter().all(|&(_, v)| {
+                let r = v / unit;
+                (r - r.round()).abs() < 1e-9
+                    && r.abs()
+                        <= if decision {
+                            1024.0
+                        } else {
+                            w_max(cfg.first_weight_bits)
+                        }
+            })
+    };
+    // A decision may also take a fraction of its smallest weight as unit (weights 3 and 2).
+    let fractions = if decision { 8 } else { 1 };
+    let unit = (1..=fractions)
+        .map(|n| smallest / n as f64)
+        .find(|&u| exact_with(u));
+    let exact_unit = unit.is_some();
+    let t = unit.unwrap_or(t);
     let terms: Vec<(u32, i64)> = folded
         .iter()
         .map(|&(a, v)| (a, (v / t).round() as i64))
