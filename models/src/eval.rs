@@ -191,7 +191,10 @@ impl CompiledModel {
     ) -> crate::Result<Vec<Prediction>> {
         let mut rng = noise_seed.map(crate::simulate::NoiseRng::new);
         xs.iter()
-            .map(|x| self.simulate(x, rng.as_mut()).and_then(|s| self.decode(&s.accs)))
+            .map(|x| {
+                self.simulate(x, rng.as_mut())
+                    .and_then(|s| self.decode(&s.accs))
+            })
             .collect()
     }
 

@@ -739,8 +739,20 @@ impl FloatModel {
         let (bits, check) = if k == 1 {
             let tail: Arc<[TailOp]> = self.tail.clone().into();
             let p = Arc::new(UFn::Predict(tail));
-            let b = push(&mut self, outputs[0].clone(), UFn::Affine(1.0, 0.0, p.clone()), bit.clone(), false);
-            let nb = push(&mut self, outputs[0].clone(), UFn::Affine(-1.0, 1.0, p), bit.clone(), false);
+            let b = push(
+                &mut self,
+                outputs[0].clone(),
+                UFn::Affine(1.0, 0.0, p.clone()),
+                bit.clone(),
+                false,
+            );
+            let nb = push(
+                &mut self,
+                outputs[0].clone(),
+                UFn::Affine(-1.0, 1.0, p),
+                bit.clone(),
+                false,
+            );
             let check = Lin::combine([(1.0, &b), (1.0, &nb)], -1.0);
             (vec![b], check)
         } else {
@@ -768,8 +780,16 @@ impl FloatModel {
                 .iter()
                 .enumerate()
                 .map(|(i, o)| Node {
-                    level: push(&mut self, o.clone(), (*f).clone(), OutputGrid::LabelScores(0), false),
-                    bits: (0..n_bits).map(|j| Lin::constant(((i >> j) & 1) as f64)).collect(),
+                    level: push(
+                        &mut self,
+                        o.clone(),
+                        (*f).clone(),
+                        OutputGrid::LabelScores(0),
+                        false,
+                    ),
+                    bits: (0..n_bits)
+                        .map(|j| Lin::constant(((i >> j) & 1) as f64))
+                        .collect(),
                 })
                 .collect();
             let (a, b) = bracket(&mut self, &leaves);
@@ -789,7 +809,8 @@ impl FloatModel {
             .collect();
         self.outputs = vec![Lin::combine(parts, 0.0)];
         // The client bounds the index by the classes, which catches a check of +1.
-        self.class_labels.get_or_insert_with(|| (0..k.max(2) as i64).collect());
+        self.class_labels
+            .get_or_insert_with(|| (0..k.max(2) as i64).collect());
         self.tail = Vec::new();
         self.reveal = Reveal::Label;
         Ok(self)
@@ -807,7 +828,13 @@ struct Node {
 }
 
 /// Appends one lookup of the argmax; returns its atom.
-fn label_lookup(m: &mut FloatModel, input: Lin, func: UFn, grid: OutputGrid, decision: bool) -> Lin {
+fn label_lookup(
+    m: &mut FloatModel,
+    input: Lin,
+    func: UFn,
+    grid: OutputGrid,
+    decision: bool,
+) -> Lin {
     m.lookups.push(Lookup {
         input,
         func: Arc::new(func),
@@ -1019,7 +1046,8 @@ mod tests {
         };
         let three = scores_model(3, vec![TailOp::Softmax]);
         let label = three.clone().with_reveal(Reveal::Label).unwrap();
-        assert_eq!(label.lookups.len(), 3 + 3);
+        // 3 grid reads, one inner match (w, relu, level), the final w and its check, one bit.
+        assert_eq!(label.lookups.len(), 3 + 3 + 2 + 1);
         for x in [
             [1.0, 1.0, 0.0],
             [0.0, 2.0, 2.0],
@@ -1027,18 +1055,30 @@ mod tests {
             [-1.0, -2.0, -0.5],
             [5.0, 5.0, 5.0],
         ] {
-            assert_eq!(label.predict(&x).unwrap().label, three.predict(&x).unwrap().label, "{x:?}");
+            assert_eq!(
+                label.predict(&x).unwrap().label,
+                three.predict(&x).unwrap().label,
+                "{x:?}"
+            );
         }
         let two = scores_model(2, vec![]);
         let label = two.clone().with_reveal(Reveal::Label).unwrap();
-        assert_eq!(label.lookups.len(), 1);
+        assert_eq!(label.lookups.len(), 2 + 2);
         for x in [[1.0, 1.0], [0.5, 1.0], [2.0, -1.0]] {
-            assert_eq!(label.predict(&x).unwrap().label, two.predict(&x).unwrap().label, "{x:?}");
+            assert_eq!(
+                label.predict(&x).unwrap().label,
+                two.predict(&x).unwrap().label,
+                "{x:?}"
+            );
         }
         let one = scores_model(1, vec![TailOp::BinaryScores, TailOp::Softmax]);
         let label = one.clone().with_reveal(Reveal::Label).unwrap();
         for x in [[0.0], [0.1], [-0.1]] {
-            assert_eq!(label.predict(&x).unwrap().label, one.predict(&x).unwrap().label, "{x:?}");
+            assert_eq!(
+                label.predict(&x).unwrap().label,
+                one.predict(&x).unwrap().label,
+                "{x:?}"
+            );
         }
         // A tail that could reorder the scores is refused, not silently wrong.
         let abs = scores_model(3, vec![TailOp::Activation(Activation::Abs)]);

@@ -15,9 +15,7 @@ use crate::compiled::{
     WINDOW_STRIDE, bits, switch_sigma_positions,
 };
 use crate::error::{ModelError, Result};
-use crate::graph::{
-    Activation, FloatModel, LABEL_ORIGIN, OutputGrid, Reveal, Rule, Task, UFn,
-};
+use crate::graph::{Activation, FloatModel, LABEL_ORIGIN, OutputGrid, Reveal, Rule, Task, UFn};
 use crate::quantize::{QuantConfig, QuantLin, QuantModel, balance_products, quantize};
 
 /// Compiles a float model: quantizes it on `calibration`, then plans its FHE encoding.
@@ -66,9 +64,12 @@ pub fn compile(
                 let mut rng = crate::simulate::NoiseRng::new(seed);
                 rows.iter()
                     .zip(&float)
-                    .map(|(x, f)| match m.simulate(x, Some(&mut rng)).map(|s| (s.overflows, m.decode(&s.accs))) {
-                        Ok((0, Ok(p))) => {
-                            match model.task {
+                    .map(|(x, f)| {
+                        match m
+                            .simulate(x, Some(&mut rng))
+                            .map(|s| (s.overflows, m.decode(&s.accs)))
+                        {
+                            Ok((0, Ok(p))) => match model.task {
                                 Task::Classification => f64::from(u8::from(p.label == f.label)),
                                 Task::Regression => -p
                                     .outputs
@@ -76,12 +77,12 @@ pub fn compile(
                                     .zip(&f.outputs)
                                     .map(|(a, b)| (a - b).powi(2))
                                     .sum::<f64>(),
-                            }
+                            },
+                            _ => match model.task {
+                                Task::Classification => 0.0,
+                                Task::Regression => -1e30,
+                            },
                         }
-                        _ => match model.task {
-                            Task::Classification => 0.0,
-                            Task::Regression => -1e30,
-                        },
                     })
                     .sum::<f64>()
             })
@@ -496,7 +497,8 @@ fn check_label_exact(model: &FloatModel, q: &QuantModel, exact_read: &[bool]) ->
     }
     for (i, l) in model.lookups.iter().enumerate() {
         let score_read = matches!(l.grid, OutputGrid::LabelScores(_)) && !l.decision;
-        let single_score = matches!(&*l.func, UFn::Affine(_, _, f) if matches!(**f, UFn::Predict(_)));
+        let single_score =
+            matches!(&*l.func, UFn::Affine(_, _, f) if matches!(**f, UFn::Predict(_)));
         if &*l.origin == LABEL_ORIGIN && !score_read && !single_score && !exact_read[i] {
             let (lo, hi) = q.lookups[i].bounds(&q.atoms);
             return Err(ModelError::Plan(format!(

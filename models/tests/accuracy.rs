@@ -32,7 +32,10 @@ fn simulated_accuracy_is_within_1_5_points_of_float() {
             sims.iter().all(|s| s.overflows == 0),
             "{name}: overflow on the test set"
         );
-        let sim: Vec<i64> = sims.iter().map(|s| model.decode(&s.accs).unwrap().label).collect();
+        let sim: Vec<i64> = sims
+            .iter()
+            .map(|s| model.decode(&s.accs).unwrap().label)
+            .collect();
         let sim_acc = accuracy(&sim, &labels);
         assert!(
             sim_acc >= float_acc - 0.015,
@@ -45,7 +48,8 @@ fn simulated_accuracy_is_within_1_5_points_of_float() {
             .iter()
             .map(|x| {
                 model
-                    .decode(&model.simulate(x, Some(&mut rng)).unwrap().accs).unwrap()
+                    .decode(&model.simulate(x, Some(&mut rng)).unwrap().accs)
+                    .unwrap()
                     .label
             })
             .collect();

@@ -158,7 +158,9 @@ fn graph_models_encrypted_agree_with_simulation() {
                 worst = worst.max((e - s).abs() / spread);
             }
             assert_within_predicted_noise(name, &model, x, &accs, &sim.accs);
-            agree += usize::from(spec.decode(&accs).unwrap().label == model.decode(&sim.accs).unwrap().label);
+            agree += usize::from(
+                spec.decode(&accs).unwrap().label == model.decode(&sim.accs).unwrap().label,
+            );
         }
         eprintln!(
             "{name}: {agree}/{rows} encrypted predictions equal the simulation's; largest score \
@@ -318,7 +320,10 @@ fn label_models_encrypted_give_the_scores_argmax() {
             let sim = model.simulate(x, None).unwrap();
             let got = spec.decode(&accs).unwrap().label;
             agree += usize::from(got == model.decode(&sim.accs).unwrap().label);
-            let want = scores.decode(&scores.simulate(x, None).unwrap().accs).unwrap().label;
+            let want = scores
+                .decode(&scores.simulate(x, None).unwrap().accs)
+                .unwrap()
+                .label;
             argmax += usize::from(got == want);
         }
         eprintln!(

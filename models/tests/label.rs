@@ -92,7 +92,11 @@ fn label_is_the_argmax_of_the_quantized_scores() {
                 assert_eq!(model.simulate(x, None).unwrap().overflows, 0, "K = {k}");
                 assert!(levels.iter().all(|&l| (0..LABEL_LEVELS).contains(&l)));
                 let got = label_of(&model, x);
-                assert_eq!(got, argmax(levels) as i64, "K = {k}, {bits} bits: {levels:?}");
+                assert_eq!(
+                    got,
+                    argmax(levels) as i64,
+                    "K = {k}, {bits} bits: {levels:?}"
+                );
                 assert_eq!(
                     label_float.predict(x).unwrap().label,
                     float.predict(x).unwrap().label,
@@ -193,7 +197,10 @@ fn encrypted_100_class_label_equals_the_simulation() {
     let server = ServerKey::from_compressed(model.params, &client.compressed_server_key()).unwrap();
     let backend = CpuBackend::new(&server);
     let xs = rows(20, 8);
-    let inputs: Vec<_> = xs.iter().map(|x| client.encrypt(&spec, x).unwrap()).collect();
+    let inputs: Vec<_> = xs
+        .iter()
+        .map(|x| client.encrypt(&spec, x).unwrap())
+        .collect();
     let fhe = FheModel::new(model.clone()).unwrap();
     let outputs = fhe.evaluate(&backend, &inputs).unwrap();
     let mut agree = 0;

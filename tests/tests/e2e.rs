@@ -122,7 +122,10 @@ async fn encrypted_inference_over_grpc_and_keys_survive_restarts() {
         .iter()
         .map(|o| remote.decrypt_accs(&keys, o).unwrap())
         .collect();
-    let labels: Vec<i64> = accs.iter().map(|a| remote.spec.decode(a).unwrap().label).collect();
+    let labels: Vec<i64> = accs
+        .iter()
+        .map(|a| remote.spec.decode(a).unwrap().label)
+        .collect();
     check_against_simulation(&model, xs, &accs, &labels);
 
     // Health and listing stay responsive while the server evaluates a batch: they answer
