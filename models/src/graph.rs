@@ -800,6 +800,20 @@ impl FloatModel {
             let bits = choose_bits(&mut self, &a, &b, &w);
             (bits, Lin::combine([(1.0, &w), (1.0, &w2)], -1.0))
         };
+        // Copies of the bits and the check that only the output reads: their torus scale is
+        // then the output's, large, rather than the 8-value reads' (whose scale left the
+        // weighted bits' noise near a third of a unit).
+        let copy = |m: &mut FloatModel, l: &Lin, qmax: i64| {
+            let grid = OutputGrid::Fixed(Grid {
+                scale: 1.0,
+                zero: 0,
+                qmin: 0,
+                qmax,
+            });
+            label_lookup(m, l.clone(), UFn::X, grid, true)
+        };
+        let bits: Vec<Lin> = bits.iter().map(|b| copy(&mut self, b, 1)).collect();
+        let check = copy(&mut self, &check.scaled(1.0, 1.0), 2).scaled(1.0, -1.0);
         let n = bits.len() as i32;
         let parts: Vec<(f64, &Lin)> = bits
             .iter()
@@ -1047,7 +1061,7 @@ mod tests {
         let three = scores_model(3, vec![TailOp::Softmax]);
         let label = three.clone().with_reveal(Reveal::Label).unwrap();
         // 3 grid reads, one inner match (w, relu, level), the final w and its check, one bit.
-        assert_eq!(label.lookups.len(), 3 + 3 + 2 + 1);
+        assert_eq!(label.lookups.len(), 3 + 3 + 2 + 1 + 3);
         for x in [
             [1.0, 1.0, 0.0],
             [0.0, 2.0, 2.0],
@@ -1063,7 +1077,7 @@ mod tests {
         }
         let two = scores_model(2, vec![]);
         let label = two.clone().with_reveal(Reveal::Label).unwrap();
-        assert_eq!(label.lookups.len(), 2 + 2);
+        assert_eq!(label.lookups.len(), 2 + 2 + 2);
         for x in [[1.0, 1.0], [0.5, 1.0], [2.0, -1.0]] {
             assert_eq!(
                 label.predict(&x).unwrap().label,
