@@ -716,17 +716,23 @@ impl FloatModel {
     /// on the scores, so the one output decrypts to the predicted class index.
     ///
     /// Each score is read once onto one shared grid of [`LABEL_LEVELS`] levels
-    /// ([`OutputGrid::LabelScores`], calibrated on the top scores); everything after that reads
-    /// small exact integers (decisions, 128 positions apart). A bracket of pairwise matches
-    /// finds the largest level, ties to the lower index: a match of `a` (lower indices) and
-    /// `b` reads `d = b - a` twice, `w = [d > 0]` and `relu(d)`, then the winner's level
-    /// `a + relu(d)` once more, so that the next round reads an atom again. The winner's index
-    /// is carried as bits; a bit that differs inside both halves is chosen by one lookup of
-    /// `bit_a + 2 bit_b + 4 w`. The output is `sum_j 2^j bit_j + 2^n (w + w' - 1)` with exact
-    /// weights, where `w' = [a - b >= 0]` reads the final match again on the negated
-    /// difference: a misread of it puts the output outside `[0, 2^n)`, which
+    /// ([`OutputGrid::LabelScores`], calibrated on the top scores), so that the difference of
+    /// two scores is an exact multiple of one unit. A bracket of pairwise matches then finds
+    /// the largest score: a match of `a` (lower indices) and `b` reads `d = b - a` twice,
+    /// `w = [d > 0]` and `relu(d)` (its grid the scores', as in a MaxPool's pairwise maximum),
+    /// then the winner's score `a + relu(d)` once more, so that the next round reads an atom
+    /// again. These comparisons are ordinary approximate reads, like any activation: a misread
+    /// needs scores within read noise of each other, where either class is as good.
+    ///
+    /// The encoding of the winner is exact. Its index is carried as bits; a bit that differs
+    /// inside both halves is chosen by one lookup of `bit_a + 2 bit_b + 4 w` (a decision, read
+    /// exactly: `w` is 0 or 1 whatever its input read). The output is
+    /// `sum_j 2^j bit_j + 2^n (w + w' - 1)` with exact weights, where `w' = [a - b >= 0]` reads
+    /// the final match again on the negated difference: when the two reads disagree (a
+    /// near-tie misread) the output lies outside `[0, 2^n)`, which
     /// [`crate::eval::decode_label`] refuses. A single score is one lookup of the tail's own
-    /// decision (and its complement for the check).
+    /// decision (and its complement for the check). Compile refuses a label model whose bit
+    /// lookups or output weights cannot be exact.
     pub fn with_reveal(mut self, reveal: Reveal) -> crate::Result<FloatModel> {
         if reveal == Reveal::Scores || self.reveal == Reveal::Label {
             return Ok(self);
@@ -795,32 +801,37 @@ impl FloatModel {
             let (a, b) = bracket(&mut self, &leaves);
             // The final match: its winner's bits, and the check.
             let d = Lin::combine([(1.0, &b.level), (-1.0, &a.level)], 0.0);
-            let w = push(&mut self, d.clone(), gt_zero(), bit.clone(), true);
-            let w2 = push(&mut self, d.scaled(-1.0, 0.0), ge_zero(), bit.clone(), true);
+            let w = push(&mut self, d.clone(), gt_zero(), bit.clone(), false);
+            let w2 = push(&mut self, d.scaled(-1.0, 0.0), ge_zero(), bit.clone(), false);
             let bits = choose_bits(&mut self, &a, &b, &w);
             (bits, Lin::combine([(1.0, &w), (1.0, &w2)], -1.0))
         };
-        // Copies of the bits and the check that only the output reads: their torus scale is
-        // then the output's, large, rather than the 8-value reads' (whose scale left the
-        // weighted bits' noise near a third of a unit).
-        let copy = |m: &mut FloatModel, l: &Lin, qmax: i64| {
+        // Copies of the bits and the check that only the output reads, each already times its
+        // weight `2^j` on a unit grid: the output then sums them with unit weights at the
+        // output's torus scale, so a copy's bootstrap noise is not multiplied by its weight
+        // (with weights up to 2^7 the sum's noise reached a third of a unit).
+        let copy = |m: &mut FloatModel, l: &Lin, qmax: i64, weight: f64| {
             let grid = OutputGrid::Fixed(Grid {
                 scale: 1.0,
                 zero: 0,
                 qmin: 0,
                 qmax,
             });
-            label_lookup(m, l.clone(), UFn::X, grid, true)
+            label_lookup(m, l.clone(), UFn::Affine(weight, 0.0, x.clone()), grid, true)
         };
-        let bits: Vec<Lin> = bits.iter().map(|b| copy(&mut self, b, 1)).collect();
-        let check = copy(&mut self, &check.scaled(1.0, 1.0), 2).scaled(1.0, -1.0);
         let n = bits.len() as i32;
-        let parts: Vec<(f64, &Lin)> = bits
+        let mut parts: Vec<Lin> = bits
             .iter()
             .enumerate()
-            .map(|(j, b)| (2f64.powi(j as i32), b))
-            .chain([(2f64.powi(n), &check)])
+            .map(|(j, b)| {
+                let wj = 1i64 << j;
+                copy(&mut self, b, wj, wj as f64)
+            })
             .collect();
+        let wc = 1i64 << n;
+        // `2^n (w + w' - 1)`: the copy reads `w + w'` (0, 1 or 2).
+        parts.push(copy(&mut self, &check.scaled(1.0, 1.0), 2 * wc, wc as f64).scaled(1.0, -(wc as f64)));
+        let parts: Vec<(f64, &Lin)> = parts.iter().map(|p| (1.0, p)).collect();
         self.outputs = vec![Lin::combine(parts, 0.0)];
         // The client bounds the index by the classes, which catches a check of +1.
         self.class_labels
@@ -831,9 +842,12 @@ impl FloatModel {
     }
 }
 
-/// Levels of the shared grid a label model reads its scores onto: a match's difference of two
-/// levels then takes 15 values, which one bootstrap reads exactly (a decision window is 16).
-pub const LABEL_LEVELS: i64 = 8;
+/// Bits of the shared grid a label model reads its scores onto: fine, so that only scores
+/// within a fraction of a percent of the top scores' range can tie or swap.
+pub const LABEL_BITS: u32 = 8;
+
+/// Levels of the label scores' grid, `2^LABEL_BITS`.
+pub const LABEL_LEVELS: i64 = 1 << LABEL_BITS;
 
 /// A bracket entry: its winner's level (an atom) and index bits (constants or 0/1 forms).
 struct Node {
@@ -925,11 +939,12 @@ fn play(m: &mut FloatModel, nodes: &[Node]) -> Node {
     }
     let (a, b) = bracket(m, nodes);
     let d = Lin::combine([(1.0, &b.level), (-1.0, &a.level)], 0.0);
-    let w = label_lookup(m, d.clone(), gt_zero(), bit_grid(), true);
+    // Approximate reads of the difference (see `FloatModel::with_reveal`).
+    let w = label_lookup(m, d.clone(), gt_zero(), bit_grid(), false);
     let relu = UFn::Act(Activation::Relu, Arc::new(UFn::X));
-    let r = label_lookup(m, d, relu, OutputGrid::DifferenceOfInputs, true);
+    let r = label_lookup(m, d, relu, OutputGrid::DifferenceOfInputs, false);
     let sum = Lin::combine([(1.0, &a.level), (1.0, &r)], 0.0);
-    let level = label_lookup(m, sum, UFn::X, OutputGrid::LabelScores(0), true);
+    let level = label_lookup(m, sum, UFn::X, OutputGrid::LabelScores(0), false);
     let bits = choose_bits(m, &a, &b, &w);
     Node { level, bits }
 }

@@ -181,10 +181,16 @@ fn plan(
         .iter()
         .zip(&q.lookups)
         .zip(&model.lookups)
-        .map(|((&(lo, hi), ql), l)| {
+        .enumerate()
+        .map(|(i, ((&(lo, hi), ql), l))| {
             let (tlo, thi) = ql.bounds(&q.atoms);
             // 16 positions per integer keeps a read exact with the measured noise.
             if ql.exact && (thi - tlo) * 16 <= POSITIONS - 2 * GUARD {
+                return (tlo, thi);
+            }
+            // A label comparison of scores on one grid: its whole range (a few hundred levels),
+            // since a difference past the window would wrap and flip the comparison.
+            if label_comparison(model, i, ql) {
                 return (tlo, thi);
             }
             let margin = if ql.exact {
@@ -192,7 +198,7 @@ fn plan(
             } else if matches!(l.grid, OutputGrid::LabelScores(_)) {
                 // Only the top of a label score's range matters, but a score past the window
                 // would wrap around the torus and read as a large level.
-                cfg.range_margin.max(0.5)
+                cfg.range_margin.max(0.2)
             } else {
                 cfg.range_margin
             };
@@ -381,6 +387,13 @@ fn plan(
                         let acc = (acc.round() as i64).clamp(lo, hi) as f64;
                         out_q.quantize(func.eval(ql.scale * acc + ql.offset))
                     }
+                    // A label comparison's accumulator is an integer (levels of one grid):
+                    // rounding it first puts each step between two levels, so that a tie reads
+                    // as a tie rather than on the step.
+                    (None, false) if label_comparison(model, i, ql) => {
+                        let acc = (acc.round() as i64).clamp(lo, hi) as f64;
+                        out_q.quantize(func.eval(ql.scale * acc + ql.offset))
+                    }
                     (None, false) => out_q.quantize(func.eval(ql.scale * acc + ql.offset)),
                 };
                 table.push(out as u16);
@@ -487,22 +500,39 @@ fn plan(
     Ok(compiled)
 }
 
-/// A label model's argmax must not misread: after the one read of each score onto the label
-/// grid, every lookup of the argmax reads a small exact integer at box centres, and the output
-/// sums exact bits with exact weights. Anything else is refused here rather than decoded
-/// into a wrong class.
+/// Whether lookup `l` is one of a label argmax's comparisons of scores (`[b - a > 0]`,
+/// `relu(b - a)`, the winner's score): an approximate read of an exact form.
+/// Only lookups that read other label lookups count: a score's own read reads the model.
+fn label_comparison(model: &FloatModel, i: usize, ql: &QuantLin) -> bool {
+    let nf = model.n_features();
+    let label = |l: &crate::graph::Lookup| &*l.origin == LABEL_ORIGIN;
+    let l = &model.lookups[i];
+    label(l)
+        && !l.decision
+        && ql.exact
+        && !l.input.terms.is_empty()
+        && l.input.terms.iter().all(|&(a, _)| {
+            (a as usize)
+                .checked_sub(nf)
+                .is_some_and(|j| label(&model.lookups[j]))
+        })
+}
+
+/// A label model's encoding must be exact: the comparisons of scores are approximate reads
+/// (a misread needs scores within read noise of each other), but every lookup that selects or
+/// copies the winner's index bits, or the check, is a decision read exactly, and the output
+/// sums them with exact weights. Anything else is refused here rather than decoded into a
+/// wrong class.
 fn check_label_exact(model: &FloatModel, q: &QuantModel, exact_read: &[bool]) -> Result<()> {
     if model.reveal != Reveal::Label {
         return Ok(());
     }
     for (i, l) in model.lookups.iter().enumerate() {
-        let score_read = matches!(l.grid, OutputGrid::LabelScores(_)) && !l.decision;
-        let single_score =
-            matches!(&*l.func, UFn::Affine(_, _, f) if matches!(**f, UFn::Predict(_)));
-        if &*l.origin == LABEL_ORIGIN && !score_read && !single_score && !exact_read[i] {
+        if &*l.origin == LABEL_ORIGIN && l.decision && !exact_read[i] {
             let (lo, hi) = q.lookups[i].bounds(&q.atoms);
             return Err(ModelError::Plan(format!(
-                "label output: argmax lookup {i} reads {} values ({lo}..={hi}, exact weights: {});                  one bootstrap reads at most {WINDOW} exactly",
+                "label output: index lookup {i} reads {} values ({lo}..={hi}, exact weights: \
+                 {}); one bootstrap reads at most {WINDOW} exactly",
                 hi - lo + 1,
                 q.lookups[i].exact
             )));

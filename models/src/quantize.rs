@@ -262,6 +262,8 @@ pub fn quantize(
                 let (lo, hi) = tied[g];
                 UniformQuant::from_range(lo, hi, SUMMED_BITS)
             }
+            // A label's weighted bits keep every level: their values are the class index's.
+            OutputGrid::Fixed(g) if &*l.origin == crate::graph::LABEL_ORIGIN => fixed(g),
             OutputGrid::Fixed(g) => coarse(g),
             OutputGrid::LabelScores(g) => {
                 let (lo, hi) = top[g];

@@ -56,10 +56,11 @@ pub struct SimOutput {
 }
 
 impl CompiledModel {
-    /// Every value of one sample, inputs then each stage's outputs, without noise.
-    pub fn simulate_values(&self, x: &[f64]) -> Result<Vec<i64>> {
+    /// Every value of one sample, inputs then each stage's outputs; with `noise`, with the
+    /// predicted bootstrap noise.
+    pub fn simulate_values(&self, x: &[f64], noise: Option<&mut NoiseRng>) -> Result<Vec<i64>> {
         let q = self.input.quantize(x)?;
-        Ok(self.run_stages(&q, None).0)
+        Ok(self.run_stages(&q, noise).0)
     }
 
     fn run_stages(&self, q: &[i64], mut noise: Option<&mut NoiseRng>) -> (Vec<i64>, usize) {

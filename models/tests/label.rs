@@ -1,10 +1,11 @@
-//! Label-only output on synthetic linear classifiers: the bracket argmax reads every value
-//! exactly after the one read of each score onto the label grid, for up to 100 classes.
+//! Label-only output on synthetic linear classifiers: the bracket argmax compares scores on
+//! one fine grid with approximate reads and encodes the winner's index exactly, for up to
+//! 100 classes.
 
 use std::sync::Arc;
 
 use veil_models::fhe::{ClientKey, CpuBackend, FheModel, ServerKey};
-use veil_models::graph::{Activation, LABEL_LEVELS, Lin, Reveal, Task, UFn};
+use veil_models::graph::{Activation, LABEL_LEVELS, LABEL_ORIGIN, Lin, Reveal, Task, UFn};
 use veil_models::quantize::label_grid;
 use veil_models::simulate::NoiseRng;
 use veil_models::{CompiledModel, FloatModel, ModelError, QuantConfig, compile};
@@ -61,9 +62,19 @@ fn label_of(model: &CompiledModel, x: &[f64]) -> i64 {
         .label
 }
 
-/// The simulated label is the argmax of the quantized scores (the K grid reads of the first
-/// stage) on every sample, and the float argmax wherever the float scores' top two differ by
-/// more than the grid's rounding; every K compiles with every argmax read exact.
+/// Levels (of the label grid, 1/256 of the top scores' range) by which a noisy simulation's
+/// label may fall short of the top noiseless quantized score. The score reads dominate: a
+/// score's window spans its whole calibrated range with margin, about one bootstrap position
+/// per level, and the predicted read noise is about 5 positions (`read_sigma`), so a score
+/// reads within about 15 levels at 3 sigma; the match reads (under 4 positions a level) add
+/// a level or two. The worst measured on these models is 11.
+const NEAR_TIE_LEVELS: i64 = 16;
+
+/// The simulated label is the first argmax of the quantized scores (the K grid reads of the
+/// first stage) on every sample without noise; with the predicted bootstrap noise, a label
+/// other than it names a score within [`NEAR_TIE_LEVELS`] of the top, and the decoder refuses
+/// rather than guesses on a final near-tie whose two reads disagree. The label is as accurate
+/// as the scores model's argmax.
 #[test]
 fn label_is_the_argmax_of_the_quantized_scores() {
     for k in [2usize, 10, 17, 33, 100] {
@@ -81,50 +92,84 @@ fn label_is_the_argmax_of_the_quantized_scores() {
             .fold((f64::MAX, f64::MIN), |(a, b), &t| (a.min(t), b.max(t)));
         for bits in [4u32, 8] {
             let model = compile(&label_float, &calibration, &cfg(bits)).unwrap();
+            let scores = compile(&float, &calibration, &cfg(bits)).unwrap();
             let grid = label_grid(lo, hi, cfg(bits).range_margin);
             assert_eq!(model.n_outputs(), 1);
             assert_eq!(model.stages[0].len(), k, "K = {k}: one grid read per score");
             let n_in = model.n_inputs();
-            let (mut decisive, mut float_agree) = (0, 0);
+            let mut rng = NoiseRng::new(9);
+            let (mut float_agree, mut near_ties, mut refused, mut deficit) = (0, 0, 0, 0);
+            let (mut scores_float, mut scores_agree) = (0, 0);
             for x in &test {
-                let values = model.simulate_values(x).unwrap();
+                let values = model.simulate_values(x, None).unwrap();
                 let levels = &values[n_in..n_in + k];
                 assert_eq!(model.simulate(x, None).unwrap().overflows, 0, "K = {k}");
                 assert!(levels.iter().all(|&l| (0..LABEL_LEVELS).contains(&l)));
+                let want = argmax(levels);
                 let got = label_of(&model, x);
-                assert_eq!(
-                    got,
-                    argmax(levels) as i64,
-                    "K = {k}, {bits} bits: {levels:?}"
-                );
+                assert_eq!(got, want as i64, "K = {k}, {bits} bits: {levels:?}");
                 assert_eq!(
                     label_float.predict(x).unwrap().label,
                     float.predict(x).unwrap().label,
                     "K = {k}: the float label graph is the float argmax"
                 );
-                let s = float.scores(x);
-                let best = argmax(&s);
-                let second = (0..k)
-                    .filter(|&i| i != best)
-                    .map(|i| s[i])
-                    .fold(f64::MIN, f64::max);
-                // Each score rounds by half a level (the form's own weight rounding adds
-                // a little): a gap over 1.5 levels survives, inside the grid.
-                if s[best] - second > 1.5 * grid.scale && grid.quantize(s[best]) < LABEL_LEVELS - 1
-                {
-                    decisive += 1;
-                    float_agree += usize::from(got == best as i64);
+                let want_float = float.predict(x).unwrap().label;
+                float_agree += usize::from(got == want_float);
+                let by_scores = scores
+                    .decode(&scores.simulate(x, None).unwrap().accs)
+                    .unwrap()
+                    .label;
+                scores_float += usize::from(by_scores == want_float);
+                scores_agree += usize::from(by_scores == got);
+                let noisy = model.simulate(x, Some(&mut rng)).unwrap();
+                match model.decode(&noisy.accs) {
+                    Ok(p) if p.label == got => {}
+                    Ok(p) => {
+                        let short = levels[want] - levels[p.label as usize];
+                        assert!(
+                            (0..=NEAR_TIE_LEVELS).contains(&short),
+                            "K = {k}, {bits} bits: noisy label {} is {short} levels short of \
+                             class {want}",
+                            p.label
+                        );
+                        near_ties += 1;
+                        deficit = deficit.max(short);
+                    }
+                    Err(ModelError::InconsistentLabel { .. }) => refused += 1,
+                    Err(e) => panic!("K = {k}: {e}"),
                 }
             }
             eprintln!(
-                "K = {k}, {bits}-bit weights: {} bootstraps ({} argmax), label = float argmax on \
-                 {float_agree}/{decisive} decisive samples of {}",
+                "K = {k}, {bits}-bit weights: {} bootstraps ({} argmax); label = float argmax on \
+                 {float_agree}/{n} (the scores model's argmax: {scores_float}/{n}; label = \
+                 scores model's argmax on {scores_agree}/{n}); with noise, {near_ties} near-tie swaps (at most {deficit} \
+                 levels of {:.4}), {refused} refused",
                 model.pbs_per_sample(),
-                model.nodes.iter().map(|n| n.pbs).sum::<usize>(),
-                test.len()
+                model
+                    .nodes
+                    .iter()
+                    .filter(|n| n.node == LABEL_ORIGIN)
+                    .map(|n| n.pbs)
+                    .sum::<usize>(),
+                grid.scale,
+                n = test.len(),
             );
-            assert_eq!(float_agree, decisive, "K = {k}, {bits} bits");
-            assert!(decisive > 0, "K = {k}: some samples are decisive");
+            // As accurate as the scores model (within 1%), which decrypts its scores with no
+            // bootstrap; at 8-bit weights both agree with the float argmax on 97% or more (4-bit
+            // weights move the scores themselves: both models miss the same near-ties).
+            assert!(
+                float_agree + 3 >= scores_float
+                    && (bits < 8 || float_agree * 100 >= test.len() * 97)
+                    && scores_agree * 100 >= test.len() * 97,
+                "K = {k}, {bits} bits: label = float argmax on {float_agree}/{n}, scores model \
+                 {scores_float}/{n}, label = scores model on {scores_agree}/{n}",
+                n = test.len()
+            );
+            // Noisy near-ties are a minority: measured up to 26 swaps and 10 refusals of 300.
+            assert!(
+                (near_ties + refused) * 100 <= test.len() * 12,
+                "K = {k}, {bits} bits: {near_ties} swaps, {refused} refused"
+            );
         }
     }
 }
