@@ -727,9 +727,10 @@ impl FloatModel {
     /// The encoding of the winner is exact. Its index is carried as bits; a bit that differs
     /// inside both halves is chosen by one lookup of `bit_a + 2 bit_b + 4 w` (a decision, read
     /// exactly: `w` is 0 or 1 whatever its input read). The output is
-    /// `sum_j 2^j bit_j + 2^n (w + w' - 1)` with exact weights, where `w' = [a - b >= 0]` reads
-    /// the final match again on the negated difference: when the two reads disagree (a
-    /// near-tie misread) the output lies outside `[0, 2^n)`, which
+    /// `sum_j 2^j bit_j + 2^n [w + w' != 1]` with exact unit weights on lookups of four bits
+    /// each, where `w' = [a - b >= 0]` reads the final match again on the negated difference:
+    /// when the two reads disagree (a near-tie misread) the output lies outside `[0, 2^n)`,
+    /// which
     /// [`crate::eval::decode_label`] refuses. A single score is one lookup of the tail's own
     /// decision (and its complement for the check). Compile refuses a label model whose bit
     /// lookups or output weights cannot be exact.
@@ -806,31 +807,46 @@ impl FloatModel {
             let bits = choose_bits(&mut self, &a, &b, &w);
             (bits, Lin::combine([(1.0, &w), (1.0, &w2)], -1.0))
         };
-        // Copies of the bits and the check that only the output reads, each already times its
-        // weight `2^j` on a unit grid: the output then sums them with unit weights at the
-        // output's torus scale, so a copy's bootstrap noise is not multiplied by its weight
-        // (with weights up to 2^7 the sum's noise reached a third of a unit).
-        let copy = |m: &mut FloatModel, l: &Lin, qmax: i64, weight: f64| {
-            let grid = OutputGrid::Fixed(Grid {
+        // The output reads few bootstraps, each already at its weight on a unit grid, so that
+        // it sums them with unit weights at the output's torus scale: one lookup per four index
+        // bits (`2^4g` times their 16-value nibble, read exactly) and one of the check,
+        // `2^n [w + w' != 1]`. Each summed bootstrap adds its output noise, and a weight would
+        // multiply it (eight bits with weights up to 2^7 left the sum a third of a unit off).
+        let unit = |qmax: i64| {
+            OutputGrid::Fixed(Grid {
                 scale: 1.0,
                 zero: 0,
                 qmin: 0,
                 qmax,
-            });
-            label_lookup(m, l.clone(), UFn::Affine(weight, 0.0, x.clone()), grid, true)
+            })
         };
-        let n = bits.len() as i32;
+        let n = bits.len();
         let mut parts: Vec<Lin> = bits
-            .iter()
+            .chunks(4)
             .enumerate()
-            .map(|(j, b)| {
-                let wj = 1i64 << j;
-                copy(&mut self, b, wj, wj as f64)
+            .map(|(g, chunk)| {
+                let terms: Vec<(f64, &Lin)> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(j, b)| ((1u64 << j) as f64, b))
+                    .collect();
+                let w = (1i64 << (4 * g)) as f64;
+                let top = w as i64 * ((1 << chunk.len()) - 1);
+                let f = UFn::Affine(w, 0.0, x.clone());
+                label_lookup(&mut self, Lin::combine(terms, 0.0), f, unit(top), true)
             })
             .collect();
         let wc = 1i64 << n;
-        // `2^n (w + w' - 1)`: the copy reads `w + w'` (0, 1 or 2).
-        parts.push(copy(&mut self, &check.scaled(1.0, 1.0), 2 * wc, wc as f64).scaled(1.0, -(wc as f64)));
+        let table = vec![wc as f64, 0.0, wc as f64];
+        let f = UFn::Act(Activation::Select { base: 0, table }, x.clone());
+        // `check` is `w + w' - 1`: the lookup reads `w + w'` (0, 1 or 2).
+        parts.push(label_lookup(
+            &mut self,
+            check.scaled(1.0, 1.0),
+            f,
+            unit(wc),
+            true,
+        ));
         let parts: Vec<(f64, &Lin)> = parts.iter().map(|p| (1.0, p)).collect();
         self.outputs = vec![Lin::combine(parts, 0.0)];
         // The client bounds the index by the classes, which catches a check of +1.
@@ -1075,8 +1091,9 @@ mod tests {
         };
         let three = scores_model(3, vec![TailOp::Softmax]);
         let label = three.clone().with_reveal(Reveal::Label).unwrap();
-        // 3 grid reads, one inner match (w, relu, level), the final w and its check, one bit.
-        assert_eq!(label.lookups.len(), 3 + 3 + 2 + 1 + 3);
+        // 3 grid reads, one inner match (w, relu, level), the final w and its check, one bit,
+        // then the output's reads of the two bits and of the check.
+        assert_eq!(label.lookups.len(), 3 + 3 + 2 + 1 + 2);
         for x in [
             [1.0, 1.0, 0.0],
             [0.0, 2.0, 2.0],

@@ -451,7 +451,7 @@ fn plan(
         .iter()
         .find_map(|o| o.terms.first())
         .map_or(out_delta, |&(a, _)| delta_of[a as usize]);
-    let (modulus_bits, sigma) = output_modulus(&sigma, out_decoding_delta);
+    let (modulus_bits, sigma) = output_modulus(&sigma, out_decoding_delta, model.reveal);
     let output = OutputLayer {
         weights: IntMatrix {
             n_in: n_before as u32,
@@ -584,12 +584,16 @@ pub const MAX_OUTPUT_BITS: u32 = 31;
 /// larger of the output's own noise and half an integer unit of its accumulator (1/256 of
 /// the variance): fewer bits would blur scores, more would only carry noise. Scores whose
 /// accumulators are wide and exact (no bootstrap before them) keep up to 31 bits.
-fn output_modulus(sigma: &[f64], delta: u64) -> (u32, Vec<f64>) {
+fn output_modulus(sigma: &[f64], delta: u64, reveal: Reveal) -> (u32, Vec<f64>) {
     let n = crate::fhe::big_lwe_size(ParamSet::Message2Carry2KsPbsTuniform2m128) - 1;
     let half_unit = delta as f64 / POSITION as f64 / 2.0;
+    // A label is an integer the client rounds (and refuses past a quarter unit): a switch noise
+    // of a sixteenth of a unit (half a unit / 8) leaves it 4 sigma, and the label's own
+    // noise is far below that.
+    let div = if reveal == Reveal::Label { 8.0 } else { 16.0 };
     let target = sigma
         .iter()
-        .map(|s| s.max(half_unit) / 16.0)
+        .map(|s| s.max(half_unit) / div)
         .fold(f64::INFINITY, f64::min);
     let bits = (MIN_OUTPUT_BITS..=MAX_OUTPUT_BITS)
         .find(|&b| switch_sigma_positions(b, n) <= target)
