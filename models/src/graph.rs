@@ -803,7 +803,13 @@ impl FloatModel {
             // The final match: its winner's bits, and the check.
             let d = Lin::combine([(1.0, &b.level), (-1.0, &a.level)], 0.0);
             let w = push(&mut self, d.clone(), gt_zero(), bit.clone(), false);
-            let w2 = push(&mut self, d.scaled(-1.0, 0.0), ge_zero(), bit.clone(), false);
+            let w2 = push(
+                &mut self,
+                d.scaled(-1.0, 0.0),
+                ge_zero(),
+                bit.clone(),
+                false,
+            );
             let bits = choose_bits(&mut self, &a, &b, &w);
             (bits, Lin::combine([(1.0, &w), (1.0, &w2)], -1.0))
         };

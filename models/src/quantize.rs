@@ -399,23 +399,6 @@ fn quantize_form(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uniform_quant_round_trips_within_half_a_step() {
-        let q = UniformQuant::from_range(-1.0, 3.0, 8);
-        for i in 0..=100 {
-            let x = -1.0 + 4.0 * i as f64 / 100.0;
-            assert!((q.dequantize(q.quantize(x)) - x).abs() <= q.scale / 2.0 + 1e-12);
-        }
-        assert_eq!(q.dequantize(q.quantize(0.0)), 0.0);
-        assert_eq!(q.quantize(100.0), 255);
-        assert_eq!(q.quantize(-100.0), 0);
-    }
-}
-
 /// Rebalances every product of two computed values before quantization.
 ///
 /// The importer reads `ab` as `(P - M) / 4` with `P = (a + b)^2`, `M = (a - b)^2`. When `a`
@@ -507,4 +490,21 @@ pub fn balance_products(model: &FloatModel, rows: &[Vec<f64>]) -> FloatModel {
         out.outputs.iter_mut().for_each(fix);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_quant_round_trips_within_half_a_step() {
+        let q = UniformQuant::from_range(-1.0, 3.0, 8);
+        for i in 0..=100 {
+            let x = -1.0 + 4.0 * i as f64 / 100.0;
+            assert!((q.dequantize(q.quantize(x)) - x).abs() <= q.scale / 2.0 + 1e-12);
+        }
+        assert_eq!(q.dequantize(q.quantize(0.0)), 0.0);
+        assert_eq!(q.quantize(100.0), 255);
+        assert_eq!(q.quantize(-100.0), 0);
+    }
 }

@@ -210,7 +210,10 @@ fn trees_and_regressors_encrypted_agree_with_simulation() {
                     "{name}: {e} vs simulated {s} (bound {own})"
                 );
             }
-            let (p, q) = (spec.decode(&accs), model.decode(&sim.accs));
+            let (p, q) = (
+                spec.decode(&accs).unwrap(),
+                model.decode(&sim.accs).unwrap(),
+            );
             assert_eq!(p.label, q.label, "{name}");
             for (a, b) in p.outputs.iter().zip(&q.outputs) {
                 worst = worst.max((a - b).abs());

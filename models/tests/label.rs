@@ -225,8 +225,10 @@ fn inconsistent_label_outputs_are_errors() {
     );
 }
 
-/// A 100-class label model under real 128-bit keys: its encrypted label equals the
-/// simulated argmax on 20 samples.
+/// A 100-class label model under real 128-bit keys: every encrypted output decodes to a
+/// class or is refused (never a value off the integers), the encrypted label is the noiseless
+/// simulation's on most samples, and any other names a score within [`NEAR_TIE_LEVELS`] of
+/// the top: the comparisons read with noise, the encoding of the winner does not.
 #[test]
 fn encrypted_100_class_label_equals_the_simulation() {
     let k = 100;
@@ -249,17 +251,36 @@ fn encrypted_100_class_label_equals_the_simulation() {
         .collect();
     let fhe = FheModel::new(model.clone()).unwrap();
     let outputs = fhe.evaluate(&backend, &inputs).unwrap();
-    let mut agree = 0;
+    let n_in = model.n_inputs();
+    let (mut agree, mut near_ties, mut refused) = (0, 0, 0);
     for (x, out) in xs.iter().zip(&outputs) {
         let accs = client.decrypt(&spec, out).unwrap();
-        let got = spec.decode(&accs).unwrap().label;
+        let idx = spec.output.scores(&accs)[0];
+        assert!((idx - idx.round()).abs() < 0.25, "index {idx}");
         let want = label_of(&model, x);
-        agree += usize::from(got == want);
+        match spec.decode(&accs) {
+            Ok(p) if p.label == want => agree += 1,
+            Ok(p) => {
+                let values = model.simulate_values(x, None).unwrap();
+                let levels = &values[n_in..n_in + k];
+                let short = levels[want as usize] - levels[p.label as usize];
+                assert!(
+                    (0..=NEAR_TIE_LEVELS).contains(&short),
+                    "encrypted label {} is {short} levels short of class {want}",
+                    p.label
+                );
+                near_ties += 1;
+            }
+            Err(ModelError::InconsistentLabel { .. }) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
     }
     eprintln!(
-        "K = 100: {} bootstraps per sample; encrypted label = simulated on {agree}/{}",
+        "K = 100: {} bootstraps per sample; encrypted label = simulated on {agree}/{}, {near_ties} \
+         near-tie swaps, {refused} refused",
         model.pbs_per_sample(),
         xs.len()
     );
-    assert_eq!(agree, xs.len());
+    // The noisy simulation swaps or refuses about 10% of the samples at K = 100.
+    assert!(agree >= 16, "{agree}/{}", xs.len());
 }

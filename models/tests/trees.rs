@@ -72,7 +72,10 @@ fn simulated_accuracy_and_r2_stay_close_to_float() {
             .map(|x| model.simulate(x, None).unwrap())
             .collect();
         assert!(sims.iter().all(|s| s.overflows == 0), "{name}: overflow");
-        let exact: Vec<_> = sims.iter().map(|s| model.decode(&s.accs)).collect();
+        let exact: Vec<_> = sims
+            .iter()
+            .map(|s| model.decode(&s.accs).unwrap())
+            .collect();
         let noisy = model.simulate_predictions(&test.features, Some(3)).unwrap();
         if is_regressor(name) {
             let truth = test.targets.clone().unwrap();
