@@ -142,7 +142,7 @@ impl RemoteModel {
 
     /// Decrypts and decodes one sample's outputs.
     pub fn decrypt(&self, keys: &KeyPair, output: &[u8]) -> Result<Prediction> {
-        Ok(self.spec.decode(&self.decrypt_accs(keys, output)?))
+        Ok(self.spec.decode(&self.decrypt_accs(keys, output)?)?)
     }
 
     /// [`RemoteModel::encrypt`] for many samples, on the blocking pool.
@@ -173,7 +173,7 @@ impl RemoteModel {
                 .iter()
                 .map(|o| {
                     let out = EncryptedOutput::from_bytes(o, n, lwe, bits)?;
-                    Ok(spec.decode(&client.decrypt(&spec, &out)?))
+                    Ok(spec.decode(&client.decrypt(&spec, &out)?)?)
                 })
                 .collect()
         })

@@ -94,7 +94,9 @@ fn main() {
                     sq += d * d;
                     n += 1;
                 }
-                agree += usize::from(spec.decode(&accs).label == model.decode(ex).label);
+                agree += usize::from(
+                    spec.decode(&accs).unwrap().label == model.decode(ex).unwrap().label,
+                );
             }
             let measured = (sq / n as f64).sqrt();
             let predicted = switch_sigma_positions(bits, lwe - 1);

@@ -56,6 +56,11 @@ pub enum ModelError {
     #[error("cannot compile: {0}")]
     Plan(String),
 
+    /// A label-only output that is not a valid class index: its check failed (a misread
+    /// final comparison), it lies off the integers, or it names no class.
+    #[error("inconsistent label output {value}: {reason}")]
+    InconsistentLabel { value: f64, reason: String },
+
     /// The requested compute backend cannot run here (no `gpu` feature, no device).
     #[error("backend unavailable: {0}")]
     Backend(String),

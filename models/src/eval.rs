@@ -16,26 +16,58 @@ pub struct Prediction {
     pub label: i64,
 }
 
+/// The class index a label-only output decodes to: `index + 2^n * check`, where the check is
+/// 0 when the final comparison read consistently (see [`FloatModel::with_reveal`]). An output
+/// off the integers (more than a quarter unit: the output noise is far below), a failed check
+/// or an index past the classes is an error, never a guess.
+pub fn decode_label(output: f64, n_classes: Option<usize>) -> crate::Result<usize> {
+    let bad = |reason: String| crate::ModelError::InconsistentLabel {
+        value: output,
+        reason,
+    };
+    let r = output.round();
+    if !output.is_finite() || (output - r).abs() > 0.25 {
+        return Err(bad("not an integer".into()));
+    }
+    if r < 0.0 {
+        return Err(bad("the final comparison's check failed".into()));
+    }
+    let idx = r as usize;
+    match n_classes {
+        Some(k) if idx >= k => Err(bad(format!(
+            "index {idx} past the {k} classes, or the final comparison's check failed"
+        ))),
+        _ => Ok(idx),
+    }
+}
+
 fn predict(
     reveal: Reveal,
     tail: &[TailOp],
     labels: Option<&[i64]>,
     scores: Vec<f64>,
-) -> Prediction {
+) -> crate::Result<Prediction> {
     let outputs = apply_tail(tail, scores.clone());
     let idx = match reveal {
         Reveal::Scores => predict_class(&outputs, single_output_threshold(tail)),
-        // The one output is the class index (noise rounds away; a misread clamps).
-        Reveal::Label => outputs.first().map_or(0.0, |v| v.round().max(0.0)) as usize,
+        Reveal::Label => {
+            let [v] = outputs[..] else {
+                return Err(crate::ModelError::Shape(format!(
+                    "a label output is one value, not {}",
+                    outputs.len()
+                )));
+            };
+            decode_label(v, labels.map(<[i64]>::len))?
+        }
     };
     let label = labels
         .and_then(|l| l.get(idx).copied())
         .unwrap_or(idx as i64);
-    Prediction {
+    Ok(Prediction {
         scores,
         outputs,
         label,
-    }
+    })
 }
 
 fn decode(
@@ -44,13 +76,13 @@ fn decode(
     tail: &[TailOp],
     labels: Option<&[i64]>,
     accs: &[f64],
-) -> Prediction {
+) -> crate::Result<Prediction> {
     predict(reveal, tail, labels, d.scores(accs))
 }
 
 impl ClientSpec {
     /// Decodes the output accumulators of one sample (decrypted phases divided by `delta`).
-    pub fn decode(&self, accs: &[f64]) -> Prediction {
+    pub fn decode(&self, accs: &[f64]) -> crate::Result<Prediction> {
         decode(
             self.reveal,
             &self.output,
@@ -62,7 +94,7 @@ impl ClientSpec {
 }
 
 impl CompiledModel {
-    pub fn decode(&self, accs: &[f64]) -> Prediction {
+    pub fn decode(&self, accs: &[f64]) -> crate::Result<Prediction> {
         decode(
             self.reveal,
             &self.output.decoding,
@@ -75,7 +107,7 @@ impl CompiledModel {
 
 impl FloatModel {
     /// The float model's prediction, the reference the quantized model is compared with.
-    pub fn predict(&self, x: &[f64]) -> Prediction {
+    pub fn predict(&self, x: &[f64]) -> crate::Result<Prediction> {
         predict(
             self.reveal,
             &self.tail,
@@ -151,6 +183,7 @@ pub fn accuracy(predicted: &[i64], labels: &[i64]) -> f64 {
 
 impl CompiledModel {
     /// Simulated predictions for `xs`; with `noise_seed`, with the predicted bootstrap noise.
+    /// A label output the decoder refuses (a noisy misread) is an error.
     pub fn simulate_predictions(
         &self,
         xs: &[Vec<f64>],
@@ -158,7 +191,10 @@ impl CompiledModel {
     ) -> crate::Result<Vec<Prediction>> {
         let mut rng = noise_seed.map(crate::simulate::NoiseRng::new);
         xs.iter()
-            .map(|x| self.simulate(x, rng.as_mut()).map(|s| self.decode(&s.accs)))
+            .map(|x| {
+                self.simulate(x, rng.as_mut())
+                    .and_then(|s| self.decode(&s.accs))
+            })
             .collect()
     }
 

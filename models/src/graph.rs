@@ -482,6 +482,10 @@ pub enum OutputGrid {
     DifferenceOfInputs,
     /// Fixed by the model (a QuantizeLinear).
     Fixed(Grid),
+    /// The shared grid of a label output's scores, [`LABEL_LEVELS`] levels from the lowest
+    /// top score calibration saw to the highest score (with the range margin): only the top
+    /// of the range decides an argmax. Lower scores clamp to level 0.
+    LabelScores(u32),
     /// Shared by every lookup of one group whose outputs are only summed into the model's
     /// outputs (a tree ensemble's leaf values): a fine grid, since the client decrypts the
     /// sums with no bootstrap, and one scale, so that the sums keep unit weights.
@@ -709,58 +713,61 @@ pub const LABEL_ORIGIN: &str = "argmax (label output)";
 
 impl FloatModel {
     /// The same classifier with the given reveal mode. `Label` appends the argmax as lookups
-    /// on the scores, so the one output decrypts to the predicted class index: for classes
-    /// `i < j` a lookup `c_ij = [s_i - s_j >= 0]` (ties go to the lower index, as the
-    /// client's argmax), then per class `m_i = [sum_{j>i} c_ij + sum_{j<i} (1 - c_ji) = K - 1]`
-    /// (exactly one is 1 when the comparisons agree), and the output `sum_i i * m_i`. Two
-    /// classes need only `1 - c_01`; a single score one lookup of the tail's own decision.
-    /// Comparisons and indicators take the exact 0/1 grid, so the indicators read small exact
-    /// integers.
+    /// on the scores, so the one output decrypts to the predicted class index.
+    ///
+    /// Each score is read once onto one shared grid of [`LABEL_LEVELS`] levels
+    /// ([`OutputGrid::LabelScores`], calibrated on the top scores), so that the difference of
+    /// two scores is an exact multiple of one unit. A bracket of pairwise matches then finds
+    /// the largest score: a match of `a` (lower indices) and `b` reads `d = b - a` twice,
+    /// `w = [d > 0]` and `relu(d)` (its grid the scores', as in a MaxPool's pairwise maximum),
+    /// then the winner's score `a + relu(d)` once more, so that the next round reads an atom
+    /// again. These comparisons are ordinary approximate reads, like any activation: a misread
+    /// needs scores within read noise of each other, where either class is as good.
+    ///
+    /// The encoding of the winner is exact. Its index is carried as bits; a bit that differs
+    /// inside both halves is chosen by one lookup of `bit_a + 2 bit_b + 4 w` (a decision, read
+    /// exactly: `w` is 0 or 1 whatever its input read). The output is
+    /// `sum_j 2^j bit_j + 2^n [w + w' != 1]` with exact unit weights on lookups of four bits
+    /// each, where `w' = [a - b >= 0]` reads the final match again on the negated difference:
+    /// when the two reads disagree (a near-tie misread) the output lies outside `[0, 2^n)`,
+    /// which
+    /// [`crate::eval::decode_label`] refuses. A single score is one lookup of the tail's own
+    /// decision (and its complement for the check). Compile refuses a label model whose bit
+    /// lookups or output weights cannot be exact.
     pub fn with_reveal(mut self, reveal: Reveal) -> crate::Result<FloatModel> {
         if reveal == Reveal::Scores || self.reveal == Reveal::Label {
             return Ok(self);
         }
         let k = self.outputs.len();
-        let bit = OutputGrid::Fixed(Grid {
-            scale: 1.0,
-            zero: 0,
-            qmin: 0,
-            qmax: 1,
-        });
-        let origin: Arc<str> = LABEL_ORIGIN.into();
-        let nf = self.n_features();
-        let push_with = |m: &mut FloatModel,
-                         input: Lin,
-                         func: UFn,
-                         grid: OutputGrid,
-                         decision: bool|
-         -> AtomId {
-            m.lookups.push(Lookup {
-                input,
-                func: Arc::new(func),
-                grid,
-                origin: origin.clone(),
-                decision,
-                product: None,
-            });
-            (nf + m.lookups.len() - 1) as AtomId
-        };
-        let push_on = |m: &mut FloatModel, input: Lin, func: UFn, grid: OutputGrid| -> AtomId {
-            push_with(m, input, func, grid, false)
-        };
-        let push = |m: &mut FloatModel, input: Lin, func: UFn| push_on(m, input, func, bit.clone());
-        let mut outputs = std::mem::take(&mut self.outputs);
-        let new_output = if k == 1 {
+        let bit = bit_grid();
+        let push = label_lookup;
+        let x = Arc::new(UFn::X);
+        let outputs = std::mem::take(&mut self.outputs);
+        let (bits, check) = if k == 1 {
             let tail: Arc<[TailOp]> = self.tail.clone().into();
-            let a = push(&mut self, outputs[0].clone(), UFn::Predict(tail));
-            Lin::atom(a)
+            let p = Arc::new(UFn::Predict(tail));
+            let b = push(
+                &mut self,
+                outputs[0].clone(),
+                UFn::Affine(1.0, 0.0, p.clone()),
+                bit.clone(),
+                false,
+            );
+            let nb = push(
+                &mut self,
+                outputs[0].clone(),
+                UFn::Affine(-1.0, 1.0, p),
+                bit.clone(),
+                false,
+            );
+            let check = Lin::combine([(1.0, &b), (1.0, &nb)], -1.0);
+            (vec![b], check)
         } else {
-            // Tail functions that may tie scores (a final QuantizeLinear pair, a ReLU) run
-            // first, one lookup per score on their own grid, so ties break as the client's
-            // argmax breaks them; strictly increasing ones and Softmax after them change
-            // nothing.
+            // The tail's element-wise functions, which may tie scores (a final QuantizeLinear
+            // pair, a ReLU), go into the grid read, so ties break as the client's argmax
+            // breaks them; strictly increasing ones and Softmax after them change nothing.
+            let mut f = x.clone();
             if let Some(last) = self.tail.iter().rposition(|op| !keeps_order(op)) {
-                let mut f = Arc::new(UFn::X);
                 for op in &self.tail[..=last] {
                     match op {
                         TailOp::Activation(a) if keeps_weak_order(a) => {
@@ -774,60 +781,194 @@ impl FloatModel {
                         }
                     }
                 }
-                let grid = match &self.tail[last] {
-                    TailOp::Activation(Activation::FakeQuant(g)) => OutputGrid::Fixed(*g),
-                    _ => OutputGrid::Calibrated,
-                };
-                for o in outputs.iter_mut() {
-                    let a = push_on(&mut self, o.clone(), (*f).clone(), grid.clone());
-                    *o = Lin::atom(a);
-                }
             }
-            let x = Arc::new(UFn::X);
-            // c[(i, j)], i < j: whether class i's score is at least class j's.
-            let mut c: HashMap<(usize, usize), AtomId> = HashMap::new();
-            for i in 0..k {
-                for j in i + 1..k {
-                    let d = Lin::combine([(1.0, &outputs[i]), (-1.0, &outputs[j])], 0.0);
-                    let a = push(&mut self, d, UFn::AtLeast(0.0, x.clone()));
-                    c.insert((i, j), a);
-                }
-            }
-            if k == 2 {
-                Lin::combine([(-1.0, &Lin::atom(c[&(0, 1)]))], 1.0)
-            } else {
-                let mut out = Lin::constant(0.0);
-                for i in 0..k {
-                    let (lower, higher): (Vec<usize>, Vec<usize>) =
-                        (0..k).filter(|&j| j != i).partition(|&j| j < i);
-                    let wins: Vec<Lin> = higher
-                        .iter()
-                        .map(|&j| Lin::atom(c[&(i, j)]))
-                        .chain(lower.iter().map(|&j| Lin::atom(c[&(j, i)])))
-                        .collect();
-                    let parts = wins
-                        .iter()
-                        .enumerate()
-                        .map(|(n, l)| (if n < higher.len() { 1.0 } else { -1.0 }, l));
-                    let count = Lin::combine(parts, lower.len() as f64);
-                    // A count of exact 0/1 wins: read exactly, like a tree's leaf table.
-                    let m = push_with(
+            let n_bits = usize::BITS - (k - 1).leading_zeros();
+            let leaves: Vec<Node> = outputs
+                .iter()
+                .enumerate()
+                .map(|(i, o)| Node {
+                    level: push(
                         &mut self,
-                        count,
-                        UFn::AtLeast(k as f64 - 1.5, x.clone()),
-                        bit.clone(),
-                        true,
-                    );
-                    out = Lin::combine([(1.0, &out), (i as f64, &Lin::atom(m))], 0.0);
-                }
-                out
-            }
+                        o.clone(),
+                        (*f).clone(),
+                        OutputGrid::LabelScores(0),
+                        false,
+                    ),
+                    bits: (0..n_bits)
+                        .map(|j| Lin::constant(((i >> j) & 1) as f64))
+                        .collect(),
+                })
+                .collect();
+            let (a, b) = bracket(&mut self, &leaves);
+            // The final match: its winner's bits, and the check.
+            let d = Lin::combine([(1.0, &b.level), (-1.0, &a.level)], 0.0);
+            let w = push(&mut self, d.clone(), gt_zero(), bit.clone(), false);
+            let w2 = push(
+                &mut self,
+                d.scaled(-1.0, 0.0),
+                ge_zero(),
+                bit.clone(),
+                false,
+            );
+            let bits = choose_bits(&mut self, &a, &b, &w);
+            (bits, Lin::combine([(1.0, &w), (1.0, &w2)], -1.0))
         };
-        self.outputs = vec![new_output];
+        // The output reads few bootstraps, each already at its weight on a unit grid, so that
+        // it sums them with unit weights at the output's torus scale: one lookup per four index
+        // bits (`2^4g` times their 16-value nibble, read exactly) and one of the check,
+        // `2^n [w + w' != 1]`. Each summed bootstrap adds its output noise, and a weight would
+        // multiply it (eight bits with weights up to 2^7 left the sum a third of a unit off).
+        let unit = |qmax: i64| {
+            OutputGrid::Fixed(Grid {
+                scale: 1.0,
+                zero: 0,
+                qmin: 0,
+                qmax,
+            })
+        };
+        let n = bits.len();
+        let mut parts: Vec<Lin> = bits
+            .chunks(4)
+            .enumerate()
+            .map(|(g, chunk)| {
+                let terms: Vec<(f64, &Lin)> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(j, b)| ((1u64 << j) as f64, b))
+                    .collect();
+                let w = (1i64 << (4 * g)) as f64;
+                let top = w as i64 * ((1 << chunk.len()) - 1);
+                let f = UFn::Affine(w, 0.0, x.clone());
+                label_lookup(&mut self, Lin::combine(terms, 0.0), f, unit(top), true)
+            })
+            .collect();
+        let wc = 1i64 << n;
+        let table = vec![wc as f64, 0.0, wc as f64];
+        let f = UFn::Act(Activation::Select { base: 0, table }, x.clone());
+        // `check` is `w + w' - 1`: the lookup reads `w + w'` (0, 1 or 2).
+        parts.push(label_lookup(
+            &mut self,
+            check.scaled(1.0, 1.0),
+            f,
+            unit(wc),
+            true,
+        ));
+        let parts: Vec<(f64, &Lin)> = parts.iter().map(|p| (1.0, p)).collect();
+        self.outputs = vec![Lin::combine(parts, 0.0)];
+        // The client bounds the index by the classes, which catches a check of +1.
+        self.class_labels
+            .get_or_insert_with(|| (0..k.max(2) as i64).collect());
         self.tail = Vec::new();
         self.reveal = Reveal::Label;
         Ok(self)
     }
+}
+
+/// Bits of the shared grid a label model reads its scores onto: fine, so that only scores
+/// within a fraction of a percent of the top scores' range can tie or swap.
+pub const LABEL_BITS: u32 = 8;
+
+/// Levels of the label scores' grid, `2^LABEL_BITS`.
+pub const LABEL_LEVELS: i64 = 1 << LABEL_BITS;
+
+/// A bracket entry: its winner's level (an atom) and index bits (constants or 0/1 forms).
+struct Node {
+    level: Lin,
+    bits: Vec<Lin>,
+}
+
+/// Appends one lookup of the argmax; returns its atom.
+fn label_lookup(
+    m: &mut FloatModel,
+    input: Lin,
+    func: UFn,
+    grid: OutputGrid,
+    decision: bool,
+) -> Lin {
+    m.lookups.push(Lookup {
+        input,
+        func: Arc::new(func),
+        grid,
+        origin: LABEL_ORIGIN.into(),
+        decision,
+        product: None,
+    });
+    Lin::atom((m.n_atoms() - 1) as AtomId)
+}
+
+fn bit_grid() -> OutputGrid {
+    OutputGrid::Fixed(Grid {
+        scale: 1.0,
+        zero: 0,
+        qmin: 0,
+        qmax: 1,
+    })
+}
+
+fn gt_zero() -> UFn {
+    UFn::Act(
+        Activation::Compare {
+            rule: Rule::Gt,
+            threshold: 0.0,
+        },
+        Arc::new(UFn::X),
+    )
+}
+
+fn ge_zero() -> UFn {
+    UFn::Act(
+        Activation::Compare {
+            rule: Rule::Geq,
+            threshold: 0.0,
+        },
+        Arc::new(UFn::X),
+    )
+}
+
+/// The winner's bits of a match decided by `w` (1: `b` wins). A bit both sides know is a
+/// linear form of `w`; otherwise one lookup of `bit_a + 2 bit_b + 4 w` (8 values).
+fn choose_bits(m: &mut FloatModel, a: &Node, b: &Node, w: &Lin) -> Vec<Lin> {
+    a.bits
+        .iter()
+        .zip(&b.bits)
+        .map(|(x, y)| {
+            if x.is_constant() && y.is_constant() {
+                Lin::combine([(y.bias - x.bias, w)], x.bias)
+            } else {
+                let input = Lin::combine([(1.0, x), (2.0, y), (4.0, w)], 0.0);
+                let table = vec![0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0];
+                let func = UFn::Act(Activation::Select { base: 0, table }, Arc::new(UFn::X));
+                label_lookup(m, input, func, bit_grid(), true)
+            }
+        })
+        .collect()
+}
+
+/// Plays the bracket over `nodes` (consecutive classes) down to its final two entries; halves
+/// split at a power of two, so that each half's high index bits stay constants.
+fn bracket(m: &mut FloatModel, nodes: &[Node]) -> (Node, Node) {
+    let mid = 1usize << (usize::BITS - 1 - (nodes.len() - 1).leading_zeros());
+    (play(m, &nodes[..mid]), play(m, &nodes[mid..]))
+}
+
+/// The winner of `nodes`: its level read back onto the grid, its index bits.
+fn play(m: &mut FloatModel, nodes: &[Node]) -> Node {
+    if let [one] = nodes {
+        return Node {
+            level: one.level.clone(),
+            bits: one.bits.clone(),
+        };
+    }
+    let (a, b) = bracket(m, nodes);
+    let d = Lin::combine([(1.0, &b.level), (-1.0, &a.level)], 0.0);
+    // Approximate reads of the difference (see `FloatModel::with_reveal`).
+    let w = label_lookup(m, d.clone(), gt_zero(), bit_grid(), false);
+    let relu = UFn::Act(Activation::Relu, Arc::new(UFn::X));
+    let r = label_lookup(m, d, relu, OutputGrid::DifferenceOfInputs, false);
+    let sum = Lin::combine([(1.0, &a.level), (1.0, &r)], 0.0);
+    let level = label_lookup(m, sum, UFn::X, OutputGrid::LabelScores(0), false);
+    let bits = choose_bits(m, &a, &b, &w);
+    Node { level, bits }
 }
 
 /// Applies the clear-text tail to decrypted scores.
@@ -956,7 +1097,9 @@ mod tests {
         };
         let three = scores_model(3, vec![TailOp::Softmax]);
         let label = three.clone().with_reveal(Reveal::Label).unwrap();
-        assert_eq!(label.lookups.len(), 3 + 3);
+        // 3 grid reads, one inner match (w, relu, level), the final w and its check, one bit,
+        // then the output's reads of the two bits and of the check.
+        assert_eq!(label.lookups.len(), 3 + 3 + 2 + 1 + 2);
         for x in [
             [1.0, 1.0, 0.0],
             [0.0, 2.0, 2.0],
@@ -964,18 +1107,30 @@ mod tests {
             [-1.0, -2.0, -0.5],
             [5.0, 5.0, 5.0],
         ] {
-            assert_eq!(label.predict(&x).label, three.predict(&x).label, "{x:?}");
+            assert_eq!(
+                label.predict(&x).unwrap().label,
+                three.predict(&x).unwrap().label,
+                "{x:?}"
+            );
         }
         let two = scores_model(2, vec![]);
         let label = two.clone().with_reveal(Reveal::Label).unwrap();
-        assert_eq!(label.lookups.len(), 1);
+        assert_eq!(label.lookups.len(), 2 + 2 + 2);
         for x in [[1.0, 1.0], [0.5, 1.0], [2.0, -1.0]] {
-            assert_eq!(label.predict(&x).label, two.predict(&x).label, "{x:?}");
+            assert_eq!(
+                label.predict(&x).unwrap().label,
+                two.predict(&x).unwrap().label,
+                "{x:?}"
+            );
         }
         let one = scores_model(1, vec![TailOp::BinaryScores, TailOp::Softmax]);
         let label = one.clone().with_reveal(Reveal::Label).unwrap();
         for x in [[0.0], [0.1], [-0.1]] {
-            assert_eq!(label.predict(&x).label, one.predict(&x).label, "{x:?}");
+            assert_eq!(
+                label.predict(&x).unwrap().label,
+                one.predict(&x).unwrap().label,
+                "{x:?}"
+            );
         }
         // A tail that could reorder the scores is refused, not silently wrong.
         let abs = scores_model(3, vec![TailOp::Activation(Activation::Abs)]);

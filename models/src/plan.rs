@@ -15,7 +15,7 @@ use crate::compiled::{
     Stage, WINDOW, WINDOW_STRIDE, bits, switch_sigma_positions,
 };
 use crate::error::{ModelError, Result};
-use crate::graph::{Activation, FloatModel, Rule, Task, UFn};
+use crate::graph::{Activation, FloatModel, LABEL_ORIGIN, OutputGrid, Reveal, Rule, Task, UFn};
 use crate::quantize::{
     QuantConfig, QuantLin, QuantModel, balance_products, quantize, rounding_loss,
 };
@@ -53,7 +53,10 @@ pub fn compile(
     let held: Vec<&Vec<f64>> = calibration.iter().step_by(5).collect();
     let step = held.len().div_ceil(256).max(1);
     let rows: Vec<&Vec<f64>> = held.into_iter().step_by(step).collect();
-    let float: Vec<crate::eval::Prediction> = rows.iter().map(|x| model.predict(x)).collect();
+    let float: Vec<crate::eval::Prediction> = rows
+        .iter()
+        .map(|x| model.predict(x))
+        .collect::<Result<_>>()?;
     // Classifiers: rows whose class agrees with the float model's. Regressors: minus the
     // squared error against the float outputs. A row that overflows counts as a miss.
     let score = |m: &CompiledModel| -> f64 {
@@ -63,10 +66,12 @@ pub fn compile(
                 let mut rng = crate::simulate::NoiseRng::new(seed);
                 rows.iter()
                     .zip(&float)
-                    .map(|(x, f)| match m.simulate(x, Some(&mut rng)) {
-                        Ok(s) if s.overflows == 0 => {
-                            let p = m.decode(&s.accs);
-                            match model.task {
+                    .map(|(x, f)| {
+                        match m
+                            .simulate(x, Some(&mut rng))
+                            .map(|s| (s.overflows, m.decode(&s.accs)))
+                        {
+                            Ok((0, Ok(p))) => match model.task {
                                 Task::Classification => f64::from(u8::from(p.label == f.label)),
                                 Task::Regression => -p
                                     .outputs
@@ -74,12 +79,12 @@ pub fn compile(
                                     .zip(&f.outputs)
                                     .map(|(a, b)| (a - b).powi(2))
                                     .sum::<f64>(),
-                            }
+                            },
+                            _ => match model.task {
+                                Task::Classification => 0.0,
+                                Task::Regression => -1e30,
+                            },
                         }
-                        _ => match model.task {
-                            Task::Classification => 0.0,
-                            Task::Regression => -1e30,
-                        },
                     })
                     .sum::<f64>()
             })
@@ -177,14 +182,25 @@ fn plan(
     let ranges: Vec<(i64, i64)> = acc_range
         .iter()
         .zip(&q.lookups)
-        .map(|(&(lo, hi), ql)| {
+        .zip(&model.lookups)
+        .enumerate()
+        .map(|(i, ((&(lo, hi), ql), l))| {
             let (tlo, thi) = ql.bounds(&q.atoms);
             // 16 positions per integer keeps a read exact with the measured noise.
             if ql.exact && (thi - tlo) * 16 <= POSITIONS - 2 * GUARD {
                 return (tlo, thi);
             }
+            // A label comparison of scores on one grid: its whole range (a few hundred levels),
+            // since a difference past the window would wrap and flip the comparison.
+            if label_comparison(model, i, ql) {
+                return (tlo, thi);
+            }
             let margin = if ql.exact {
                 cfg.range_margin.max(0.3)
+            } else if matches!(l.grid, OutputGrid::LabelScores(_)) {
+                // Only the top of a label score's range matters, but a score past the window
+                // would wrap around the torus and read as a large level.
+                cfg.range_margin.max(0.2)
             } else {
                 cfg.range_margin
             };
@@ -257,6 +273,7 @@ fn plan(
         ranges[i] = (0, WINDOW - 1);
     }
     let n_inputs = nf + windows.len();
+    check_label_exact(model, q, &exact_read)?;
 
     // Torus scale groups.
     let mut groups = Groups((0..n_atoms).collect());
@@ -393,6 +410,13 @@ fn plan(
                         let acc = (acc.round() as i64).clamp(lo, hi) as f64;
                         out_q.quantize(func.eval(ql.scale * acc + ql.offset))
                     }
+                    // A label comparison's accumulator is an integer (levels of one grid):
+                    // rounding it first puts each step between two levels, so that a tie reads
+                    // as a tie rather than on the step.
+                    (None, false) if label_comparison(model, i, ql) => {
+                        let acc = (acc.round() as i64).clamp(lo, hi) as f64;
+                        out_q.quantize(func.eval(ql.scale * acc + ql.offset))
+                    }
                     (None, false) => out_q.quantize(func.eval(ql.scale * acc + ql.offset)),
                 };
                 table.push(out as u16);
@@ -456,7 +480,7 @@ fn plan(
         .iter()
         .find_map(|o| o.terms.first())
         .map_or(out_delta, |&(a, _)| delta_of[a as usize]);
-    let (modulus_bits, sigma) = output_modulus(&sigma, out_decoding_delta);
+    let (modulus_bits, sigma) = output_modulus(&sigma, out_decoding_delta, model.reveal);
     let output = OutputLayer {
         weights: IntMatrix {
             n_in: n_before as u32,
@@ -547,6 +571,53 @@ fn node_rounding(model: &FloatModel, q: &QuantModel) -> Vec<NodeRounding> {
 /// margin, and 48 positions are about ten read standard deviations (4.9 for fresh inputs).
 pub const MIN_DECISION_SPACING: f64 = 96.0;
 
+/// Whether lookup `l` is one of a label argmax's comparisons of scores (`[b - a > 0]`,
+/// `relu(b - a)`, the winner's score): an approximate read of an exact form.
+/// Only lookups that read other label lookups count: a score's own read reads the model.
+fn label_comparison(model: &FloatModel, i: usize, ql: &QuantLin) -> bool {
+    let nf = model.n_features();
+    let label = |l: &crate::graph::Lookup| &*l.origin == LABEL_ORIGIN;
+    let l = &model.lookups[i];
+    label(l)
+        && !l.decision
+        && ql.exact
+        && !l.input.terms.is_empty()
+        && l.input.terms.iter().all(|&(a, _)| {
+            (a as usize)
+                .checked_sub(nf)
+                .is_some_and(|j| label(&model.lookups[j]))
+        })
+}
+
+/// A label model's encoding must be exact: the comparisons of scores are approximate reads
+/// (a misread needs scores within read noise of each other), but every lookup that selects or
+/// copies the winner's index bits, or the check, is a decision read exactly, and the output
+/// sums them with exact weights. Anything else is refused here rather than decoded into a
+/// wrong class.
+fn check_label_exact(model: &FloatModel, q: &QuantModel, exact_read: &[bool]) -> Result<()> {
+    if model.reveal != Reveal::Label {
+        return Ok(());
+    }
+    for (i, l) in model.lookups.iter().enumerate() {
+        if &*l.origin == LABEL_ORIGIN && l.decision && !exact_read[i] {
+            let (lo, hi) = q.lookups[i].bounds(&q.atoms);
+            return Err(ModelError::Plan(format!(
+                "label output: index lookup {i} reads {} values ({lo}..={hi}, exact weights: \
+                 {}); one bootstrap reads at most {WINDOW} exactly",
+                hi - lo + 1,
+                q.lookups[i].exact
+            )));
+        }
+    }
+    if let Some(o) = q.outputs.iter().find(|o| !o.exact) {
+        return Err(ModelError::Plan(format!(
+            "label output: the class index's weights {:?} cannot be kept exact",
+            o.terms.iter().map(|t| t.1).collect::<Vec<_>>()
+        )));
+    }
+    Ok(())
+}
+
 /// Lookup `i`'s output for each grid value `q` of input feature `a` (its form is `w * q`).
 /// An equality test holds on the grid value nearest its threshold (a categorical feature's
 /// integer codes rarely lie exactly on an 8-bit grid).
@@ -584,12 +655,16 @@ pub const MAX_OUTPUT_BITS: u32 = 31;
 /// larger of the output's own noise and half an integer unit of its accumulator (1/256 of
 /// the variance): fewer bits would blur scores, more would only carry noise. Scores whose
 /// accumulators are wide and exact (no bootstrap before them) keep up to 31 bits.
-fn output_modulus(sigma: &[f64], delta: u64) -> (u32, Vec<f64>) {
+fn output_modulus(sigma: &[f64], delta: u64, reveal: Reveal) -> (u32, Vec<f64>) {
     let n = crate::fhe::big_lwe_size(ParamSet::Message2Carry2KsPbsTuniform2m128) - 1;
     let half_unit = delta as f64 / POSITION as f64 / 2.0;
+    // A label is an integer the client rounds (and refuses past a quarter unit): a switch noise
+    // of a sixteenth of a unit (half a unit / 8) leaves it 4 sigma, and the label's own
+    // noise is far below that.
+    let div = if reveal == Reveal::Label { 8.0 } else { 16.0 };
     let target = sigma
         .iter()
-        .map(|s| s.max(half_unit) / 16.0)
+        .map(|s| s.max(half_unit) / div)
         .fold(f64::INFINITY, f64::min);
     let bits = (MIN_OUTPUT_BITS..=MAX_OUTPUT_BITS)
         .find(|&b| switch_sigma_positions(b, n) <= target)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::graph::{Activation, FloatModel, Lin, OutputGrid, UFn};
+use crate::graph::{Activation, FloatModel, LABEL_LEVELS, Lin, OutputGrid, Reveal, UFn};
 
 /// Bits of a [`OutputGrid::Summed`] grid. Its values reach the client through sums it
 /// decrypts, with no bootstrap to fit, so the grid can be much finer than an activation's; the
@@ -194,10 +194,23 @@ pub fn quantize(
             bad.len()
         )));
     }
-    // Float range of every atom.
+    // Float range of every atom; per label-score group, the lowest and highest top score.
     let mut range = vec![(f64::INFINITY, f64::NEG_INFINITY); model.n_atoms()];
+    let mut top: HashMap<u32, (f64, f64)> = HashMap::new();
     for x in calibration {
-        for (r, v) in range.iter_mut().zip(model.atoms(x)) {
+        let atoms = model.atoms(x);
+        let mut row_top: HashMap<u32, f64> = HashMap::new();
+        for (i, l) in model.lookups.iter().enumerate() {
+            if let OutputGrid::LabelScores(g) = l.grid {
+                let t = row_top.entry(g).or_insert(f64::NEG_INFINITY);
+                *t = t.max(atoms[nf + i]);
+            }
+        }
+        for (g, t) in row_top {
+            let r = top.entry(g).or_insert((f64::INFINITY, f64::NEG_INFINITY));
+            *r = (r.0.min(t), r.1.max(t));
+        }
+        for (r, v) in range.iter_mut().zip(atoms) {
             r.0 = r.0.min(v);
             r.1 = r.1.max(v);
         }
@@ -253,7 +266,13 @@ pub fn quantize(
                 let (lo, hi) = tied[g];
                 UniformQuant::from_range(lo, hi, SUMMED_BITS)
             }
+            // A label's weighted bits keep every level: their values are the class index's.
+            OutputGrid::Fixed(g) if &*l.origin == crate::graph::LABEL_ORIGIN => fixed(g),
             OutputGrid::Fixed(g) => coarse(g),
+            OutputGrid::LabelScores(g) => {
+                let (lo, hi) = top[g];
+                label_grid(lo, hi, cfg.range_margin)
+            }
             OutputGrid::DifferenceOfInputs => {
                 difference_grid(&l.input, &atoms).unwrap_or(calibrated)
             }
@@ -268,13 +287,27 @@ pub fn quantize(
     let outputs = model
         .outputs
         .iter()
-        .map(|o| quantize_form(o, &atoms, nf, cfg, false))
+        // A label's output sums exact bits with exact weights.
+        .map(|o| quantize_form(o, &atoms, nf, cfg, model.reveal == Reveal::Label))
         .collect();
     Ok(QuantModel {
         atoms,
         lookups,
         outputs,
     })
+}
+
+/// The label scores' grid: [`LABEL_LEVELS`] levels over `[lo, hi]` widened by `margin` of its
+/// width each side; `lo` need not be 0 (the zero point may lie off the grid).
+pub fn label_grid(lo: f64, hi: f64, margin: f64) -> UniformQuant {
+    let w = (hi - lo).max(1e-9);
+    let (lo, hi) = (lo - margin * w, hi + margin * w);
+    let scale = (hi - lo) / (LABEL_LEVELS - 1) as f64;
+    UniformQuant {
+        scale,
+        zero: (-lo / scale).round() as i64,
+        max_q: LABEL_LEVELS - 1,
+    }
 }
 
 /// The grid of `relu(b - a)` inside a pairwise maximum: when every atom of the difference
@@ -348,23 +381,31 @@ fn quantize_form(
     let t = if t > 0.0 { t } else { 1.0 };
     // Weights that are already small integer multiples of one unit (a difference of values
     // on one grid, a sum pooled by MaxPool) keep that unit: exact, and as narrow as can be.
-    let unit = folded
+    let smallest = folded
         .iter()
         .map(|t| t.1.abs())
         .fold(f64::INFINITY, f64::min);
-    let exact_unit = unit.is_finite()
-        && (unit >= t || decision)
-        && folded.iter().all(|&(_, v)| {
-            let r = v / unit;
-            (r - r.round()).abs() < 1e-9
-                && r.abs()
-                    <= if decision {
-                        1024.0
-                    } else {
-                        w_max(cfg.first_weight_bits)
-                    }
-        });
-    let t = if exact_unit { unit } else { t };
+    let exact_with = |unit: f64| {
+        unit.is_finite()
+            && (unit >= t || decision)
+            && folded.iter().all(|&(_, v)| {
+                let r = v / unit;
+                (r - r.round()).abs() < 1e-9
+                    && r.abs()
+                        <= if decision {
+                            1024.0
+                        } else {
+                            w_max(cfg.first_weight_bits)
+                        }
+            })
+    };
+    // A decision may also take a fraction of its smallest weight as unit (weights 3 and 2).
+    let fractions = if decision { 8 } else { 1 };
+    let unit = (1..=fractions)
+        .map(|n| smallest / n as f64)
+        .find(|&u| exact_with(u));
+    let exact_unit = unit.is_some();
+    let t = unit.unwrap_or(t);
     let terms: Vec<(u32, i64)> = folded
         .iter()
         .map(|&(a, v)| (a, (v / t).round() as i64))

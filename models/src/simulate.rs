@@ -56,8 +56,14 @@ pub struct SimOutput {
 }
 
 impl CompiledModel {
-    /// Simulates one sample from its quantized inputs.
-    pub fn simulate_quantized(&self, q: &[i64], mut noise: Option<&mut NoiseRng>) -> SimOutput {
+    /// Every value of one sample, inputs then each stage's outputs; with `noise`, with the
+    /// predicted bootstrap noise.
+    pub fn simulate_values(&self, x: &[f64], noise: Option<&mut NoiseRng>) -> Result<Vec<i64>> {
+        let q = self.input.quantize(x)?;
+        Ok(self.run_stages(&q, noise).0)
+    }
+
+    fn run_stages(&self, q: &[i64], mut noise: Option<&mut NoiseRng>) -> (Vec<i64>, usize) {
         let mut values = Vec::with_capacity(self.n_values());
         values.extend_from_slice(q);
         let mut overflows = 0;
@@ -76,6 +82,12 @@ impl CompiledModel {
             }
             debug_assert_eq!(values.len(), n_before + st.len());
         }
+        (values, overflows)
+    }
+
+    /// Simulates one sample from its quantized inputs.
+    pub fn simulate_quantized(&self, q: &[i64], mut noise: Option<&mut NoiseRng>) -> SimOutput {
+        let (values, overflows) = self.run_stages(q, noise.as_deref_mut());
         let out = &self.output;
         let accs = out
             .weights

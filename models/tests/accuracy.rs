@@ -17,7 +17,7 @@ fn simulated_accuracy_is_within_1_5_points_of_float() {
         let own_float: Vec<i64> = test
             .features
             .iter()
-            .map(|x| float.predict(x).label)
+            .map(|x| float.predict(x).unwrap().label)
             .collect();
         assert!(
             (accuracy(&own_float, &labels) - float_acc).abs() < 1e-9,
@@ -32,7 +32,10 @@ fn simulated_accuracy_is_within_1_5_points_of_float() {
             sims.iter().all(|s| s.overflows == 0),
             "{name}: overflow on the test set"
         );
-        let sim: Vec<i64> = sims.iter().map(|s| model.decode(&s.accs).label).collect();
+        let sim: Vec<i64> = sims
+            .iter()
+            .map(|s| model.decode(&s.accs).unwrap().label)
+            .collect();
         let sim_acc = accuracy(&sim, &labels);
         assert!(
             sim_acc >= float_acc - 0.015,
@@ -46,6 +49,7 @@ fn simulated_accuracy_is_within_1_5_points_of_float() {
             .map(|x| {
                 model
                     .decode(&model.simulate(x, Some(&mut rng)).unwrap().accs)
+                    .unwrap()
                     .label
             })
             .collect();

@@ -106,7 +106,7 @@ fn encrypted_runs_agree_with_simulation() {
                     assert_eq!(e.round(), *s, "{name}");
                 }
             }
-            if spec.decode(&accs).label == model.decode(&sim.accs).label {
+            if spec.decode(&accs).unwrap().label == model.decode(&sim.accs).unwrap().label {
                 agree += 1;
             }
         }
@@ -164,7 +164,9 @@ fn graph_models_encrypted_agree_with_simulation() {
                 worst = worst.max((e - s).abs() / spread);
             }
             assert_within_predicted_noise(name, &model, x, &accs, &sim.accs);
-            agree += usize::from(spec.decode(&accs).label == model.decode(&sim.accs).label);
+            agree += usize::from(
+                spec.decode(&accs).unwrap().label == model.decode(&sim.accs).unwrap().label,
+            );
         }
         eprintln!(
             "{name}: {agree}/{rows} encrypted predictions equal the simulation's; largest score \
@@ -221,7 +223,10 @@ fn trees_and_regressors_encrypted_agree_with_simulation() {
                     "{name}: {e} vs simulated {s} (bound {own})"
                 );
             }
-            let (p, q) = (spec.decode(&accs), model.decode(&sim.accs));
+            let (p, q) = (
+                spec.decode(&accs).unwrap(),
+                model.decode(&sim.accs).unwrap(),
+            );
             assert_eq!(p.label, q.label, "{name}");
             for (a, b) in p.outputs.iter().zip(&q.outputs) {
                 worst = worst.max((a - b).abs());
@@ -329,9 +334,12 @@ fn label_models_encrypted_give_the_scores_argmax() {
             let idx = spec.output.scores(&accs)[0];
             assert!((idx - idx.round()).abs() < 0.25, "{name}: index {idx}");
             let sim = model.simulate(x, None).unwrap();
-            let got = spec.decode(&accs).label;
-            agree += usize::from(got == model.decode(&sim.accs).label);
-            let want = scores.decode(&scores.simulate(x, None).unwrap().accs).label;
+            let got = spec.decode(&accs).unwrap().label;
+            agree += usize::from(got == model.decode(&sim.accs).unwrap().label);
+            let want = scores
+                .decode(&scores.simulate(x, None).unwrap().accs)
+                .unwrap()
+                .label;
             argmax += usize::from(got == want);
         }
         eprintln!(

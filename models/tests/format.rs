@@ -48,7 +48,7 @@ fn expected(model: &CompiledModel) -> Golden {
     let (mut accs, mut labels) = (Vec::new(), Vec::new());
     for x in &rows {
         let sim = model.simulate(x, None).unwrap();
-        labels.push(model.decode(&sim.accs).label);
+        labels.push(model.decode(&sim.accs).unwrap().label);
         accs.push(sim.accs);
     }
     Golden {

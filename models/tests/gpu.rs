@@ -64,7 +64,9 @@ fn check_against_simulation(name: &str, n: usize, chunk_limit: usize) -> usize {
                 sim.accs
             );
         }
-        agree += usize::from(model.decode(&sim.accs).label == spec.decode(&accs).label);
+        agree += usize::from(
+            model.decode(&sim.accs).unwrap().label == spec.decode(&accs).unwrap().label,
+        );
     }
     agree
 }

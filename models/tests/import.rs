@@ -26,7 +26,7 @@ fn every_shipped_model_imports_and_matches_onnxruntime() {
                 );
             }
             assert_eq!(
-                model.predict(&test.features[i]).label,
+                model.predict(&test.features[i]).unwrap().label,
                 labels[i],
                 "{name} row {i}"
             );

@@ -27,25 +27,9 @@ fn label_models_agree_with_the_scores_argmax() {
         let label = compile(&label_float, &train.features, &QuantConfig::default()).unwrap();
         assert_eq!(label.reveal, Reveal::Label);
         assert_eq!(label.n_outputs(), 1, "{name}");
-        // K(K-1)/2 comparisons and K indicators (two classes: one comparison; one score:
-        // one decision), plus one lookup per score for a tail that may tie scores (QDQ).
-        let mut extra = match k {
-            1 | 2 => 1,
-            k => k * (k - 1) / 2 + k,
-        };
-        if float
-            .tail
-            .iter()
-            .any(|t| format!("{t:?}").contains("FakeQuant"))
-            && k > 1
-        {
-            extra += k;
-        }
-        assert_eq!(
-            label.pbs_per_sample(),
-            scores.pbs_per_sample() + extra,
-            "{name}"
-        );
+        // The bracket argmax: under 6 bootstraps per class (grid reads, matches, index bits).
+        let extra = label.pbs_per_sample() - scores.pbs_per_sample();
+        assert!(extra <= 6 * k.max(1), "{name}: {extra} argmax bootstraps");
         let counted: usize = label
             .nodes
             .iter()
@@ -68,16 +52,27 @@ fn label_models_agree_with_the_scores_argmax() {
 
         let n = test.features.len();
         let (mut agree, mut noisy_agree, mut float_agree, mut overflows) = (0, 0, 0, 0);
+        let mut refused = 0;
         let mut rng = NoiseRng::new(5);
         for x in &test.features {
-            let want = scores.decode(&scores.simulate(x, None).unwrap().accs).label;
+            let want = scores
+                .decode(&scores.simulate(x, None).unwrap().accs)
+                .unwrap()
+                .label;
             let sim = label.simulate(x, None).unwrap();
             overflows += sim.overflows;
-            let got = label.decode(&sim.accs).label;
+            let got = label.decode(&sim.accs).unwrap().label;
             agree += usize::from(got == want);
             let noisy = label.simulate(x, Some(&mut rng)).unwrap();
-            noisy_agree += usize::from(label.decode(&noisy.accs).label == want);
-            float_agree += usize::from(label_float.predict(x).label == float.predict(x).label);
+            // A final near-tie may read inconsistently under noise: refused, never a guess.
+            match label.decode(&noisy.accs) {
+                Ok(p) => noisy_agree += usize::from(p.label == want),
+                Err(veil_models::ModelError::InconsistentLabel { .. }) => refused += 1,
+                Err(e) => panic!("{name}: {e}"),
+            }
+            float_agree += usize::from(
+                label_float.predict(x).unwrap().label == float.predict(x).unwrap().label,
+            );
             // The index is an exact small integer: the output reads it without rounding.
             let idx = label.output.decoding.scores(&sim.accs)[0];
             assert!(
@@ -88,7 +83,7 @@ fn label_models_agree_with_the_scores_argmax() {
         eprintln!(
             "{name}: K = {k}, {} + {extra} bootstraps, {bits}-bit label response of {bytes} \
              bytes ({sbits}-bit scores); label = scores argmax on {agree}/{n} (noisy \
-             simulation {noisy_agree}/{n}), overflows {overflows}",
+             simulation {noisy_agree}/{n}, {refused} refused), overflows {overflows}",
             scores.pbs_per_sample()
         );
         assert_eq!(float_agree, n, "{name}: float argmax under the label graph");

@@ -54,7 +54,7 @@ fn tree_and_regression_models_match_onnxruntime_on_every_test_row() {
                         want[i]
                     );
                 }
-                assert_eq!(model.predict(x).label, labels[i], "{name} row {i}");
+                assert_eq!(model.predict(x).unwrap().label, labels[i], "{name} row {i}");
             }
         }
     }
@@ -72,7 +72,10 @@ fn simulated_accuracy_and_r2_stay_close_to_float() {
             .map(|x| model.simulate(x, None).unwrap())
             .collect();
         assert!(sims.iter().all(|s| s.overflows == 0), "{name}: overflow");
-        let exact: Vec<_> = sims.iter().map(|s| model.decode(&s.accs)).collect();
+        let exact: Vec<_> = sims
+            .iter()
+            .map(|s| model.decode(&s.accs).unwrap())
+            .collect();
         let noisy = model.simulate_predictions(&test.features, Some(3)).unwrap();
         if is_regressor(name) {
             let truth = test.targets.clone().unwrap();
@@ -205,7 +208,7 @@ fn tree_fixtures_simulate_exactly() {
         for (x, want) in inputs.iter().zip(&outputs) {
             let sim = model.simulate(x, None).unwrap();
             assert_eq!(sim.overflows, 0, "{name}");
-            let got = model.decode(&sim.accs).outputs;
+            let got = model.decode(&sim.accs).unwrap().outputs;
             for (g, w) in got.iter().zip(want) {
                 assert!(
                     (g - w).abs() < 5e-3 * (1.0 + w.abs()),
@@ -287,7 +290,7 @@ fn tree_tests_on_computed_values_are_exact_or_refused() {
     for (x, want) in inputs.iter().zip(&outputs) {
         let sim = model.simulate(x, None).unwrap();
         assert_eq!(sim.overflows, 0);
-        let got = model.decode(&sim.accs).outputs;
+        let got = model.decode(&sim.accs).unwrap().outputs;
         // A test read wrongly moves the output by a leaf difference (0.5 or more).
         assert!(
             (got[0] - want[0]).abs() < 5e-3,

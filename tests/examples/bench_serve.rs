@@ -296,7 +296,7 @@ async fn main() {
             for (row, out) in rows.iter().zip(&reply.outputs) {
                 let got = remote.decrypt(&keys[*i], out).unwrap();
                 let sim = model.simulate(&data.features[*row], None).unwrap();
-                agree += usize::from(model.decode(&sim.accs).label == got.label);
+                agree += usize::from(model.decode(&sim.accs).unwrap().label == got.label);
                 total += 1;
             }
         }

@@ -310,5 +310,5 @@ pub fn check_sample_against_simulation(model: &CompiledModel, x: &[f64], accs: &
             sim.accs
         );
     }
-    model.decode(accs).label == model.decode(&sim.accs).label
+    model.decode(accs).unwrap().label == model.decode(&sim.accs).unwrap().label
 }

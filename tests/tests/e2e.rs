@@ -23,7 +23,7 @@ fn check_against_simulation(
     for ((x, acc), label) in xs.iter().zip(accs).zip(labels) {
         check_sample_against_simulation(model, x, acc);
         let sim = model.simulate(x, None).unwrap();
-        if model.decode(&sim.accs).label == *label {
+        if model.decode(&sim.accs).unwrap().label == *label {
             agree += 1;
         }
     }
@@ -122,7 +122,10 @@ async fn encrypted_inference_over_grpc_and_keys_survive_restarts() {
         .iter()
         .map(|o| remote.decrypt_accs(&keys, o).unwrap())
         .collect();
-    let labels: Vec<i64> = accs.iter().map(|a| remote.spec.decode(a).label).collect();
+    let labels: Vec<i64> = accs
+        .iter()
+        .map(|a| remote.spec.decode(a).unwrap().label)
+        .collect();
     check_against_simulation(&model, xs, &accs, &labels);
 
     // Health and listing stay responsive while the server evaluates a batch: they answer

@@ -62,8 +62,10 @@ async fn tree_classifier_and_regressor_over_grpc() {
                 check_sample_against_simulation(model, x, &accs),
                 "{name}: the label differs from the simulation's"
             );
-            let sim = model.decode(&model.simulate(x, None).unwrap().accs);
-            let got = remote.spec.decode(&accs);
+            let sim = model
+                .decode(&model.simulate(x, None).unwrap().accs)
+                .unwrap();
+            let got = remote.spec.decode(&accs).unwrap();
             assert_eq!(got.outputs.len(), sim.outputs.len());
             if model.task == Task::Regression {
                 // The prediction is a value near the simulation's (checked against the plan's

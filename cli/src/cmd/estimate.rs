@@ -165,8 +165,8 @@ fn sweep(a: &Args, machine: &MachineProfile) -> anyhow::Result<()> {
         let float_pred: Vec<i64> = test
             .features
             .iter()
-            .map(|x| float.predict(x).label)
-            .collect();
+            .map(|x| float.predict(x).map(|p| p.label))
+            .collect::<Result<_, _>>()?;
         let float_acc = accuracy(&float_pred, &labels);
         for bits in [2u32, 3, 4, 5, 6, 7] {
             let cfg = QuantConfig {

@@ -93,7 +93,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map(|x| model.simulate(x, None))
         .collect::<Result<_, _>>()?;
     let sim_secs = t0.elapsed().as_secs_f64();
-    let sim_pred: Vec<Prediction> = sim.iter().map(|s| model.decode(&s.accs)).collect();
+    let sim_pred: Vec<Prediction> = sim
+        .iter()
+        .map(|s| model.decode(&s.accs))
+        .collect::<Result<_, _>>()?;
     let overflow_samples = sim.iter().filter(|s| s.overflows > 0).count();
     let noisy_pred = model.simulate_predictions(&data.features, Some(0x5eed))?;
     // Accuracy for classifiers, fit for regressors.
@@ -264,7 +267,7 @@ fn fhe_run(
         add_profile(&mut run.profile, &p);
         for o in &outputs {
             let accs = client.decrypt(&spec, o)?;
-            run.predictions.push(spec.decode(&accs));
+            run.predictions.push(spec.decode(&accs)?);
             run.latency_ms.push(eval_ms);
             run.encrypt_ms.push(enc_ms);
         }
