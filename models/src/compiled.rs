@@ -419,27 +419,32 @@ pub struct NodeRounding {
     pub node: String,
     /// Forms of the node (one per lookup, or per output).
     pub forms: usize,
-    /// Worst form's share of its span carried by weights that rounded to zero: a branch much
-    /// smaller than its sibling (a residual, a Concat) that quantization removed.
+    /// Worst form's share of its span (sum of |weight| x atom range) carried by weights that
+    /// rounded to zero.
     pub dropped_weight: f64,
     /// Worst form's total weight rounding error, as a share of its span.
     pub rounding_error: f64,
+    /// The source (an upstream ONNX node, or `input`) that lost the largest share of its own
+    /// weight mass in one of these forms, and that share: a residual or Concat branch much
+    /// smaller than its sibling rounds to zero as a whole.
+    pub worst_branch: Option<(String, f64)>,
 }
 
-/// A node whose forms lose more than this share of their span to dropped weights is worth a
-/// warning: its output no longer depends on part of its input.
-pub const DROPPED_WEIGHT_WARNING: f64 = 0.02;
+/// A branch losing more than this share of its weight mass in a node is reported as a
+/// warning: the node's output no longer depends on it.
+pub const DROPPED_BRANCH_WARNING: f64 = 0.5;
 
 impl NodeRounding {
-    /// The warning `veil compile` prints for this node, if it drops too much.
+    /// The warning `veil compile` prints for this node, if a branch it reads mostly vanishes.
     pub fn warning(&self) -> Option<String> {
-        (self.dropped_weight > DROPPED_WEIGHT_WARNING).then(|| {
+        let (branch, share) = self.worst_branch.as_ref()?;
+        (*share > DROPPED_BRANCH_WARNING).then(|| {
             format!(
-                "node '{}': {:.1}% of its weight mass rounds to zero (a branch much smaller \
-                 than its sibling?); raise --weight-bits / --first-weight-bits or rescale the \
-                 branch",
+                "node '{}': {:.0}% of the weight mass it reads from '{branch}' rounds to zero \
+                 (a branch much smaller than its sibling); raise --weight-bits / \
+                 --first-weight-bits or rescale the branch",
                 self.node,
-                100.0 * self.dropped_weight
+                100.0 * share
             )
         })
     }

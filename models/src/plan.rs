@@ -17,7 +17,7 @@ use crate::compiled::{
 use crate::error::{ModelError, Result};
 use crate::graph::{Activation, FloatModel, LABEL_ORIGIN, OutputGrid, Reveal, Rule, Task, UFn};
 use crate::quantize::{
-    QuantConfig, QuantLin, QuantModel, balance_products, quantize, rounding_loss,
+    QuantConfig, QuantLin, QuantModel, balance_products, quantize, rounding_terms,
 };
 
 /// Compiles a float model: quantizes it on `calibration`, then plans its FHE encoding.
@@ -531,9 +531,17 @@ fn plan(
 }
 
 /// Weight rounding per ONNX node (lookups grouped by origin, then the output forms as node
-/// `outputs`): a node is as lossy as its lossiest form.
+/// `outputs`): a node is as lossy as its lossiest form; a branch is the terms of one form that
+/// read one source node.
 fn node_rounding(model: &FloatModel, q: &QuantModel) -> Vec<NodeRounding> {
+    let nf = model.n_features();
+    let source = |a: u32| -> &str {
+        (a as usize)
+            .checked_sub(nf)
+            .map_or("input", |j| &*model.lookups[j].origin)
+    };
     let mut nodes: Vec<NodeRounding> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
     let forms = model
         .lookups
         .iter()
@@ -547,22 +555,51 @@ fn node_rounding(model: &FloatModel, q: &QuantModel) -> Vec<NodeRounding> {
                 .map(|(o, ql)| ("outputs", o, ql)),
         );
     for (node, lin, ql) in forms {
-        let (dropped, error) = rounding_loss(lin, ql, &q.atoms);
-        let entry = match nodes.iter().position(|n| n.node == node) {
-            Some(i) => &mut nodes[i],
-            None => {
-                nodes.push(NodeRounding {
-                    node: node.to_string(),
-                    forms: 0,
-                    dropped_weight: 0.0,
-                    rounding_error: 0.0,
-                });
-                nodes.last_mut().expect("just pushed")
+        let terms = rounding_terms(lin, ql, &q.atoms);
+        let span: f64 = terms.iter().map(|t| t.span).sum();
+        let share = |x: f64| if span > 0.0 { x / span } else { 0.0 };
+        let dropped = share(terms.iter().filter(|t| t.dropped).map(|t| t.span).sum());
+        let error = share(terms.iter().map(|t| t.error).sum());
+        // Per source: (span, dropped span).
+        let mut branches: Vec<(&str, f64, f64)> = Vec::new();
+        for t in &terms {
+            let s = source(t.atom);
+            let b = match branches.iter().position(|b| b.0 == s) {
+                Some(i) => &mut branches[i],
+                None => {
+                    branches.push((s, 0.0, 0.0));
+                    branches.last_mut().expect("just pushed")
+                }
+            };
+            b.1 += t.span;
+            if t.dropped {
+                b.2 += t.span;
             }
-        };
+        }
+        let worst = branches
+            .iter()
+            .filter(|b| b.1 > 0.0)
+            .map(|b| (b.0, b.2 / b.1))
+            .max_by(|x, y| x.1.total_cmp(&y.1));
+        let i = *index.entry(node).or_insert_with(|| {
+            nodes.push(NodeRounding {
+                node: node.to_string(),
+                forms: 0,
+                dropped_weight: 0.0,
+                rounding_error: 0.0,
+                worst_branch: None,
+            });
+            nodes.len() - 1
+        });
+        let entry = &mut nodes[i];
         entry.forms += 1;
         entry.dropped_weight = entry.dropped_weight.max(dropped);
         entry.rounding_error = entry.rounding_error.max(error);
+        if let Some((b, s)) = worst
+            && entry.worst_branch.as_ref().is_none_or(|w| s > w.1)
+        {
+            entry.worst_branch = Some((b.to_string(), s));
+        }
     }
     nodes
 }
@@ -680,24 +717,41 @@ fn output_modulus(sigma: &[f64], delta: u64, reveal: Reveal) -> (u32, Vec<f64>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::{Lin, Reveal};
+    use crate::graph::{Lin, Lookup};
+    use std::sync::Arc;
 
-    /// A sum of two large terms and 64 small ones (a branch 20 times smaller than its
-    /// sibling): 4-bit weights round the small ones to zero and the report says how much of
-    /// the form's span went; 8-bit weights keep them.
+    /// A residual-style sum of two branches of bootstrap outputs: two large terms from node
+    /// `big` and 64 terms 20 times smaller from node `small`. With 4-bit weights on bootstrap
+    /// outputs the small branch rounds to zero as a whole: the report names it and warns;
+    /// with 8-bit weights it stays.
     #[test]
     fn dropped_weights_are_reported_per_node() {
-        let n = 66;
-        let small = 0.05;
-        let mut terms = vec![(0, 1.0), (1, 1.0)];
-        terms.extend((2..n as u32).map(|a| (a, small)));
+        let (n, small) = (66, 0.05);
+        let lookups = (0..n)
+            .map(|j| Lookup {
+                input: Lin::atom(j as u32),
+                func: Arc::new(UFn::Act(Activation::Relu, Arc::new(UFn::X))),
+                grid: crate::graph::OutputGrid::Calibrated,
+                origin: if j < 2 { "big" } else { "small" }.into(),
+                decision: false,
+                product: None,
+            })
+            .collect();
+        let mut terms = vec![(n as u32, 1.0), (n as u32 + 1, 1.0)];
+        terms.extend((n as u32 + 2..2 * n as u32).map(|a| (a, small)));
         let model = FloatModel {
             input_shape: vec![n],
             input_grids: vec![None; n],
-            lookups: vec![],
+            lookups,
             outputs: vec![
                 Lin { terms, bias: 0.0 },
-                Lin::combine([(1.0, &Lin::atom(0)), (-1.0, &Lin::atom(1))], 0.0),
+                Lin::combine(
+                    [
+                        (1.0, &Lin::atom(n as u32)),
+                        (-1.0, &Lin::atom(n as u32 + 1)),
+                    ],
+                    0.0,
+                ),
             ],
             tail: vec![],
             class_labels: None,
@@ -712,7 +766,7 @@ mod tests {
             })
             .collect();
         let cfg = |bits| QuantConfig {
-            first_weight_bits: bits,
+            weight_bits: bits,
             search: false,
             ..QuantConfig::default()
         };
@@ -723,21 +777,27 @@ mod tests {
             .find(|r| r.node == "outputs")
             .unwrap();
         assert_eq!(out.forms, 2);
-        // Every input spans [0, 1]: the small terms carry 64 * 0.05 of a 5.2 span.
+        // Every lookup spans [0, 1]: the small branch carries 64 * 0.05 of a 5.2 span.
         let expected = 64.0 * small / (2.0 + 64.0 * small);
         assert!(
-            (out.dropped_weight - expected).abs() < 0.01,
+            (out.dropped_weight - expected).abs() < 0.02,
             "{} vs {expected}",
             out.dropped_weight
         );
         assert!(out.rounding_error >= out.dropped_weight);
-        assert!(out.warning().unwrap().contains("outputs"));
+        assert_eq!(out.worst_branch, Some(("small".to_string(), 1.0)));
+        let warning = out.warning().unwrap();
+        assert!(
+            warning.contains("'outputs'") && warning.contains("'small'"),
+            "{warning}"
+        );
         assert_eq!(narrow.summary()["warnings"].as_array().unwrap().len(), 1);
 
         let wide = compile(&model, &rows, &cfg(8)).unwrap();
         let out = wide.rounding.iter().find(|r| r.node == "outputs").unwrap();
         assert_eq!(out.dropped_weight, 0.0);
         assert!(out.rounding_error < 0.02, "{}", out.rounding_error);
+        assert!(out.worst_branch.as_ref().is_some_and(|b| b.1 == 0.0));
         assert!(out.warning().is_none());
         assert!(wide.summary()["warnings"].as_array().unwrap().is_empty());
     }

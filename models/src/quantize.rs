@@ -331,27 +331,36 @@ fn difference_grid(input: &Lin, atoms: &[UniformQuant]) -> Option<UniformQuant> 
     })
 }
 
-/// What rounding `lin`'s weights to `ql`'s integers lost, as shares of the form's span (the
-/// sum over terms of |weight| times the atom's range): `(dropped, error)`, where `dropped` is
-/// the span of the terms that rounded to zero and `error` the span of all rounding errors.
-pub fn rounding_loss(lin: &Lin, ql: &QuantLin, atoms: &[UniformQuant]) -> (f64, f64) {
+/// What rounding one term of a form to its integer weight lost, in the form's output units
+/// over the atom's whole range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TermRounding {
+    pub atom: u32,
+    /// |weight| times the atom's range: the term's share of the form's span.
+    pub span: f64,
+    /// |weight - kept weight| times the atom's range.
+    pub error: f64,
+    /// The weight rounded to zero.
+    pub dropped: bool,
+}
+
+/// Each term of `lin` against its integer weight in `ql`.
+pub fn rounding_terms(lin: &Lin, ql: &QuantLin, atoms: &[UniformQuant]) -> Vec<TermRounding> {
     let kept: HashMap<u32, i64> = ql.terms.iter().copied().collect();
-    let (mut span, mut dropped, mut error) = (0.0, 0.0, 0.0);
-    for &(a, w) in &lin.terms {
-        let u = &atoms[a as usize];
-        let range = u.scale * u.max_q as f64;
-        let kept = kept.get(&a).map_or(0.0, |&q| q as f64 * ql.scale / u.scale);
-        span += w.abs() * range;
-        error += (w - kept).abs() * range;
-        if kept == 0.0 {
-            dropped += w.abs() * range;
-        }
-    }
-    if span > 0.0 {
-        (dropped / span, error / span)
-    } else {
-        (0.0, 0.0)
-    }
+    lin.terms
+        .iter()
+        .map(|&(a, w)| {
+            let u = &atoms[a as usize];
+            let range = u.scale * u.max_q as f64;
+            let kept = kept.get(&a).map_or(0.0, |&q| q as f64 * ql.scale / u.scale);
+            TermRounding {
+                atom: a,
+                span: w.abs() * range,
+                error: (w - kept).abs() * range,
+                dropped: kept == 0.0 && w != 0.0,
+            }
+        })
+        .collect()
 }
 
 /// Integer weights for one form: input scales folded in, then one rounding scale chosen so
