@@ -802,11 +802,17 @@ impl FloatModel {
             let (a, b) = bracket(&mut self, &leaves);
             // The final match: its winner's bits, and the check.
             let d = Lin::combine([(1.0, &b.level), (-1.0, &a.level)], 0.0);
-            let w = push(&mut self, d.clone(), gt_zero(), bit.clone(), false);
+            let w = push(
+                &mut self,
+                d.clone(),
+                compare_zero(Rule::Gt),
+                bit.clone(),
+                false,
+            );
             let w2 = push(
                 &mut self,
                 d.scaled(-1.0, 0.0),
-                ge_zero(),
+                compare_zero(Rule::Geq),
                 bit.clone(),
                 false,
             );
@@ -818,14 +824,6 @@ impl FloatModel {
         // bits (`2^4g` times their 16-value nibble, read exactly) and one of the check,
         // `2^n [w + w' != 1]`. Each summed bootstrap adds its output noise, and a weight would
         // multiply it (eight bits with weights up to 2^7 left the sum a third of a unit off).
-        let unit = |qmax: i64| {
-            OutputGrid::Fixed(Grid {
-                scale: 1.0,
-                zero: 0,
-                qmin: 0,
-                qmax,
-            })
-        };
         let n = bits.len();
         let mut parts: Vec<Lin> = bits
             .chunks(4)
@@ -839,7 +837,7 @@ impl FloatModel {
                 let w = (1i64 << (4 * g)) as f64;
                 let top = w as i64 * ((1 << chunk.len()) - 1);
                 let f = UFn::Affine(w, 0.0, x.clone());
-                label_lookup(&mut self, Lin::combine(terms, 0.0), f, unit(top), true)
+                label_lookup(&mut self, Lin::combine(terms, 0.0), f, unit_grid(top), true)
             })
             .collect();
         let wc = 1i64 << n;
@@ -850,7 +848,7 @@ impl FloatModel {
             &mut self,
             check.scaled(1.0, 1.0),
             f,
-            unit(wc),
+            unit_grid(wc),
             true,
         ));
         let parts: Vec<(f64, &Lin)> = parts.iter().map(|p| (1.0, p)).collect();
@@ -872,6 +870,7 @@ pub const LABEL_BITS: u32 = 8;
 pub const LABEL_LEVELS: i64 = 1 << LABEL_BITS;
 
 /// A bracket entry: its winner's level (an atom) and index bits (constants or 0/1 forms).
+#[derive(Clone)]
 struct Node {
     level: Lin,
     bits: Vec<Lin>,
@@ -896,29 +895,25 @@ fn label_lookup(
     Lin::atom((m.n_atoms() - 1) as AtomId)
 }
 
-fn bit_grid() -> OutputGrid {
+/// The grid of the integers `0..=qmax`, unit scale: index bits, nibbles, the check.
+fn unit_grid(qmax: i64) -> OutputGrid {
     OutputGrid::Fixed(Grid {
         scale: 1.0,
         zero: 0,
         qmin: 0,
-        qmax: 1,
+        qmax,
     })
 }
 
-fn gt_zero() -> UFn {
-    UFn::Act(
-        Activation::Compare {
-            rule: Rule::Gt,
-            threshold: 0.0,
-        },
-        Arc::new(UFn::X),
-    )
+fn bit_grid() -> OutputGrid {
+    unit_grid(1)
 }
 
-fn ge_zero() -> UFn {
+/// `[x > 0]` or `[x >= 0]`.
+fn compare_zero(rule: Rule) -> UFn {
     UFn::Act(
         Activation::Compare {
-            rule: Rule::Geq,
+            rule,
             threshold: 0.0,
         },
         Arc::new(UFn::X),
@@ -954,15 +949,12 @@ fn bracket(m: &mut FloatModel, nodes: &[Node]) -> (Node, Node) {
 /// The winner of `nodes`: its level read back onto the grid, its index bits.
 fn play(m: &mut FloatModel, nodes: &[Node]) -> Node {
     if let [one] = nodes {
-        return Node {
-            level: one.level.clone(),
-            bits: one.bits.clone(),
-        };
+        return one.clone();
     }
     let (a, b) = bracket(m, nodes);
     let d = Lin::combine([(1.0, &b.level), (-1.0, &a.level)], 0.0);
     // Approximate reads of the difference (see `FloatModel::with_reveal`).
-    let w = label_lookup(m, d.clone(), gt_zero(), bit_grid(), false);
+    let w = label_lookup(m, d.clone(), compare_zero(Rule::Gt), bit_grid(), false);
     let relu = UFn::Act(Activation::Relu, Arc::new(UFn::X));
     let r = label_lookup(m, d, relu, OutputGrid::DifferenceOfInputs, false);
     let sum = Lin::combine([(1.0, &a.level), (1.0, &r)], 0.0);

@@ -273,7 +273,7 @@ fn plan(
         ranges[i] = (0, WINDOW - 1);
     }
     let n_inputs = nf + windows.len();
-    check_label_exact(model, q, &exact_read)?;
+    check_label_exact(model, q)?;
 
     // Torus scale groups.
     let mut groups = Groups((0..n_atoms).collect());
@@ -628,23 +628,12 @@ fn label_comparison(model: &FloatModel, i: usize, ql: &QuantLin) -> bool {
 
 /// A label model's encoding must be exact: the comparisons of scores are approximate reads
 /// (a misread needs scores within read noise of each other), but every lookup that selects or
-/// copies the winner's index bits, or the check, is a decision read exactly, and the output
-/// sums them with exact weights. Anything else is refused here rather than decoded into a
-/// wrong class.
-fn check_label_exact(model: &FloatModel, q: &QuantModel, exact_read: &[bool]) -> Result<()> {
+/// copies the winner's index bits, or the check, is a decision, which the plan reads exactly
+/// or refuses, and the output must sum them with exact weights. Anything else is refused here
+/// rather than decoded into a wrong class.
+fn check_label_exact(model: &FloatModel, q: &QuantModel) -> Result<()> {
     if model.reveal != Reveal::Label {
         return Ok(());
-    }
-    for (i, l) in model.lookups.iter().enumerate() {
-        if &*l.origin == LABEL_ORIGIN && l.decision && !exact_read[i] {
-            let (lo, hi) = q.lookups[i].bounds(&q.atoms);
-            return Err(ModelError::Plan(format!(
-                "label output: index lookup {i} reads {} values ({lo}..={hi}, exact weights: \
-                 {}); one bootstrap reads at most {WINDOW} exactly",
-                hi - lo + 1,
-                q.lookups[i].exact
-            )));
-        }
     }
     if let Some(o) = q.outputs.iter().find(|o| !o.exact) {
         return Err(ModelError::Plan(format!(
