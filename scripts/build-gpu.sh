@@ -51,7 +51,7 @@ if [ "${1:-}" = --bench-bundle ]; then
   # bench_serve is a client: it needs no CUDA, and it is built where the CPU build lives
   # (target/release), which CI's test run also fills.
   (unset CARGO_TARGET_DIR; cargo build --release -p veil-tests --example bench_serve)
-  tests=$(cargo test --release -p veil-models --features gpu --test gpu --no-run --message-format=json \
+  tests=$(cargo test --release -p veil-tests --features gpu --test gpu --no-run --message-format=json \
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
@@ -65,7 +65,7 @@ for l in sys.stdin:
   strip -o "$TOOLS/bin/gpu-tests" "$tests"
   ls -l "$TOOLS/bin" >&2
 elif [ "${VEIL_GPU_CHECK:-0}" = 1 ]; then
-  cargo clippy --release --workspace --all-targets --features veil-models/gpu,veil-server/gpu,veil-client/gpu,veil-cli/gpu "$@"
+  cargo clippy --release --workspace --all-targets --features veil-runtime/gpu,veil-server/gpu,veil-client/gpu,veil-cli/gpu,veil-tests/gpu "$@"
 else
   if [ $# -eq 0 ]; then set -- -p veil-server -p veil-cli --features veil-server/gpu,veil-cli/gpu; fi
   cargo build --release "$@"

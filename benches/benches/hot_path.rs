@@ -11,7 +11,7 @@ use tfhe::shortint::parameters::v1_8::{
     V1_8_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128,
 };
 use veil_models::compiled::{POSITIONS, ParamSet};
-use veil_models::fhe::{ClientKey, CpuBackend, PbsBackend, ServerKey, big_lwe_size};
+use veil_runtime::{ClientKey, CpuBackend, PbsBackend, ServerKey, big_lwe_size};
 
 /// shortint's own KS + PBS (`apply_lookup_table`, centered modulus switch) for each
 /// parameter set small enough for this machine. MESSAGE_3_CARRY_3 (917 MB key, ~200 ms per
@@ -66,7 +66,7 @@ fn setup() -> Setup {
     let params = ParamSet::Message2Carry2KsPbsTuniform2m128;
     let client = ClientKey::generate(params);
     let server = ServerKey::from_compressed(params, &client.compressed_server_key()).unwrap();
-    let sp = veil_models::fhe::shortint_params(params);
+    let sp = veil_runtime::shortint_params(params);
     let (poly, glwe) = (sp.polynomial_size, sp.glwe_dimension.to_glwe_size());
     let lut = generate_programmable_bootstrap_glwe_lut(
         poly,
@@ -137,7 +137,7 @@ fn keyswitch_and_linear(c: &mut Criterion) {
     let modulus = CiphertextModulus::new_native();
     let mut g = c.benchmark_group("linear_2_2");
     let input = LweCiphertext::new(3u64 << 58, LweSize(s.size), modulus);
-    let ksk = veil_models::fhe::keys::keyswitch_key(&s.server);
+    let ksk = veil_runtime::keys::keyswitch_key(&s.server);
     let mut small = LweCiphertext::new(0u64, ksk.output_key_lwe_dimension().to_lwe_size(), modulus);
     g.bench_function("keyswitch", |b| {
         b.iter(|| keyswitch_lwe_ciphertext(ksk, &input, &mut small))

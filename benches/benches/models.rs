@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use veil_models::data::{Labels, read_csv};
-use veil_models::fhe::{ClientKey, CpuBackend, FheModel, ServerKey};
 use veil_models::{QuantConfig, compile, onnx};
+use veil_runtime::{ClientKey, CpuBackend, FheModel, ServerKey};
 
 const ZOO: [&str; 5] = [
     "digits_mlp",

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use veil_models::fhe::gpu_available;
+use veil_runtime::gpu_available;
 
 fn run_veil(args: &[&str]) -> (i32, String) {
     let t = Instant::now();

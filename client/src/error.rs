@@ -1,7 +1,8 @@
 //! The client library's typed errors.
 
 use thiserror::Error;
-use veil_models::ModelError;
+use veil_format::FormatError;
+use veil_runtime::RuntimeError;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -19,18 +20,22 @@ pub enum ClientError {
     #[error("unknown model '{name}'; the server serves: {served}")]
     UnknownModel { name: String, served: String },
 
-    /// The server's client spec for `model` fails [`ClientSpec::validate`](veil_models::ClientSpec::validate).
+    /// The server's client spec for `model` fails [`ClientSpec::validate`](veil_format::ClientSpec::validate).
     #[error("model '{model}': the server's client spec is refused: {source}")]
     InvalidSpec {
         model: String,
         #[source]
-        source: ModelError,
+        source: FormatError,
     },
 
-    /// Encryption, decryption, decoding or data errors from the engine; a refused feature is
-    /// `Model(ModelError::InvalidFeature { row, column, .. })`.
+    /// Feature-value and decoding errors of the format; a refused feature is
+    /// `Format(FormatError::InvalidFeature { row, column, .. })`.
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Format(#[from] FormatError),
+
+    /// Encryption and decryption errors of the runtime.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
 
     /// Connection options that do not fit together (TLS options for http://, a bad token).
     #[error("{0}")]

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use veil_models::compiled::ParamSet;
-use veil_models::fhe::ClientKey;
-use veil_models::fhe::keys::{MAX_CLIENT_KEY_BYTES, MAX_EVAL_KEY_BYTES, eval_key_to_bytes};
+use veil_format::compiled::ParamSet;
+use veil_runtime::ClientKey;
+use veil_runtime::keys::{MAX_CLIENT_KEY_BYTES, MAX_EVAL_KEY_BYTES, eval_key_to_bytes};
 
 use crate::error::{ClientError, Result};
 

@@ -28,11 +28,11 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use veil_models::eval::Prediction;
-use veil_models::fhe::{EncryptedOutput, big_lwe_size};
-use veil_models::{ClientSpec, ModelError};
+use veil_format::Prediction;
+use veil_format::{ClientSpec, FormatError};
 use veil_proto::v1;
 use veil_proto::v1::veil_client::VeilClient;
+use veil_runtime::{EncryptedOutput, big_lwe_size};
 
 pub use error::{ClientError, Result};
 pub use keys::{KeyPair, key_id, param_set_by_name};
@@ -104,7 +104,7 @@ impl RemoteModel {
     }
 
     /// Quantizes and encrypts one sample into its wire form (seeded LWE ciphertexts). A NaN,
-    /// infinite or huge feature is refused ([`ModelError::InvalidFeature`], row 0).
+    /// infinite or huge feature is refused ([`FormatError::InvalidFeature`], row 0).
     pub fn encrypt(&self, keys: &KeyPair, x: &[f64]) -> Result<Vec<u8>> {
         self.check_keys(keys)?;
         Ok(keys.client.encrypt(&self.spec, x)?.to_bytes())
@@ -115,7 +115,7 @@ impl RemoteModel {
     pub fn check_rows(&self, xs: &[Vec<f64>]) -> Result<()> {
         for (row, x) in xs.iter().enumerate() {
             if x.len() != self.n_features() {
-                return Err(ModelError::Shape(format!(
+                return Err(FormatError::Shape(format!(
                     "row {row}: {} features given, model '{}' takes {}",
                     x.len(),
                     self.name(),
@@ -123,7 +123,7 @@ impl RemoteModel {
                 ))
                 .into());
             }
-            veil_models::data::check_row(row, x)?;
+            veil_format::input::check_row(row, x)?;
         }
         Ok(())
     }
@@ -599,9 +599,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[cfg(test)]
 mod tests {
     use super::*;
-    use veil_models::compiled::{InputEncoding, InputWindow, OutputDecoding, ParamSet};
-    use veil_models::graph::{Reveal, Task};
-    use veil_models::quantize::UniformQuant;
+    use veil_format::compiled::{InputEncoding, InputWindow, OutputDecoding, ParamSet};
+    use veil_format::quant::UniformQuant;
+    use veil_format::tail::{Reveal, Task};
 
     #[test]
     fn only_loopback_hosts_count_as_loopback() {
@@ -716,7 +716,7 @@ mod tests {
             matches!(
                 &e,
                 ClientError::InvalidSpec {
-                    source: ModelError::InvalidClientSpec(_),
+                    source: FormatError::InvalidClientSpec(_),
                     ..
                 }
             ),
@@ -744,7 +744,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                ClientError::Model(ModelError::InvalidFeature {
+                ClientError::Format(FormatError::InvalidFeature {
                     row: 1,
                     column: 1,
                     ..

@@ -12,12 +12,13 @@
 //! modulus the plan chose.
 
 use std::path::PathBuf;
+use veil_models::Simulate;
 
 use veil_models::compiled::{POSITION, output_wire_bytes, switch_sigma_positions};
 use veil_models::data::{Labels, read_csv};
-use veil_models::fhe::{ClientKey, CpuBackend, FheModel, ServerKey, big_lwe_size};
 use veil_models::graph::Reveal;
 use veil_models::{QuantConfig, compile, onnx};
+use veil_runtime::{ClientKey, CpuBackend, FheModel, ServerKey, big_lwe_size};
 
 fn main() {
     let mut args = std::env::args().skip(1);

@@ -9,7 +9,7 @@
 
 use tfhe::core_crypto::prelude::*;
 use veil_models::compiled::{GUARD, POSITION, POSITIONS, ParamSet};
-use veil_models::fhe::{ClientKey, CpuBackend, PbsBackend, ServerKey};
+use veil_runtime::{ClientKey, CpuBackend, PbsBackend, ServerKey};
 
 struct Rng(u64);
 impl Rng {
@@ -36,7 +36,7 @@ fn main() {
     let (key, noise) = shortint.encryption_key_and_noise();
     let size = key.lwe_dimension().to_lwe_size();
     let modulus = CiphertextModulus::new_native();
-    let sp = veil_models::fhe::shortint_params(params);
+    let sp = veil_runtime::shortint_params(params);
     let (poly, glwe_size) = (sp.polynomial_size, sp.glwe_dimension.to_glwe_size());
     let mut seeder = new_seeder();
     let mut enc =

@@ -19,6 +19,7 @@ use crate::graph::{Activation, FloatModel, LABEL_ORIGIN, OutputGrid, Reveal, Rul
 use crate::quantize::{
     QuantConfig, QuantLin, QuantModel, balance_products, quantize, rounding_terms,
 };
+use crate::simulate::Simulate;
 
 /// Compiles a float model: quantizes it on `calibration`, then plans its FHE encoding.
 ///
@@ -682,7 +683,10 @@ pub const MAX_OUTPUT_BITS: u32 = 31;
 /// the variance): fewer bits would blur scores, more would only carry noise. Scores whose
 /// accumulators are wide and exact (no bootstrap before them) keep up to 31 bits.
 fn output_modulus(sigma: &[f64], delta: u64, reveal: Reveal) -> (u32, Vec<f64>) {
-    let n = crate::fhe::big_lwe_size(ParamSet::Message2Carry2KsPbsTuniform2m128) - 1;
+    let n = ParamSet::Message2Carry2KsPbsTuniform2m128
+        .dims()
+        .big_lwe_size()
+        - 1;
     let half_unit = delta as f64 / POSITION as f64 / 2.0;
     // A label is an integer the client rounds (and refuses past a quarter unit): a switch noise
     // of a sixteenth of a unit (half a unit / 8) leaves it 4 sigma, and the label's own

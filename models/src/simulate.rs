@@ -8,6 +8,7 @@
 
 use crate::compiled::{CompiledModel, POSITION};
 use crate::error::Result;
+use crate::eval::Prediction;
 
 /// A small deterministic Gaussian source (splitmix64 + Box-Muller) for noise injection.
 #[derive(Clone, Debug)]
@@ -55,39 +56,40 @@ pub struct SimOutput {
     pub overflows: usize,
 }
 
-impl CompiledModel {
+/// Clear-text runs of a compiled model (the compiler's check of what the encrypted run
+/// computes).
+pub trait Simulate {
     /// Every value of one sample, inputs then each stage's outputs; with `noise`, with the
     /// predicted bootstrap noise.
-    pub fn simulate_values(&self, x: &[f64], noise: Option<&mut NoiseRng>) -> Result<Vec<i64>> {
-        let q = self.input.quantize(x)?;
-        Ok(self.run_stages(&q, noise).0)
-    }
+    fn simulate_values(&self, x: &[f64], noise: Option<&mut NoiseRng>) -> Result<Vec<i64>>;
+    /// Simulates one sample from its quantized inputs.
+    fn simulate_quantized(&self, q: &[i64], noise: Option<&mut NoiseRng>) -> SimOutput;
+    /// How far each decrypted output may lie from the noiseless simulation (see the impl).
+    fn predicted_deviation(&self, x: &[f64], trials: usize, seed: u64) -> Result<Vec<f64>>;
+    /// Simulates one sample from its float features.
+    fn simulate(&self, x: &[f64], noise: Option<&mut NoiseRng>) -> Result<SimOutput>;
+    /// Simulated predictions for `xs`; with `noise_seed`, with the predicted bootstrap noise.
+    /// A label output the decoder refuses (a noisy misread) is an error.
+    fn simulate_predictions(
+        &self,
+        xs: &[Vec<f64>],
+        noise_seed: Option<u64>,
+    ) -> Result<Vec<Prediction>>;
+    /// Simulated predicted labels for `xs`.
+    fn simulate_labels(&self, xs: &[Vec<f64>], noise_seed: Option<u64>) -> Result<Vec<i64>>;
+}
 
-    fn run_stages(&self, q: &[i64], mut noise: Option<&mut NoiseRng>) -> (Vec<i64>, usize) {
-        let mut values = Vec::with_capacity(self.n_values());
-        values.extend_from_slice(q);
-        let mut overflows = 0;
-        for st in &self.stages {
-            let n_before = values.len();
-            for (n, row) in st.weights.rows.iter().enumerate() {
-                let acc: i64 = row.iter().map(|&(c, w)| w * values[c as usize]).sum();
-                let mut phase = st.phase(n, acc);
-                if let Some(rng) = noise.as_deref_mut() {
-                    let e = rng.gaussian() * st.read_sigma[n] * POSITION as f64;
-                    phase = phase.wrapping_add(e as i64 as u64);
-                }
-                let (v, overflow) = st.read(n, phase);
-                overflows += usize::from(overflow);
-                values.push(v);
-            }
-            debug_assert_eq!(values.len(), n_before + st.len());
-        }
-        (values, overflows)
+impl Simulate for CompiledModel {
+    /// Every value of one sample, inputs then each stage's outputs; with `noise`, with the
+    /// predicted bootstrap noise.
+    fn simulate_values(&self, x: &[f64], noise: Option<&mut NoiseRng>) -> Result<Vec<i64>> {
+        let q = self.input.quantize(x)?;
+        Ok(run_stages(self, &q, noise).0)
     }
 
     /// Simulates one sample from its quantized inputs.
-    pub fn simulate_quantized(&self, q: &[i64], mut noise: Option<&mut NoiseRng>) -> SimOutput {
-        let (values, overflows) = self.run_stages(q, noise.as_deref_mut());
+    fn simulate_quantized(&self, q: &[i64], mut noise: Option<&mut NoiseRng>) -> SimOutput {
+        let (values, overflows) = run_stages(self, q, noise.as_deref_mut());
         let out = &self.output;
         let accs = out
             .weights
@@ -110,7 +112,7 @@ impl CompiledModel {
     /// read noise (seeded, so deterministic), at least the effect of one misread of any value
     /// an output reads directly, plus six standard deviations of the output's own noise.
     /// Tests hold encrypted runs to it: an encoding bias larger than the noise breaks it.
-    pub fn predicted_deviation(&self, x: &[f64], trials: usize, seed: u64) -> Result<Vec<f64>> {
+    fn predicted_deviation(&self, x: &[f64], trials: usize, seed: u64) -> Result<Vec<f64>> {
         let q = self.input.quantize(x)?;
         let exact = self.simulate_quantized(&q, None).accs;
         let mut worst = vec![0.0f64; exact.len()];
@@ -151,8 +153,54 @@ impl CompiledModel {
     }
 
     /// Simulates one sample from its float features.
-    pub fn simulate(&self, x: &[f64], noise: Option<&mut NoiseRng>) -> Result<SimOutput> {
+    fn simulate(&self, x: &[f64], noise: Option<&mut NoiseRng>) -> Result<SimOutput> {
         let q = self.input.quantize(x)?;
         Ok(self.simulate_quantized(&q, noise))
     }
+    /// Simulated predictions for `xs`; with `noise_seed`, with the predicted bootstrap noise.
+    /// A label output the decoder refuses (a noisy misread) is an error.
+    fn simulate_predictions(
+        &self,
+        xs: &[Vec<f64>],
+        noise_seed: Option<u64>,
+    ) -> Result<Vec<Prediction>> {
+        let mut rng = noise_seed.map(NoiseRng::new);
+        xs.iter()
+            .map(|x| {
+                self.simulate(x, rng.as_mut())
+                    .and_then(|s| Ok(self.decode(&s.accs)?))
+            })
+            .collect()
+    }
+
+    /// Simulated predicted labels for `xs`; with `noise_seed`, with the predicted bootstrap noise.
+    fn simulate_labels(&self, xs: &[Vec<f64>], noise_seed: Option<u64>) -> Result<Vec<i64>> {
+        Ok(self
+            .simulate_predictions(xs, noise_seed)?
+            .into_iter()
+            .map(|p| p.label)
+            .collect())
+    }
+}
+
+fn run_stages(m: &CompiledModel, q: &[i64], mut noise: Option<&mut NoiseRng>) -> (Vec<i64>, usize) {
+    let mut values = Vec::with_capacity(m.n_values());
+    values.extend_from_slice(q);
+    let mut overflows = 0;
+    for st in &m.stages {
+        let n_before = values.len();
+        for (n, row) in st.weights.rows.iter().enumerate() {
+            let acc: i64 = row.iter().map(|&(c, w)| w * values[c as usize]).sum();
+            let mut phase = st.phase(n, acc);
+            if let Some(rng) = noise.as_deref_mut() {
+                let e = rng.gaussian() * st.read_sigma[n] * POSITION as f64;
+                phase = phase.wrapping_add(e as i64 as u64);
+            }
+            let (v, overflow) = st.read(n, phase);
+            overflows += usize::from(overflow);
+            values.push(v);
+        }
+        debug_assert_eq!(values.len(), n_before + st.len());
+    }
+    (values, overflows)
 }

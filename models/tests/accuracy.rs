@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use veil_models::CompiledModel;
+use veil_models::Simulate;
 use veil_models::eval::accuracy;
 use veil_models::simulate::NoiseRng;
 

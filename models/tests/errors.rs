@@ -4,7 +4,9 @@ mod common;
 
 use common::*;
 use prost::Message;
+use veil_format::FormatError;
 use veil_models::ModelError;
+use veil_models::Simulate;
 use veil_models::data::{Labels, parse_csv};
 use veil_models::onnx::{self, pb};
 
@@ -217,7 +219,7 @@ fn nan_infinite_and_huge_features_are_refused_naming_row_and_column() {
         assert!(
             matches!(
                 e,
-                ModelError::InvalidFeature {
+                FormatError::InvalidFeature {
                     row: 5,
                     column: 2,
                     ..
@@ -228,7 +230,10 @@ fn nan_infinite_and_huge_features_are_refused_naming_row_and_column() {
         assert!(e.to_string().starts_with("row 5, column 2: ") && e.to_string().contains(why));
         let e = model.simulate(&bad, None).unwrap_err();
         assert!(
-            matches!(e, ModelError::InvalidFeature { column: 2, .. }),
+            matches!(
+                e,
+                ModelError::Format(FormatError::InvalidFeature { column: 2, .. })
+            ),
             "{e}"
         );
     }
@@ -248,7 +253,7 @@ fn a_hostile_client_spec_is_refused_not_obeyed() {
         let mut s = good.clone();
         f(&mut s);
         let e = s.validate().unwrap_err();
-        assert!(matches!(e, ModelError::InvalidClientSpec(_)), "{e}");
+        assert!(matches!(e, FormatError::InvalidClientSpec(_)), "{e}");
         assert!(e.to_string().contains(want), "{want}: {e}");
     };
     use veil_models::compiled::InputWindow;
@@ -317,5 +322,5 @@ fn a_hostile_client_spec_is_refused_not_obeyed() {
         offset: 0,
     });
     let e = s.input.quantize(&[0.0; 4]).unwrap_err();
-    assert!(matches!(e, ModelError::InvalidClientSpec(_)), "{e}");
+    assert!(matches!(e, FormatError::InvalidClientSpec(_)), "{e}");
 }

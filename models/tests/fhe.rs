@@ -3,7 +3,8 @@
 mod common;
 
 use common::*;
-use veil_models::fhe::{
+use veil_models::Simulate;
+use veil_runtime::{
     ClientKey, CpuBackend, EncryptedInput, EncryptedOutput, FheModel, ServerKey, big_lwe_size,
 };
 
@@ -263,7 +264,7 @@ fn wrong_inputs_are_rejected_not_panicking() {
 #[test]
 fn keys_serialize_and_foreign_keys_are_refused() {
     use veil_models::compiled::ParamSet;
-    use veil_models::fhe::keys::{eval_key_from_bytes, eval_key_to_bytes};
+    use veil_runtime::keys::{eval_key_from_bytes, eval_key_to_bytes};
     let params = ParamSet::Message2Carry2KsPbsTuniform2m128;
     let client = ClientKey::generate(params);
     let bytes = eval_key_to_bytes(&client.compressed_server_key());

@@ -11,6 +11,7 @@
 mod common;
 
 use std::path::PathBuf;
+use veil_models::Simulate;
 
 use common::*;
 use serde::{Deserialize, Serialize};

@@ -3,12 +3,14 @@
 //! 100 classes.
 
 use std::sync::Arc;
+use veil_format::FormatError;
+use veil_models::Simulate;
 
-use veil_models::fhe::{ClientKey, CpuBackend, FheModel, ServerKey};
 use veil_models::graph::{Activation, LABEL_LEVELS, LABEL_ORIGIN, Lin, Reveal, Task, UFn};
 use veil_models::quantize::label_grid;
 use veil_models::simulate::NoiseRng;
 use veil_models::{CompiledModel, FloatModel, ModelError, QuantConfig, compile};
+use veil_runtime::{ClientKey, CpuBackend, FheModel, ServerKey};
 
 const FEATURES: usize = 12;
 
@@ -135,7 +137,7 @@ fn label_is_the_argmax_of_the_quantized_scores() {
                         near_ties += 1;
                         deficit = deficit.max(short);
                     }
-                    Err(ModelError::InconsistentLabel { .. }) => refused += 1,
+                    Err(FormatError::InconsistentLabel { .. }) => refused += 1,
                     Err(e) => panic!("K = {k}: {e}"),
                 }
             }
@@ -194,7 +196,7 @@ fn inconsistent_label_outputs_are_errors() {
             accs[0] + 0.5,
         ] {
             match spec.decode(&[bad]) {
-                Err(ModelError::InconsistentLabel { .. }) => {}
+                Err(FormatError::InconsistentLabel { .. }) => {}
                 other => panic!("{bad} (class {idx}) decoded to {other:?}"),
             }
         }
@@ -219,7 +221,10 @@ fn inconsistent_label_outputs_are_errors() {
         })
         .unwrap();
     assert!(
-        matches!(tie.predict(&x), Err(ModelError::InconsistentLabel { .. })),
+        matches!(
+            tie.predict(&x),
+            Err(ModelError::Format(FormatError::InconsistentLabel { .. }))
+        ),
         "{:?}",
         tie.predict(&x)
     );

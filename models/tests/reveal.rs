@@ -4,11 +4,12 @@
 mod common;
 
 use common::*;
+use veil_models::Simulate;
 use veil_models::compiled::output_wire_bytes;
-use veil_models::fhe::big_lwe_size;
 use veil_models::graph::Reveal;
 use veil_models::simulate::NoiseRng;
 use veil_models::{QuantConfig, compile};
+use veil_runtime::big_lwe_size;
 
 /// Every zoo classifier compiles in label mode, and its simulated class index agrees with the
 /// scores model's argmax on the test set (all rows), without and with the predicted noise.
@@ -67,7 +68,7 @@ fn label_models_agree_with_the_scores_argmax() {
             // A final near-tie may read inconsistently under noise: refused, never a guess.
             match label.decode(&noisy.accs) {
                 Ok(p) => noisy_agree += usize::from(p.label == want),
-                Err(veil_models::ModelError::InconsistentLabel { .. }) => refused += 1,
+                Err(veil_format::FormatError::InconsistentLabel { .. }) => refused += 1,
                 Err(e) => panic!("{name}: {e}"),
             }
             float_agree += usize::from(

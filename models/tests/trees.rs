@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use veil_models::Simulate;
 use veil_models::eval::{accuracy, regression_metrics};
 use veil_models::graph::{Activation, Task, UFn};
 

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, oneshot};
-use veil_models::fhe::{EncryptedInput, EncryptedOutput};
+use veil_runtime::{EncryptedInput, EncryptedOutput};
 
 use crate::error::{Result, ServiceError};
 use crate::key_store::{KeyStore, short};
@@ -307,7 +307,7 @@ impl Batcher {
                 let inputs = wire
                     .iter()
                     .map(|b| EncryptedInput::from_bytes(b, n_features, lwe_size))
-                    .collect::<veil_models::Result<Vec<_>>>()?;
+                    .collect::<veil_runtime::Result<Vec<_>>>()?;
                 drop(wire);
                 let backend = key.backend();
                 fhe.evaluate(backend.as_ref(), &inputs)

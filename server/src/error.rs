@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use thiserror::Error;
-use veil_models::ModelError;
+use veil_format::FormatError;
+use veil_runtime::RuntimeError;
 
 #[derive(Debug, Error)]
 pub enum ServiceError {
@@ -60,9 +61,13 @@ pub enum ServiceError {
     #[error("{0}")]
     Config(String),
 
-    /// An engine error: bad ciphertexts or keys, shapes, damaged models.
+    /// A format error: a damaged or inconsistent model.
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Format(#[from] FormatError),
+
+    /// A runtime error: bad ciphertexts or keys, shapes, an unavailable backend.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
 
     /// A file-system error on the server's side.
     #[error("{context}: {source}")]

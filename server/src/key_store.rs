@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
-use veil_models::compiled::ParamSet;
-use veil_models::fhe::keys::{MAX_EVAL_KEY_BYTES, eval_key_from_bytes};
-use veil_models::fhe::{BackendKind, EvalKey};
+use veil_format::compiled::ParamSet;
+use veil_runtime::keys::{MAX_EVAL_KEY_BYTES, eval_key_from_bytes};
+use veil_runtime::{BackendKind, EvalKey};
 
 use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
@@ -710,7 +710,7 @@ mod tests {
         let err = store
             .store("", b"not a key at all", &[p], Quota::default())
             .unwrap_err();
-        assert!(matches!(err, ServiceError::Model(_)), "{err}");
+        assert!(matches!(err, ServiceError::Runtime(_)), "{err}");
         assert!(
             store
                 .find("", &key_id(b"not a key at all"), &[p])

@@ -28,7 +28,7 @@ pub use error::{Result, ServiceError};
 pub use metrics::Metrics;
 pub use service::Limits;
 pub use tenants::{Tenants, token_sha256};
-pub use veil_models::fhe::BackendKind;
+pub use veil_runtime::BackendKind;
 
 use key_store::KeyStore;
 use models::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Registry};
@@ -155,7 +155,7 @@ impl Server {
             max_key_store_bytes,
             tls,
         } = config;
-        backend.check_available().map_err(ServiceError::Model)?;
+        backend.check_available().map_err(ServiceError::Runtime)?;
         let tls = match tls {
             None => None,
             Some(files) => {

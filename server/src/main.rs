@@ -9,7 +9,7 @@ use veil_server::{BackendKind, BatchPolicy, Config, Limits, Server, Tenants, Tls
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
     s.parse()
-        .map_err(|e: veil_models::ModelError| e.to_string())
+        .map_err(|e: veil_runtime::RuntimeError| e.to_string())
 }
 
 #[derive(Parser)]

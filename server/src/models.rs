@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use veil_models::CompiledModel;
-use veil_models::compiled::ParamSet;
-use veil_models::fhe::keys::eval_key_to_bytes;
-use veil_models::fhe::{ClientKey, FheModel, big_lwe_size};
+use veil_format::CompiledModel;
+use veil_format::compiled::ParamSet;
 use veil_proto::v1;
+use veil_runtime::keys::eval_key_to_bytes;
+use veil_runtime::{ClientKey, FheModel, big_lwe_size};
 
 use crate::error::{Result, ServiceError};
 
@@ -77,7 +77,7 @@ impl Registry {
             let size = std::fs::metadata(path)
                 .map_err(|e| cannot(e.to_string()))?
                 .len();
-            if size > veil_models::compiled::MAX_MODEL_BYTES + 12 {
+            if size > veil_format::compiled::MAX_MODEL_BYTES + 12 {
                 return Err(cannot(format!("{size} bytes is too large")));
             }
             // The digest is of the very bytes the model is loaded from.
@@ -162,7 +162,7 @@ impl ServedModel {
         // evaluation inside the working-memory bound (estimated from the plan).
         let in_bytes = 64 + 8 * n_features + 16;
         let out_bytes = 64
-            + veil_models::compiled::output_wire_bytes(
+            + veil_format::compiled::output_wire_bytes(
                 n_outputs,
                 lwe_size,
                 spec.output.modulus_bits,

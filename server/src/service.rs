@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
-use veil_models::compiled::ParamSet;
-use veil_models::fhe::EncryptedInput;
-use veil_models::fhe::keys::MAX_EVAL_KEY_BYTES;
+use veil_format::compiled::ParamSet;
 use veil_proto::v1;
 use veil_proto::v1::upload_key_request::Part;
+use veil_runtime::EncryptedInput;
+use veil_runtime::keys::MAX_EVAL_KEY_BYTES;
 
 use crate::batcher::{BatchPolicy, Batcher, Job};
 use crate::error::{Result, ServiceError};
@@ -409,10 +409,10 @@ fn decode_sample(
             e.to_string()
         };
         match e {
-            veil_models::ModelError::Shape(_) => {
-                ServiceError::Model(veil_models::ModelError::Shape(format!("sample {i}: {why}")))
-            }
-            _ => ServiceError::Model(veil_models::ModelError::Crypto(format!(
+            veil_runtime::RuntimeError::Shape(_) => ServiceError::Runtime(
+                veil_runtime::RuntimeError::Shape(format!("sample {i}: {why}")),
+            ),
+            _ => ServiceError::Runtime(veil_runtime::RuntimeError::Crypto(format!(
                 "sample {i}: {why}"
             ))),
         }

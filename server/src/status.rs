@@ -16,7 +16,8 @@
 //! serves, the model's parameter set) does not admit it.
 
 use tonic::{Code, Status};
-use veil_models::ModelError;
+use veil_format::FormatError;
+use veil_runtime::RuntimeError;
 
 use crate::error::ServiceError;
 
@@ -33,10 +34,12 @@ pub fn code_of(e: &ServiceError) -> Code {
         ServiceError::Unauthenticated(_) => Code::Unauthenticated,
         ServiceError::PermissionDenied(_) => Code::PermissionDenied,
         ServiceError::Shared(inner) => code_of(inner),
-        ServiceError::Model(m) => match m {
-            ModelError::Shape(_) | ModelError::Crypto(_) | ModelError::Csv { .. } => {
-                Code::InvalidArgument
-            }
+        ServiceError::Runtime(RuntimeError::Format(f)) | ServiceError::Format(f) => match f {
+            FormatError::Shape(_) | FormatError::InvalidFeature { .. } => Code::InvalidArgument,
+            _ => Code::Internal,
+        },
+        ServiceError::Runtime(r) => match r {
+            RuntimeError::Shape(_) | RuntimeError::Crypto(_) => Code::InvalidArgument,
             _ => Code::Internal,
         },
         ServiceError::Io { .. } | ServiceError::Internal(_) | ServiceError::Config(_) => {
@@ -89,11 +92,11 @@ mod tests {
     fn codes() {
         let code = |e: ServiceError| Status::from(e).code();
         assert_eq!(
-            code(ModelError::Crypto("x".into()).into()),
+            code(RuntimeError::Crypto("x".into()).into()),
             Code::InvalidArgument
         );
         assert_eq!(
-            code(ModelError::Shape("x".into()).into()),
+            code(RuntimeError::Shape("x".into()).into()),
             Code::InvalidArgument
         );
         assert_eq!(code(ServiceError::UnknownKey("k".into())), Code::NotFound);

@@ -170,7 +170,7 @@ fn a_bad_tenants_file_is_refused_at_start() {
 /// once with a clear message and exit status 1.
 #[test]
 fn gpu_backend_without_a_gpu_is_refused_at_start() {
-    if veil_models::fhe::gpu_available() {
+    if veil_runtime::gpu_available() {
         eprintln!("skipped: this build has the gpu feature and a CUDA device is present");
         return;
     }

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use veil_models::Simulate;
 
 use clap::Parser;
 use veil_client::{Client, ConnectOptions, KeyPair};

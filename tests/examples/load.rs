@@ -143,18 +143,15 @@ async fn main() {
     // An expansion (upload or load from disk) holds the key's bytes, its deserialized form
     // and a standard-domain bootstrapping key besides its result: count twice the result.
     // Plus the evaluations' working memory.
-    let csk = veil_models::fhe::keys::eval_key_from_bytes(model.params, &keys[0].eval_key).unwrap();
-    let expanded = veil_models::fhe::EvalKey::from_compressed(
-        veil_models::fhe::BackendKind::Cpu,
-        model.params,
-        &csk,
-    )
-    .unwrap()
-    .memory_bytes() as f64
-        / 1048576.0;
+    let csk = veil_runtime::keys::eval_key_from_bytes(model.params, &keys[0].eval_key).unwrap();
+    let expanded =
+        veil_runtime::EvalKey::from_compressed(veil_runtime::BackendKind::Cpu, model.params, &csk)
+            .unwrap()
+            .memory_bytes() as f64
+            / 1048576.0;
     let compressed = keys[0].eval_key.len() as f64 / 1048576.0;
     let working = CONCURRENT as f64
-        * veil_models::fhe::FheModel::new(model.clone())
+        * veil_runtime::FheModel::new(model.clone())
             .unwrap()
             .working_bytes_per_sample() as f64
         / 1048576.0;

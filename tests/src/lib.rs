@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use veil_models::Simulate;
 
 use tokio::sync::oneshot;
 use tonic_health::pb::HealthCheckRequest;

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use tonic::Code;
 use veil_client::{Client, KeyPair, RemoteModel};
-use veil_models::fhe::keys::MAX_EVAL_KEY_BYTES;
 use veil_proto::v1;
 use veil_proto::v1::upload_key_request::Part;
+use veil_runtime::keys::MAX_EVAL_KEY_BYTES;
 use veil_server::{Config, Limits, Server};
 use veil_tests::*;
 

@@ -179,7 +179,7 @@ async fn a_zero_window_never_merges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_batches_stay_within_their_memory_bound() {
     let model = compile_zoo("iris_logreg");
-    let per_sample = veil_models::fhe::FheModel::new(model)
+    let per_sample = veil_runtime::FheModel::new(model)
         .unwrap()
         .working_bytes_per_sample();
     // Room for two samples' working set, not three.

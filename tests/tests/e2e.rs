@@ -3,6 +3,7 @@
 //! which the stored key still works without a new upload.
 
 use std::time::{Duration, Instant};
+use veil_models::Simulate;
 
 use veil_client::{Client, KeyPair, key_id};
 use veil_models::CompiledModel;

@@ -8,6 +8,7 @@
 //! `VEIL_FUZZ_CASES=5000 cargo test --release --workspace --test fuzz_decoders`.
 
 use std::sync::OnceLock;
+use veil_models::Simulate;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -15,10 +16,10 @@ use proptest::test_runner::{Config, TestRunner};
 use prost::Message;
 use veil_client::KeyPair;
 use veil_models::data::{Labels, parse_csv};
-use veil_models::fhe::keys::eval_key_from_bytes;
-use veil_models::fhe::{ClientKey, EncryptedInput, EncryptedOutput, big_lwe_size};
 use veil_models::{ClientSpec, CompiledModel, onnx};
 use veil_proto::v1;
+use veil_runtime::keys::eval_key_from_bytes;
+use veil_runtime::{ClientKey, EncryptedInput, EncryptedOutput, big_lwe_size};
 use veil_server::Tenants;
 use veil_tests::*;
 
@@ -220,7 +221,7 @@ fn compiled_models() {
             let x = vec![0.5; m.n_features()];
             let _ = m.client_spec();
             let _ = m.simulate(&x, None);
-            let _ = veil_models::fhe::FheModel::new(m).map(|f| f.working_bytes_per_sample());
+            let _ = veil_runtime::FheModel::new(m).map(|f| f.working_bytes_per_sample());
             true
         });
     }

@@ -2,9 +2,10 @@
 //! build served side by side, response sizes from the encoding, and a stale digest refused.
 
 use veil_client::{Client, KeyPair, key_id};
+use veil_models::Simulate;
 use veil_models::compiled::output_wire_bytes;
-use veil_models::fhe::big_lwe_size;
 use veil_models::graph::Reveal;
+use veil_runtime::big_lwe_size;
 use veil_server::Config;
 use veil_tests::*;
 

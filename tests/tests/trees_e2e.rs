@@ -3,6 +3,7 @@
 //! simulation (labels for the classifier, values within the plan's bound for the regressor).
 
 use veil_client::{Client, KeyPair};
+use veil_models::Simulate;
 use veil_models::graph::Task;
 use veil_server::Config;
 use veil_tests::*;

@@ -2,7 +2,7 @@
 //! real keys, and how that backend's reads compare with the CPU's.
 
 use veil_models::compiled::ParamSet;
-use veil_models::fhe::calibrate::bench_backend;
+use veil_runtime::calibrate::bench_backend;
 
 use super::eval::Backend;
 

@@ -2,14 +2,15 @@
 //! accuracy move with hidden width and bit widths for an MLP on digits.
 
 use std::path::{Path, PathBuf};
+use veil_models::Simulate;
 
 use anyhow::{Context, bail};
 use veil_models::compiled::ParamSet;
 use veil_models::cost::MachineProfile;
 use veil_models::data::{Labels, read_csv};
 use veil_models::eval::accuracy;
-use veil_models::fhe::calibrate::{calibrate, cpu_model};
 use veil_models::{CompiledModel, QuantConfig, compile, onnx};
+use veil_runtime::calibrate::{calibrate, cpu_model};
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -3,11 +3,11 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use veil_models::CompiledModel;
 use veil_models::data::{Labels, read_csv};
 use veil_models::eval::{Prediction, accuracy, regression_metrics};
-use veil_models::fhe::{BackendKind, ClientKey, EvalKey, FheModel, Profile};
 use veil_models::graph::Task;
+use veil_models::{CompiledModel, Simulate};
+use veil_runtime::{BackendKind, ClientKey, EvalKey, FheModel, Profile};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {

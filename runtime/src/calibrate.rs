@@ -9,11 +9,11 @@ use tfhe::core_crypto::prelude::{
     generate_programmable_bootstrap_glwe_lut,
 };
 
-use super::{
+use crate::{
     ClientKey, CpuBackend, PbsBackend, ServerKey, keys::eval_key_to_bytes, shortint_params,
 };
-use crate::compiled::{POSITIONS, ParamSet};
-use crate::cost::MachineProfile;
+use veil_format::compiled::{POSITIONS, ParamSet};
+use veil_format::cost::MachineProfile;
 
 /// Measures keyswitch + bootstrap latency and throughput with real keys (a few seconds).
 pub fn calibrate(params: ParamSet) -> MachineProfile {
@@ -24,7 +24,7 @@ pub fn calibrate(params: ParamSet) -> MachineProfile {
     let backend = CpuBackend::new(&server);
     let sp = shortint_params(params);
     let (poly, glwe_size) = (sp.polynomial_size, sp.glwe_dimension.to_glwe_size());
-    let size = super::big_lwe_size(params);
+    let size = crate::big_lwe_size(params);
     let modulus = CiphertextModulus::new_native();
     let lut = generate_programmable_bootstrap_glwe_lut(
         poly,
@@ -191,7 +191,7 @@ pub struct BackendBench {
 /// Measures keyswitch + bootstrap throughput by batch size on `kind`, with real keys and
 /// real encryptions, and (when `reads > 0`) how its reads compare with the CPU backend's.
 pub fn bench_backend(
-    kind: super::BackendKind,
+    kind: crate::BackendKind,
     params: ParamSet,
     batches: &[usize],
     min_seconds: f64,
@@ -205,20 +205,20 @@ pub fn bench_backend(
     };
     use tfhe::core_crypto::seeders::new_seeder;
 
-    use crate::compiled::{GUARD, POSITION};
+    use veil_format::compiled::{GUARD, POSITION};
 
     let client = ClientKey::generate(params);
     let compressed = client.compressed_server_key();
     let compressed_bytes = eval_key_to_bytes(&compressed).len() as u64;
     let t = Instant::now();
-    let key = super::EvalKey::from_compressed(kind, params, &compressed)?;
+    let key = crate::EvalKey::from_compressed(kind, params, &compressed)?;
     let key_setup_ms = t.elapsed().as_secs_f64() * 1e3;
     let backend = key.backend();
 
     let integer: &tfhe::integer::ClientKey = client.high_level().as_ref();
     let shortint: &tfhe::shortint::ClientKey = integer.as_ref();
     let (lwe_key, noise) = shortint.encryption_key_and_noise();
-    let size = LweSize(super::big_lwe_size(params));
+    let size = LweSize(crate::big_lwe_size(params));
     let modulus = CiphertextModulus::new_native();
     let sp = shortint_params(params);
     let (poly, glwe_size) = (sp.polynomial_size, sp.glwe_dimension.to_glwe_size());
@@ -325,7 +325,7 @@ pub fn bench_backend(
         };
         let mine = read(backend.as_ref())?;
         let cpu_key =
-            super::EvalKey::from_compressed(super::BackendKind::Cpu, params, &compressed)?;
+            crate::EvalKey::from_compressed(crate::BackendKind::Cpu, params, &compressed)?;
         let theirs = read(cpu_key.backend().as_ref())?;
         let stats = |got: &[i64]| {
             let errs: Vec<f64> = got

@@ -4,9 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::compiled::CompiledModel;
-use crate::fhe::shortint_params;
 
-/// Throughput of this machine, measured by [`crate::fhe::calibrate`].
+/// Throughput of this machine, measured by the runtime's `calibrate`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MachineProfile {
     pub cpu: String,
@@ -55,22 +54,21 @@ pub struct CostReport {
 impl CompiledModel {
     /// Counts what one sample costs; with `machine`, predicts its latency (batch of one).
     pub fn cost(&self, machine: Option<&MachineProfile>) -> CostReport {
-        let sp = shortint_params(self.params);
-        let big = sp.glwe_dimension.0 * sp.polynomial_size.0 + 1;
-        let small = sp.lwe_dimension.0 + 1;
+        let sp = self.params.dims();
+        let big = sp.big_lwe_size();
+        let small = sp.small_lwe_size();
         let pbs = self.pbs_per_sample();
         let macs: usize =
             self.stages.iter().map(|h| h.weights.nnz()).sum::<usize>() + self.output.weights.nnz();
         // Keyswitching key: big dimension x levels x small LWE size, u64.
-        let ksk = (big - 1) * sp.ks_level.0 * small * 8;
+        let ksk = (big - 1) * sp.ks_level * small * 8;
         // Fourier bootstrapping key: n GGSWs of (k+1)^2 x levels polynomials of N/2 complex f64.
-        let glwe = sp.glwe_dimension.0 + 1;
-        let bsk =
-            sp.lwe_dimension.0 * glwe * glwe * sp.pbs_level.0 * (sp.polynomial_size.0 / 2) * 16;
+        let glwe = sp.glwe_dimension + 1;
+        let bsk = sp.lwe_dimension * glwe * glwe * sp.pbs_level * (sp.polynomial_size / 2) * 16;
         let lut_bytes: usize = self
             .stages
             .iter()
-            .map(|h| h.weights.n_out() * glwe * sp.polynomial_size.0 * 8)
+            .map(|h| h.weights.n_out() * glwe * sp.polynomial_size * 8)
             .sum();
         let weight_bytes = macs * 12;
         // Request: one body per input ciphertext (features, then windows), a 16-byte seed and the wire header; response:
@@ -111,7 +109,7 @@ impl CompiledModel {
             argmax_pbs_per_sample: self
                 .nodes
                 .iter()
-                .filter(|n| n.node == crate::graph::LABEL_ORIGIN)
+                .filter(|n| n.node == crate::tail::LABEL_ORIGIN)
                 .map(|n| n.pbs)
                 .sum(),
             reveal: self.reveal.name(),

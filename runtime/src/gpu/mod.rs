@@ -35,12 +35,12 @@ use tfhe::shortint::server_key::{
 };
 use tfhe_cuda_backend::bindings as raw;
 
-use super::backend::{BackendKind, PbsBackend};
-use super::keys::check_key_dimensions;
-use crate::compiled::ParamSet;
-use crate::error::{ModelError, Result};
+use crate::backend::{BackendKind, PbsBackend};
+use crate::error::{Result, RuntimeError};
+use crate::keys::check_key_dimensions;
 use ffi::{DeviceBuf, PinnedBuf};
 pub(crate) use model::DeviceModel;
+use veil_format::compiled::ParamSet;
 
 /// The device every key and table goes to. One GPU per server process; more GPUs would
 /// mean one process each, or keys spread over devices.
@@ -123,7 +123,7 @@ impl GpuKey {
         let shortint = integer.into_raw_parts();
         let CompressedAtomicPatternServerKey::Standard(std_key) = shortint.into_raw_parts().0
         else {
-            return Err(ModelError::Crypto(
+            return Err(RuntimeError::Crypto(
                 "the evaluation key is not a standard KS-PBS key".into(),
             ));
         };
@@ -133,7 +133,7 @@ impl GpuKey {
             modulus_switch_noise_reduction_key,
         } = bootstrapping_key
         else {
-            return Err(ModelError::Crypto(
+            return Err(RuntimeError::Crypto(
                 "the evaluation key uses multi-bit bootstrapping; Veil needs the classic one"
                     .into(),
             ));
@@ -144,7 +144,7 @@ impl GpuKey {
             }
             CompressedModulusSwitchConfiguration::Standard => raw::PBS_MS_REDUCTION_T_NO_REDUCTION,
             CompressedModulusSwitchConfiguration::DriftTechniqueNoiseReduction(_) => {
-                return Err(ModelError::Crypto(
+                return Err(RuntimeError::Crypto(
                     "the evaluation key uses the drift modulus switch, which the GPU backend \
                      does not implement"
                         .into(),
@@ -176,7 +176,7 @@ impl GpuKey {
         let device_bytes = (ksk.as_ref().len() * 8 + bsk_len * 8) as u64;
         let (free, _) = device_memory()?;
         if free < device_bytes {
-            return Err(ModelError::Backend(format!(
+            return Err(RuntimeError::Backend(format!(
                 "the GPU has no room for another evaluation key ({device_bytes} bytes, \
                  {free} free)"
             )));
@@ -364,7 +364,7 @@ impl Workspace {
             free = device_memory()?.0;
         }
         if free < need {
-            return Err(ModelError::Backend(format!(
+            return Err(RuntimeError::Backend(format!(
                 "the GPU has no room for the bootstrap scratch of {capacity} ciphertexts \
                  ({need} bytes, {free} free)"
             )));

@@ -10,9 +10,9 @@ use tfhe::core_crypto::prelude::{
     keyswitch_lwe_ciphertext,
 };
 
-use super::ServerKey;
-use crate::compiled::ParamSet;
-use crate::error::{ModelError, Result};
+use crate::ServerKey;
+use crate::error::{Result, RuntimeError};
+use veil_format::compiled::ParamSet;
 
 /// A modulus-switched LWE ciphertext, materialized once. tfhe's lazy form recomputes the
 /// switch on every access, and batched blind rotation reads mask element `i` of every
@@ -80,12 +80,12 @@ impl BackendKind {
     pub fn check_available(self) -> Result<()> {
         match self {
             BackendKind::Cpu => Ok(()),
-            BackendKind::Gpu if !cfg!(feature = "gpu") => Err(ModelError::Backend(
+            BackendKind::Gpu if !cfg!(feature = "gpu") => Err(RuntimeError::Backend(
                 "this binary was built without the `gpu` feature; build it with \
                  scripts/build-gpu.sh to bootstrap on a GPU"
                     .into(),
             )),
-            BackendKind::Gpu if !gpu_available() => Err(ModelError::Backend(
+            BackendKind::Gpu if !gpu_available() => Err(RuntimeError::Backend(
                 "no CUDA device is available (no NVIDIA GPU or driver found)".into(),
             )),
             BackendKind::Gpu => Ok(()),
@@ -94,13 +94,13 @@ impl BackendKind {
 }
 
 impl std::str::FromStr for BackendKind {
-    type Err = ModelError;
+    type Err = RuntimeError;
 
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "cpu" => Ok(BackendKind::Cpu),
             "gpu" => Ok(BackendKind::Gpu),
-            other => Err(ModelError::Backend(format!(
+            other => Err(RuntimeError::Backend(format!(
                 "unknown backend '{other}': expected cpu or gpu"
             ))),
         }
@@ -111,7 +111,7 @@ impl std::str::FromStr for BackendKind {
 pub fn gpu_available() -> bool {
     #[cfg(feature = "gpu")]
     {
-        super::gpu::device_present()
+        crate::gpu::device_present()
     }
     #[cfg(not(feature = "gpu"))]
     {
@@ -162,7 +162,7 @@ pub trait PbsBackend: Send + Sync {
 
     /// The GPU backend, which runs whole evaluations on the device (linear layers too).
     #[cfg(feature = "gpu")]
-    fn as_gpu(&self) -> Option<&super::gpu::GpuBackend<'_>> {
+    fn as_gpu(&self) -> Option<&crate::gpu::GpuBackend<'_>> {
         None
     }
 }
@@ -172,7 +172,7 @@ pub trait PbsBackend: Send + Sync {
 pub enum EvalKey {
     Cpu(ServerKey),
     #[cfg(feature = "gpu")]
-    Gpu(super::gpu::GpuKey),
+    Gpu(crate::gpu::GpuKey),
 }
 
 impl EvalKey {
@@ -186,7 +186,7 @@ impl EvalKey {
         match kind {
             BackendKind::Cpu => Ok(EvalKey::Cpu(ServerKey::from_compressed(params, key)?)),
             #[cfg(feature = "gpu")]
-            BackendKind::Gpu => Ok(EvalKey::Gpu(super::gpu::GpuKey::from_compressed(
+            BackendKind::Gpu => Ok(EvalKey::Gpu(crate::gpu::GpuKey::from_compressed(
                 params, key,
             )?)),
             #[cfg(not(feature = "gpu"))]
@@ -209,7 +209,7 @@ impl EvalKey {
         match self {
             EvalKey::Cpu(k) => Box::new(CpuBackend::new(k)),
             #[cfg(feature = "gpu")]
-            EvalKey::Gpu(k) => Box::new(super::gpu::GpuBackend::new(k)),
+            EvalKey::Gpu(k) => Box::new(crate::gpu::GpuBackend::new(k)),
         }
     }
 }

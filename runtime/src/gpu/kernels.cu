@@ -1,5 +1,5 @@
 // Veil's own CUDA kernels (cargo feature `gpu`): the linear layers between bootstraps, and
-// the small helpers the device evaluation needs. Built by models/build.rs with nvcc and
+// the small helpers the device evaluation needs. Built by runtime/build.rs with nvcc and
 // linked beside tfhe-cuda-backend, which provides the keyswitch and bootstrap kernels.
 //
 // A linear layer is a wrapping u64 sum of LWE ciphertexts (rows of `lwe_size` words)

@@ -1,4 +1,6 @@
-//! Encrypted execution with TFHE (the `tfhe` crate, shortint parameter sets).
+//! Veil's FHE runtime: encrypted execution of a compiled model with TFHE (the `tfhe` crate,
+//! shortint parameter sets). It reads the format (`veil-format`) and knows nothing of ONNX or
+//! of the compiler.
 //!
 //! - [`keys`]: the client's secret key, the evaluation key it uploads, and the server-side
 //!   key material (keyswitching key, Fourier bootstrapping key, modulus-switch setting).
@@ -12,6 +14,7 @@
 
 pub mod backend;
 pub mod calibrate;
+pub mod error;
 pub mod executor;
 #[cfg(feature = "gpu")]
 pub mod gpu;
@@ -20,13 +23,14 @@ pub mod wire;
 
 pub use backend::{BackendKind, CpuBackend, EvalKey, LookupTables, PbsBackend, gpu_available};
 pub use calibrate::calibrate;
+pub use error::{Result, RuntimeError};
 pub use executor::{FheModel, Profile};
 pub use keys::{ClientKey, ServerKey};
 pub use wire::{EncryptedInput, EncryptedOutput};
 
 use tfhe::shortint::ClassicPBSParameters;
 
-use crate::compiled::ParamSet;
+use veil_format::compiled::ParamSet;
 
 /// The tfhe parameter set behind a [`ParamSet`].
 pub fn shortint_params(p: ParamSet) -> ClassicPBSParameters {
@@ -39,6 +43,28 @@ pub fn shortint_params(p: ParamSet) -> ClassicPBSParameters {
 
 /// LWE size of ciphertexts between operations (the big key, k * N + 1).
 pub fn big_lwe_size(p: ParamSet) -> usize {
-    let sp = shortint_params(p);
-    sp.glwe_dimension.0 * sp.polynomial_size.0 + 1
+    p.dims().big_lwe_size()
+}
+
+#[cfg(test)]
+mod tests {
+    use veil_format::LweDims;
+
+    use super::*;
+
+    /// The format sizes keys and ciphertexts from its own table; it must be tfhe's.
+    #[test]
+    fn format_dims_are_tfhes() {
+        for p in [ParamSet::Message2Carry2KsPbsTuniform2m128] {
+            let sp = shortint_params(p);
+            let tfhe = LweDims {
+                lwe_dimension: sp.lwe_dimension.0,
+                glwe_dimension: sp.glwe_dimension.0,
+                polynomial_size: sp.polynomial_size.0,
+                ks_level: sp.ks_level.0,
+                pbs_level: sp.pbs_level.0,
+            };
+            assert_eq!(p.dims(), tfhe, "{}", p.name());
+        }
+    }
 }

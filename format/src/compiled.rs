@@ -19,9 +19,9 @@ use std::path::Path;
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelError, Result};
-use crate::graph::{Reveal, TailOp, Task};
-use crate::quantize::{QuantConfig, UniformQuant};
+use crate::error::{FormatError, Result};
+use crate::quant::{QuantConfig, UniformQuant};
+use crate::tail::{Reveal, TailOp, Task};
 
 /// Positions on the 2N = 4096 circle (2048 programmable with one padding bit).
 pub const POSITIONS: i64 = 2048;
@@ -44,7 +44,49 @@ pub enum ParamSet {
     Message2Carry2KsPbsTuniform2m128,
 }
 
+/// The dimensions of a parameter set that size keys and ciphertexts. The runtime checks them
+/// against tfhe's own parameters (`veil-runtime`'s `format_dims_are_tfhes` test), so the
+/// format needs no FHE code to size a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LweDims {
+    /// Small LWE dimension `n` (ciphertexts after a keyswitch).
+    pub lwe_dimension: usize,
+    /// GLWE dimension `k`.
+    pub glwe_dimension: usize,
+    /// Polynomial size `N`.
+    pub polynomial_size: usize,
+    /// Keyswitching decomposition levels.
+    pub ks_level: usize,
+    /// Bootstrapping decomposition levels.
+    pub pbs_level: usize,
+}
+
+impl LweDims {
+    /// LWE size of ciphertexts between operations (the big key, `k * N + 1`).
+    pub fn big_lwe_size(&self) -> usize {
+        self.glwe_dimension * self.polynomial_size + 1
+    }
+
+    /// LWE size after a keyswitch (`n + 1`).
+    pub fn small_lwe_size(&self) -> usize {
+        self.lwe_dimension + 1
+    }
+}
+
 impl ParamSet {
+    /// Key and ciphertext dimensions (tfhe 1.8.2's values for this set).
+    pub fn dims(&self) -> LweDims {
+        match self {
+            ParamSet::Message2Carry2KsPbsTuniform2m128 => LweDims {
+                lwe_dimension: 918,
+                glwe_dimension: 1,
+                polynomial_size: 2048,
+                ks_level: 4,
+                pbs_level: 1,
+            },
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             ParamSet::Message2Carry2KsPbsTuniform2m128 => {
@@ -111,13 +153,13 @@ impl InputEncoding {
     /// [`Self::quantize`] for sample `row` of a batch, which a refused feature's error names.
     pub fn quantize_row(&self, row: usize, x: &[f64]) -> Result<Vec<i64>> {
         if x.len() != self.quant.len() {
-            return Err(ModelError::Shape(format!(
+            return Err(FormatError::Shape(format!(
                 "row {row}: {} features given, the model takes {}",
                 x.len(),
                 self.quant.len()
             )));
         }
-        crate::data::check_row(row, x)?;
+        crate::input::check_row(row, x)?;
         let mut q: Vec<i64> = x
             .iter()
             .zip(&self.quant)
@@ -125,7 +167,7 @@ impl InputEncoding {
             .collect();
         for w in &self.windows {
             let v = q.get(w.feature as usize).copied().ok_or_else(|| {
-                ModelError::InvalidClientSpec(format!(
+                FormatError::InvalidClientSpec(format!(
                     "a window reads feature {}, the model has {}",
                     w.feature,
                     self.quant.len()
@@ -339,7 +381,7 @@ impl Stage {
     }
 
     /// Appends neuron `n`'s table (POSITIONS entries), sharing an identical earlier one.
-    pub(crate) fn push_table(
+    pub fn push_table(
         &mut self,
         table: &[u16],
         seen: &mut std::collections::HashMap<Vec<u16>, u32>,
@@ -514,7 +556,7 @@ fn check_common(
         return Err("a label-only model has one output and no tail".into());
     }
     if let Some(labels) = class_labels {
-        let n = crate::graph::apply_tail(tail, vec![0.0; n_out]).len();
+        let n = crate::tail::apply_tail(tail, vec![0.0; n_out]).len();
         // A label-only output is an index into the labels, whatever their number.
         if reveal == Reveal::Scores && labels.len() != n
             || labels.is_empty()
@@ -530,7 +572,7 @@ impl ClientSpec {
     /// Checks a spec before the client uses it: a spec comes from a server, which must not be
     /// able to make the client panic or encrypt more than [`MAX_INPUT_VALUES`] per sample.
     pub fn validate(&self) -> Result<()> {
-        let bad = ModelError::InvalidClientSpec;
+        let bad = FormatError::InvalidClientSpec;
         self.input.check().map_err(bad)?;
         let n_out = self.output.scale.len();
         self.output.check(n_out).map_err(bad)?;
@@ -585,8 +627,8 @@ pub fn schema_registry() -> std::result::Result<serde_reflection::Registry, Stri
         t.trace_simple_type::<ParamSet>()?;
         t.trace_simple_type::<Task>()?;
         t.trace_simple_type::<Reveal>()?;
-        t.trace_simple_type::<crate::graph::Rule>()?;
-        t.trace_simple_type::<crate::graph::Activation>()?;
+        t.trace_simple_type::<crate::tail::Rule>()?;
+        t.trace_simple_type::<crate::tail::Activation>()?;
         t.trace_simple_type::<TailOp>()?;
         t.trace_type::<CompiledModel>(&samples)?;
         Ok(())
@@ -674,7 +716,7 @@ impl CompiledModel {
 
     /// Parses and checks a compiled model; never panics on damaged or hostile bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let bad = |why: String| ModelError::InvalidCompiledModel(why);
+        let bad = |why: String| FormatError::InvalidCompiledModel(why);
         if bytes.len() < 12 || &bytes[..8] != MAGIC {
             return Err(bad("not a Veil compiled model (bad magic bytes)".into()));
         }
@@ -706,27 +748,27 @@ impl CompiledModel {
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_bytes();
         if bytes.len() as u64 > MAX_MODEL_BYTES + HEADER_BYTES as u64 {
-            return Err(ModelError::InvalidCompiledModel(format!(
+            return Err(FormatError::InvalidCompiledModel(format!(
                 "the compiled model is {} bytes, more than the {MAX_MODEL_BYTES} a reader \
                  accepts: use fewer or smaller layers",
                 bytes.len()
             )));
         }
         let mut f = std::fs::File::create(path)
-            .map_err(|e| ModelError::io(format!("creating {}", path.display()), e))?;
+            .map_err(|e| FormatError::io(format!("creating {}", path.display()), e))?;
         f.write_all(&bytes)
-            .map_err(|e| ModelError::io(format!("writing {}", path.display()), e))
+            .map_err(|e| FormatError::io(format!("writing {}", path.display()), e))
     }
 
     pub fn load(path: &Path) -> Result<Self> {
         let f = std::fs::File::open(path)
-            .map_err(|e| ModelError::io(format!("opening {}", path.display()), e))?;
+            .map_err(|e| FormatError::io(format!("opening {}", path.display()), e))?;
         let mut bytes = Vec::new();
         f.take(MAX_MODEL_BYTES + HEADER_BYTES as u64 + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| ModelError::io(format!("reading {}", path.display()), e))?;
+            .map_err(|e| FormatError::io(format!("reading {}", path.display()), e))?;
         if bytes.len() as u64 > MAX_MODEL_BYTES + HEADER_BYTES as u64 {
-            return Err(ModelError::InvalidCompiledModel(format!(
+            return Err(FormatError::InvalidCompiledModel(format!(
                 "{} is larger than {MAX_MODEL_BYTES} bytes",
                 path.display()
             )));
@@ -739,7 +781,7 @@ impl CompiledModel {
     /// [`MAX_WEIGHTS`], [`MAX_ACC`]): a small hostile file cannot expand into gigabytes of
     /// tables or ciphertexts.
     pub fn validate(&self) -> Result<()> {
-        let bad = |why: String| Err(ModelError::InvalidCompiledModel(why));
+        let bad = |why: String| Err(FormatError::InvalidCompiledModel(why));
         if let Err(why) = self.input.check() {
             return bad(why);
         }
@@ -910,15 +952,15 @@ impl CompiledModel {
             "parameter_set": self.params.name(),
             "outputs": self.n_outputs(),
             "reveal": self.reveal.name(),
-            "argmax_pbs_per_sample": self.nodes.iter().filter(|n| n.node == crate::graph::LABEL_ORIGIN).map(|n| n.pbs).sum::<usize>(),
+            "argmax_pbs_per_sample": self.nodes.iter().filter(|n| n.node == crate::tail::LABEL_ORIGIN).map(|n| n.pbs).sum::<usize>(),
             "output_modulus_bits": self.output.decoding.modulus_bits,
-            "response_bytes_per_sample": output_wire_bytes(self.n_outputs(), crate::fhe::big_lwe_size(self.params), self.output.decoding.modulus_bits),
+            "response_bytes_per_sample": output_wire_bytes(self.n_outputs(), self.params.dims().big_lwe_size(), self.output.decoding.modulus_bits),
         })
     }
 }
 
 /// Bits needed to hold `width + 1` distinct values.
-pub(crate) fn bits(width: u64) -> u32 {
+pub fn bits(width: u64) -> u32 {
     64 - width.leading_zeros()
 }
 

@@ -9,7 +9,7 @@ use tfhe::core_crypto::prelude::{
     SeededLweCiphertextList, par_decompress_seeded_lwe_ciphertext_list,
 };
 
-use crate::error::{ModelError, Result};
+use crate::error::{Result, RuntimeError};
 
 /// One sample's encrypted inputs: LWE ciphertexts under the big key whose masks are derived
 /// from one seed, so only the bodies travel (8 bytes per feature plus a 16-byte seed).
@@ -95,8 +95,8 @@ fn options(limit: u64) -> impl Options {
         .reject_trailing_bytes()
 }
 
-fn bad(why: String) -> ModelError {
-    ModelError::Crypto(why)
+fn bad(why: String) -> RuntimeError {
+    RuntimeError::Crypto(why)
 }
 
 impl EncryptedInput {
@@ -136,7 +136,7 @@ impl EncryptedInput {
             )));
         }
         if wire.bodies.len() != count {
-            return Err(ModelError::Shape(format!(
+            return Err(RuntimeError::Shape(format!(
                 "{} input ciphertexts, the model takes {count}",
                 wire.bodies.len()
             )));
@@ -230,7 +230,7 @@ impl EncryptedOutput {
             return Err(bad(format!("{bits} bits per output element")));
         }
         let n = count * lwe_size;
-        let limit = crate::compiled::output_wire_bytes(count, lwe_size, bits) as u64;
+        let limit = veil_format::compiled::output_wire_bytes(count, lwe_size, bits) as u64;
         let wire: ListWire = options(limit)
             .deserialize(bytes)
             .map_err(|e| bad(format!("undecodable encrypted output ({e})")))?;

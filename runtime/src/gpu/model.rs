@@ -13,10 +13,10 @@ use rayon::prelude::*;
 
 use super::ffi::{self, DeviceBuf, LinearLaunch, Term};
 use super::{GpuBackend, GpuKey, MAX_DEVICE_BATCH, Workspace};
-use crate::compiled::IntMatrix;
-use crate::error::{ModelError, Result};
-use crate::fhe::executor::{CENTERED_SWITCH_FIX, FheModel, Profile};
-use crate::fhe::wire::{EncryptedInput, EncryptedOutput};
+use crate::error::{Result, RuntimeError};
+use crate::executor::{CENTERED_SWITCH_FIX, FheModel, Profile};
+use crate::wire::{EncryptedInput, EncryptedOutput};
+use veil_format::compiled::IntMatrix;
 
 /// One weighted sum layer in device memory (CSR: `row_start[n]..row_start[n + 1]` are the
 /// terms of output `n`).
@@ -56,7 +56,7 @@ impl DeviceModel {
                     });
                 }
                 row_start.push(u32::try_from(terms.len()).map_err(|_| {
-                    ModelError::Backend("a layer has more than 2^32 weights".into())
+                    RuntimeError::Backend("a layer has more than 2^32 weights".into())
                 })?);
             }
             Ok(DeviceLinear {
@@ -127,7 +127,7 @@ fn chunk_samples(fhe: &FheModel, key: &GpuKey, ws: &Workspace, samples: usize) -
     let avail = (free + pooled).saturating_sub(fixed);
     let fits = (avail / per_sample.max(1)) as usize;
     if fits == 0 {
-        return Err(ModelError::Backend(format!(
+        return Err(RuntimeError::Backend(format!(
             "one sample of this model needs {per_sample} bytes of GPU memory besides \
              {fixed} of scratch; {} are free",
             free + pooled
@@ -188,7 +188,7 @@ pub(crate) fn evaluate(
                         _ => 0.0,
                     };
                     let ran = device.join().unwrap_or_else(|_| {
-                        Err(ModelError::Backend(
+                        Err(RuntimeError::Backend(
                             "the device evaluation thread panicked".into(),
                         ))
                     });

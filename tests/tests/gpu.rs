@@ -3,11 +3,10 @@
 //! `VEIL_REQUIRE_GPU=1` is set (as on the GPU machine), where a missing device fails.
 #![cfg(feature = "gpu")]
 
-mod common;
-
-use common::*;
-use veil_models::fhe::calibrate::bench_backend;
-use veil_models::fhe::{BackendKind, ClientKey, EvalKey, FheModel, gpu_available};
+use veil_models::Simulate;
+use veil_runtime::calibrate::bench_backend;
+use veil_runtime::{BackendKind, ClientKey, EvalKey, FheModel, gpu_available};
+use veil_tests::{compile_zoo, test_set};
 
 fn device() -> bool {
     let present = gpu_available();
@@ -29,7 +28,7 @@ fn device() -> bool {
 /// Evaluates `n` test rows of `name` on the GPU and checks every output against the exact
 /// simulation, within the plan's predicted noise; returns how many labels agree.
 fn check_against_simulation(name: &str, n: usize, chunk_limit: usize) -> usize {
-    let (_, model) = compiled(name);
+    let model = compile_zoo(name);
     let client = ClientKey::generate(model.params);
     let key = EvalKey::from_compressed(
         BackendKind::Gpu,
@@ -38,16 +37,16 @@ fn check_against_simulation(name: &str, n: usize, chunk_limit: usize) -> usize {
     )
     .unwrap();
     let spec = model.client_spec();
-    let test = dataset(name, "test.csv", model.n_features());
+    let test = test_set(name, model.n_features());
     let xs = &test.features[..n];
     let inputs: Vec<_> = xs
         .iter()
         .map(|x| client.encrypt(&spec, x).unwrap())
         .collect();
     let fhe = FheModel::new(model.clone()).unwrap();
-    veil_models::fhe::gpu::set_chunk_limit(chunk_limit);
+    veil_runtime::gpu::set_chunk_limit(chunk_limit);
     let result = fhe.evaluate_profiled(key.backend().as_ref(), &inputs);
-    veil_models::fhe::gpu::set_chunk_limit(0);
+    veil_runtime::gpu::set_chunk_limit(0);
     let (outputs, profile) = result.unwrap();
     assert_eq!(outputs.len(), n);
     let per_sample: usize = model.stages.iter().map(|s| s.len()).sum();
@@ -76,7 +75,7 @@ fn gpu_reads_the_positions_the_cpu_reads() {
     if !device() {
         return;
     }
-    let params = compiled("digits_mlp").1.params;
+    let params = compile_zoo("digits_mlp").params;
     let r = bench_backend(BackendKind::Gpu, params, &[1, 300], 0.0, 1024).unwrap();
     let g = r.agreement.unwrap();
     assert!(g.same_position_as_cpu >= 0.98, "{g:?}");

@@ -5,7 +5,7 @@
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::marker::PhantomData;
 
-use crate::error::{ModelError, Result};
+use crate::error::{Result, RuntimeError};
 
 unsafe extern "C" {
     fn veil_linear_async(
@@ -49,7 +49,7 @@ pub(crate) fn check(code: c_int, what: &str) -> Result<()> {
     }
     // SAFETY: cudaGetErrorString returns a static, NUL-terminated string for any code.
     let msg = unsafe { CStr::from_ptr(veil_error_string(code)) };
-    Err(ModelError::Backend(format!(
+    Err(RuntimeError::Backend(format!(
         "CUDA error in {what}: {} ({code})",
         msg.to_string_lossy()
     )))
@@ -92,7 +92,7 @@ impl<T: Copy> DeviceBuf<T> {
         // SAFETY: plain allocation; a null result is handled below.
         let ptr = unsafe { veil_device_alloc(bytes, stream) };
         if ptr.is_null() {
-            return Err(ModelError::Backend(format!(
+            return Err(RuntimeError::Backend(format!(
                 "the GPU has no room for {bytes} more bytes"
             )));
         }
@@ -202,7 +202,7 @@ impl PinnedBuf {
             // SAFETY: plain allocation; null is handled below.
             let ptr = unsafe { veil_host_alloc((cap * 8) as u64) }.cast::<u64>();
             if ptr.is_null() {
-                return Err(ModelError::Backend(format!(
+                return Err(RuntimeError::Backend(format!(
                     "no page-locked host memory for {} bytes",
                     cap * 8
                 )));

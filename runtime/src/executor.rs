@@ -9,11 +9,12 @@ use tfhe::core_crypto::prelude::{
 
 use std::time::Instant;
 
-use super::{
+use crate::error::{Result, RuntimeError};
+use crate::{
     EncryptedInput, EncryptedOutput, LookupTables, PbsBackend, big_lwe_size, shortint_params,
 };
-use crate::compiled::{CompiledModel, IntMatrix, POSITIONS};
-use crate::error::{ModelError, Result};
+use veil_format::FormatError;
+use veil_format::compiled::{CompiledModel, IntMatrix, POSITIONS};
 
 /// Where a model's values live during an evaluation: block 0 holds the inputs, block `s + 1`
 /// the outputs of stage `s`; a block is freed after the last step that reads it.
@@ -70,7 +71,7 @@ pub struct FheModel {
     pub(crate) blocks: Blocks,
     /// The weights and tables in GPU memory, uploaded on the first GPU evaluation.
     #[cfg(feature = "gpu")]
-    pub(crate) device: std::sync::Mutex<Option<std::sync::Arc<super::gpu::DeviceModel>>>,
+    pub(crate) device: std::sync::Mutex<Option<std::sync::Arc<crate::gpu::DeviceModel>>>,
 }
 
 impl FheModel {
@@ -79,11 +80,12 @@ impl FheModel {
         let poly: PolynomialSize = sp.polynomial_size;
         let glwe_size: GlweSize = sp.glwe_dimension.to_glwe_size();
         if poly.0 != POSITIONS as usize {
-            return Err(ModelError::Plan(format!(
+            return Err(FormatError::InvalidCompiledModel(format!(
                 "the plan assumes N = {POSITIONS}, {} has N = {}",
                 model.params.name(),
                 poly.0
-            )));
+            ))
+            .into());
         }
         let modulus = CiphertextModulus::<u64>::new_native();
         let mut luts = Vec::with_capacity(model.stages.len());
@@ -174,7 +176,7 @@ impl FheModel {
         let n_features = self.model.n_inputs();
         for (i, s) in batch.iter().enumerate() {
             if s.len() != n_features || s.list.lwe_size().0 != self.lwe_size {
-                return Err(ModelError::Shape(format!(
+                return Err(RuntimeError::Shape(format!(
                     "sample {i}: {} ciphertexts of LWE size {}, the model takes {n_features} of size {}",
                     s.len(),
                     s.list.lwe_size().0,
@@ -188,7 +190,7 @@ impl FheModel {
         }
         #[cfg(feature = "gpu")]
         if let Some(gpu) = backend.as_gpu() {
-            let outputs = super::gpu::model::evaluate(self, gpu, batch, &mut profile)?;
+            let outputs = crate::gpu::model::evaluate(self, gpu, batch, &mut profile)?;
             profile.bootstrap_phases = backend.take_phase_seconds();
             return Ok((outputs, profile));
         }

@@ -12,9 +12,9 @@ use tfhe::shortint::atomic_pattern::AtomicPatternServerKey;
 use tfhe::shortint::server_key::ModulusSwitchConfiguration;
 use tfhe::shortint::server_key::ShortintBootstrappingKey;
 
-use super::shortint_params;
-use crate::compiled::{ClientSpec, ParamSet};
-use crate::error::{ModelError, Result};
+use crate::error::{Result, RuntimeError};
+use crate::shortint_params;
+use veil_format::compiled::{ClientSpec, ParamSet};
 
 /// The client's secret key. It never leaves the client.
 pub struct ClientKey {
@@ -50,9 +50,9 @@ impl ClientKey {
     fn from_high_level(params: ParamSet, hl: tfhe::ClientKey) -> Result<Self> {
         let shortint: &tfhe::shortint::ClientKey = hl_shortint(&hl);
         let (key, noise) = shortint.encryption_key_and_noise();
-        let expected = super::big_lwe_size(params) - 1;
+        let expected = crate::big_lwe_size(params) - 1;
         if key.lwe_dimension().0 != expected {
-            return Err(ModelError::Crypto(format!(
+            return Err(RuntimeError::Crypto(format!(
                 "client key encrypts under an LWE key of dimension {}, {} needs {expected}",
                 key.lwe_dimension().0,
                 params.name()
@@ -81,7 +81,7 @@ impl ClientKey {
     }
 
     /// Quantizes and encrypts one sample as a seeded LWE list (masks derived from a seed).
-    pub fn encrypt(&self, spec: &ClientSpec, x: &[f64]) -> Result<super::EncryptedInput> {
+    pub fn encrypt(&self, spec: &ClientSpec, x: &[f64]) -> Result<crate::EncryptedInput> {
         self.check_params(spec)?;
         let q = spec.input.quantize(x)?;
         self.encrypt_quantized(spec, &q)
@@ -89,7 +89,7 @@ impl ClientKey {
 
     /// Encrypts already quantized inputs `q_j` as `q_j * delta`, as given: no count or range
     /// check (tests use it to send malformed samples); [`Self::encrypt`] is the checked path.
-    pub fn encrypt_quantized(&self, spec: &ClientSpec, q: &[i64]) -> Result<super::EncryptedInput> {
+    pub fn encrypt_quantized(&self, spec: &ClientSpec, q: &[i64]) -> Result<crate::EncryptedInput> {
         self.check_params(spec)?;
         let plain: Vec<u64> = q
             .iter()
@@ -111,21 +111,21 @@ impl ClientKey {
             self.noise,
             seeder.as_mut(),
         );
-        Ok(super::EncryptedInput::new(seed.0, list))
+        Ok(crate::EncryptedInput::new(seed.0, list))
     }
 
     /// Decrypts one sample's outputs into accumulators (phase / delta).
-    pub fn decrypt(&self, spec: &ClientSpec, out: &super::EncryptedOutput) -> Result<Vec<f64>> {
+    pub fn decrypt(&self, spec: &ClientSpec, out: &crate::EncryptedOutput) -> Result<Vec<f64>> {
         self.check_params(spec)?;
         if out.bits != spec.output.modulus_bits {
-            return Err(ModelError::Crypto(format!(
+            return Err(RuntimeError::Crypto(format!(
                 "outputs switched to {} bits, the model sends {}",
                 out.bits, spec.output.modulus_bits
             )));
         }
         let list = &out.list;
         if list.lwe_size().0 != self.lwe_key.lwe_dimension().0 + 1 {
-            return Err(ModelError::Crypto(format!(
+            return Err(RuntimeError::Crypto(format!(
                 "output ciphertexts have LWE size {}, expected {}",
                 list.lwe_size().0,
                 self.lwe_key.lwe_dimension().0 + 1
@@ -133,7 +133,7 @@ impl ClientKey {
         }
         let n_out = spec.output.scale.len();
         if list.lwe_ciphertext_count().0 != n_out {
-            return Err(ModelError::Shape(format!(
+            return Err(RuntimeError::Shape(format!(
                 "{} output ciphertexts, the model has {n_out} outputs",
                 list.lwe_ciphertext_count().0
             )));
@@ -147,7 +147,7 @@ impl ClientKey {
 
     fn check_params(&self, spec: &ClientSpec) -> Result<()> {
         if spec.params != self.params {
-            return Err(ModelError::Crypto(format!(
+            return Err(RuntimeError::Crypto(format!(
                 "the model uses {}, the key {}",
                 spec.params.name(),
                 self.params.name()
@@ -180,7 +180,7 @@ impl ServerKey {
         let integer = key.into_raw_parts().0;
         let shortint = integer.into_raw_parts();
         let AtomicPatternServerKey::Standard(std_key) = shortint.atomic_pattern else {
-            return Err(ModelError::Crypto(
+            return Err(RuntimeError::Crypto(
                 "the evaluation key is not a standard KS-PBS key".into(),
             ));
         };
@@ -189,7 +189,7 @@ impl ServerKey {
             modulus_switch_noise_reduction_key,
         } = std_key.bootstrapping_key
         else {
-            return Err(ModelError::Crypto(
+            return Err(RuntimeError::Crypto(
                 "the evaluation key uses multi-bit bootstrapping; Veil needs the classic one"
                     .into(),
             ));
@@ -230,7 +230,7 @@ pub(crate) fn check_key_dimensions(
     bsk_input_dimension: tfhe::core_crypto::prelude::LweDimension,
 ) -> Result<()> {
     let sp = shortint_params(params);
-    let ok = ksk.input_key_lwe_dimension().0 + 1 == super::big_lwe_size(params)
+    let ok = ksk.input_key_lwe_dimension().0 + 1 == crate::big_lwe_size(params)
         && ksk.output_key_lwe_dimension() == sp.lwe_dimension
         && bsk_polynomial_size == sp.polynomial_size
         && bsk_glwe_size == sp.glwe_dimension.to_glwe_size()
@@ -238,7 +238,7 @@ pub(crate) fn check_key_dimensions(
     if ok {
         Ok(())
     } else {
-        Err(ModelError::Crypto(format!(
+        Err(RuntimeError::Crypto(format!(
             "the evaluation key's dimensions do not match {}",
             params.name()
         )))
@@ -268,7 +268,7 @@ pub fn eval_key_to_bytes(key: &tfhe::CompressedServerKey) -> Vec<u8> {
 pub fn eval_key_from_bytes(params: ParamSet, bytes: &[u8]) -> Result<tfhe::CompressedServerKey> {
     use tfhe::conformance::ParameterSetConformant;
     if bytes.len() as u64 > MAX_EVAL_KEY_BYTES {
-        return Err(ModelError::Crypto(format!(
+        return Err(RuntimeError::Crypto(format!(
             "evaluation key of {} bytes exceeds the {MAX_EVAL_KEY_BYTES} byte limit",
             bytes.len()
         )));
@@ -277,7 +277,7 @@ pub fn eval_key_from_bytes(params: ParamSet, bytes: &[u8]) -> Result<tfhe::Compr
         config(params).into();
     tfhe::safe_serialization::safe_deserialize_conformant(bytes, MAX_EVAL_KEY_BYTES, &conformance)
         .map_err(|e| {
-            ModelError::Crypto(format!(
+            RuntimeError::Crypto(format!(
                 "not a valid evaluation key for {}: {e}",
                 params.name()
             ))
@@ -295,7 +295,7 @@ impl ClientKey {
     pub fn from_bytes(params: ParamSet, bytes: &[u8]) -> Result<Self> {
         let hl: tfhe::ClientKey =
             tfhe::safe_serialization::safe_deserialize(bytes, MAX_CLIENT_KEY_BYTES)
-                .map_err(|e| ModelError::Crypto(format!("not a valid client key: {e}")))?;
+                .map_err(|e| RuntimeError::Crypto(format!("not a valid client key: {e}")))?;
         Self::from_high_level(params, hl)
     }
 }

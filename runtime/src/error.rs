@@ -1,0 +1,25 @@
+//! Typed errors of the FHE runtime.
+
+use thiserror::Error;
+use veil_format::FormatError;
+
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    /// The model, spec or inputs break the format's rules.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+
+    /// Inputs that do not fit the model (wrong number of features or ciphertexts).
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+
+    /// A key or ciphertext that does not match the parameter set or cannot be decoded.
+    #[error("invalid key or ciphertext: {0}")]
+    Crypto(String),
+
+    /// The requested compute backend cannot run here (no `gpu` feature, no device).
+    #[error("backend unavailable: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
