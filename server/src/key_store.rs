@@ -296,14 +296,12 @@ impl KeyStore {
 
     fn find_in(index: &Index, owner: &str, id: &str, candidates: &[ParamSet]) -> Option<StoredKey> {
         candidates.iter().find_map(|&p| {
-            index
-                .ready(&Self::kref(owner, p, id))
-                .map(|e| StoredKey {
-                    id: id.to_string(),
-                    params: e.params,
-                    size: e.size,
-                    newly_stored: false,
-                })
+            index.ready(&Self::kref(owner, p, id)).map(|e| StoredKey {
+                id: id.to_string(),
+                params: e.params,
+                size: e.size,
+                newly_stored: false,
+            })
         })
     }
 
@@ -339,9 +337,11 @@ impl KeyStore {
         candidates: &[ParamSet],
     ) -> Result<MutexGuard<'a, Index>> {
         let pending = |i: &Index| {
-            candidates
-                .iter()
-                .any(|&p| i.keys.get(&Self::kref(owner, p, id)).is_some_and(|e| e.pending))
+            candidates.iter().any(|&p| {
+                i.keys
+                    .get(&Self::kref(owner, p, id))
+                    .is_some_and(|e| e.pending)
+            })
         };
         if pending(&index) {
             self.pause(Stage::WaitingForPending);
@@ -526,7 +526,10 @@ impl KeyStore {
         if let Err(err) = std::fs::remove_file(&path)
             && err.kind() != std::io::ErrorKind::NotFound
         {
-            return Err(ServiceError::io(format!("removing {}", path.display()), err));
+            return Err(ServiceError::io(
+                format!("removing {}", path.display()),
+                err,
+            ));
         }
         let freed = index.remove(k).map(|e| e.size);
         self.publish(index);
@@ -596,7 +599,9 @@ impl KeyStore {
             for k in stale {
                 match self.remove_locked(&mut index, &k) {
                     Ok(_) => removed.push(k),
-                    Err(e) => tracing::error!(key = %short(&k.id), tenant = %k.owner, "expiring key: {e}"),
+                    Err(e) => {
+                        tracing::error!(key = %short(&k.id), tenant = %k.owner, "expiring key: {e}")
+                    }
                 }
             }
             sync_dirs(removed.iter().map(|k| self.path(k)));
@@ -777,10 +782,9 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
             data_dir.display(),
             path.display()
         ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(ServiceError::io(
-            format!("locking {}", path.display()),
-            e,
-        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(ServiceError::io(format!("locking {}", path.display()), e))
+        }
     }
 }
 
@@ -1043,5 +1047,285 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("at most 10 bytes"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    // Races and fairness, with real 128-bit keys. Uploads are paused at a `Stage` by a hook
+    // that waits on a channel; every wait has a timeout.
+
+    use std::sync::OnceLock;
+    use std::sync::mpsc;
+
+    const P: ParamSet = ParamSet::Message2Carry2KsPbsTuniform2m128;
+    const WAIT: Duration = Duration::from_secs(300);
+
+    /// Two distinct serialized evaluation keys, generated once per test binary.
+    fn real_keys() -> &'static [Vec<u8>; 2] {
+        static KEYS: OnceLock<[Vec<u8>; 2]> = OnceLock::new();
+        KEYS.get_or_init(|| {
+            [1u128, 2].map(|seed| {
+                let ck = veil_models::fhe::ClientKey::generate_with_seed(P, seed);
+                veil_models::fhe::keys::eval_key_to_bytes(&ck.compressed_server_key())
+            })
+        })
+    }
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(label: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("veil-ks-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        Dir(d)
+    }
+
+    fn open(d: &Dir, max: Option<u64>) -> Arc<KeyStore> {
+        Arc::new(KeyStore::open(&d.0, 2, BackendKind::Cpu, max, &[P], Metrics::new()).unwrap())
+    }
+
+    /// `*.key` files under the store, as (tenant dir or "", id).
+    fn files_on_disk(d: &Dir) -> Vec<String> {
+        fn walk(p: &Path, out: &mut Vec<String>) {
+            for f in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                let path = f.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path.display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&d.0.join("keys"), &mut out);
+        walk(&d.0.join("tenants"), &mut out);
+        out.sort();
+        out
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        At(Stage),
+        Returned(bool),
+    }
+
+    /// Reports every stage on `events`; blocks the first upload reaching `pause_at` until
+    /// `go` receives.
+    fn pause_at(
+        store: &KeyStore,
+        pause_at: Stage,
+        events: mpsc::Sender<Event>,
+    ) -> mpsc::Sender<()> {
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = Mutex::new(Some(go_rx));
+        let events = Mutex::new(events);
+        store.set_hook(move |stage| {
+            let _ = events.lock().unwrap().send(Event::At(stage));
+            if stage == pause_at
+                && let Some(rx) = go_rx.lock().unwrap().take()
+            {
+                rx.recv_timeout(WAIT).expect("the test releases the upload");
+            }
+        });
+        go_tx
+    }
+
+    fn upload(
+        store: &Arc<KeyStore>,
+        owner: &str,
+        bytes: &[u8],
+    ) -> std::thread::JoinHandle<Result<StoredKey>> {
+        let (store, owner, bytes) = (Arc::clone(store), owner.to_string(), bytes.to_vec());
+        std::thread::spawn(move || store.store(&owner, &bytes, &[P], Quota::default()))
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_second_upload_of_a_key_being_written_waits_for_it() {
+        let key = &real_keys()[0];
+        let d = dir("dup");
+        let store = open(&d, None);
+        let (tx, rx) = mpsc::channel();
+        let go = pause_at(&store, Stage::Written, tx.clone());
+        let first = upload(&store, "t", key);
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Reserved));
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Written));
+        let second = {
+            let (store, key, tx) = (Arc::clone(&store), key.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let r = store.store("t", &key, &[P], Quota::default());
+                let _ = tx.send(Event::Returned(r.is_ok()));
+                r
+            })
+        };
+        // The second upload must wait for the first, not report the key stored before its
+        // file is visible.
+        assert_eq!(
+            rx.recv_timeout(WAIT).unwrap(),
+            Event::At(Stage::WaitingForPending)
+        );
+        go.send(()).unwrap();
+        let a = first.join().unwrap().unwrap();
+        let b = second.join().unwrap().unwrap();
+        assert!(a.newly_stored && !b.newly_stored, "{a:?} {b:?}");
+        assert_eq!(files_on_disk(&d).len(), 1);
+        store.clear_cache();
+        rt().block_on(store.get("t", &a.id, P))
+            .expect("the key loads from disk");
+    }
+
+    #[test]
+    fn an_infer_racing_an_upload_never_unindexes_it() {
+        let key = &real_keys()[0];
+        let d = dir("infer");
+        let store = open(&d, None);
+        let (tx, rx) = mpsc::channel();
+        let go = pause_at(&store, Stage::Reserved, tx);
+        let id = key_id(key);
+        let first = upload(&store, "t", key);
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Reserved));
+        // Reserved, not written: not stored yet for everyone else.
+        assert!(store.find("t", &id, &[P]).unwrap().is_none());
+        let early = rt().block_on(store.get("t", &id, P)).err();
+        assert!(
+            matches!(early, Some(ServiceError::UnknownKey(_))),
+            "{early:?}"
+        );
+        assert!(store.list("t").is_empty());
+        go.send(()).unwrap();
+        assert!(first.join().unwrap().unwrap().newly_stored);
+        assert!(store.find("t", &id, &[P]).unwrap().is_some());
+        store.clear_cache();
+        rt().block_on(store.get("t", &id, P))
+            .expect("the key loads from disk");
+    }
+
+    #[test]
+    fn a_delete_racing_an_upload_leaves_no_orphan_file() {
+        let key = &real_keys()[0];
+        let d = dir("delete");
+        let store = open(&d, None);
+        let (tx, rx) = mpsc::channel();
+        let go = pause_at(&store, Stage::Written, tx);
+        let id = key_id(key);
+        let first = upload(&store, "t", key);
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Reserved));
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Written));
+        // The file is there but the key is not stored yet: nothing to delete.
+        assert_eq!(store.delete("t", &id, &[P]).unwrap(), None);
+        go.send(()).unwrap();
+        let stored = first.join().unwrap().unwrap();
+        // Every file on disk is indexed, and the index matches the disk.
+        assert_eq!(files_on_disk(&d).len(), 1);
+        assert!(store.find("t", &id, &[P]).unwrap().is_some());
+        assert_eq!(store.total_bytes(), stored.size);
+        assert_eq!(store.delete("t", &id, &[P]).unwrap(), Some(stored.size));
+        assert!(files_on_disk(&d).is_empty(), "{:?}", files_on_disk(&d));
+        assert_eq!(store.total_bytes(), 0);
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_dir_is_refused() {
+        let d = dir("lock");
+        let first = open(&d, None);
+        let err = KeyStore::open(&d.0, 2, BackendKind::Cpu, None, &[P], Metrics::new())
+            .err()
+            .expect("the second open is refused");
+        assert!(matches!(err, ServiceError::Config(_)), "{err}");
+        assert!(
+            err.to_string().contains("in use by another veil-server"),
+            "{err}"
+        );
+        drop(first);
+        open(&d, None);
+    }
+
+    #[test]
+    fn damaged_keys_are_removed_not_kept() {
+        let key = &real_keys()[0];
+        let d = dir("damaged");
+        let store = open(&d, None);
+        let stored = store.store("t", key, &[P], Quota::default()).unwrap();
+        let files = files_on_disk(&d);
+        assert_eq!(files.len(), 1);
+        std::fs::write(&files[0], b"garbage").unwrap();
+        store.clear_cache();
+        let err = rt().block_on(store.get("t", &stored.id, P)).err().unwrap();
+        assert!(err.to_string().contains("damaged"), "{err}");
+        assert!(files_on_disk(&d).is_empty(), "{:?}", files_on_disk(&d));
+        assert_eq!(store.total_bytes(), 0);
+        // Files an older version moved aside are removed at start.
+        drop(store);
+        let aside = Path::new(&files[0]).with_extension("damaged");
+        std::fs::write(&aside, b"old").unwrap();
+        open(&d, None);
+        assert!(files_on_disk(&d).is_empty(), "{:?}", files_on_disk(&d));
+    }
+
+    #[test]
+    fn eviction_takes_from_the_uploader_and_tenants_over_their_share_first() {
+        let [k1, k2] = real_keys();
+        assert_eq!(k1.len(), k2.len());
+        let size = k1.len() as u64;
+        let d = dir("evict");
+        let store = open(&d, Some(2 * size));
+        store.set_shares([("a".to_string(), Some(1)), ("b".to_string(), Some(2))]);
+        let ids = |owner: &str| -> Vec<String> {
+            let mut v: Vec<String> = store.list(owner).into_iter().map(|k| k.id).collect();
+            v.sort();
+            v
+        };
+        // a's key is the least recently used, but a is within its max_keys.
+        store.store("a", k1, &[P], Quota::default()).unwrap();
+        store.clear_cache();
+        store.store("b", k1, &[P], Quota::default()).unwrap();
+        store.clear_cache();
+        store.store("b", k2, &[P], Quota::default()).unwrap();
+        store.clear_cache();
+        assert_eq!(ids("a"), vec![key_id(k1)]);
+        assert_eq!(ids("b"), vec![key_id(k2)]);
+        // A share lowered below what a holds (as a reload may do): a's key goes first, even
+        // though b's own is older.
+        store.set_shares([("a".to_string(), Some(0)), ("b".to_string(), Some(2))]);
+        store.store("b", k1, &[P], Quota::default()).unwrap();
+        store.clear_cache();
+        assert!(ids("a").is_empty());
+        let mut both = vec![key_id(k1), key_id(k2)];
+        both.sort();
+        assert_eq!(ids("b"), both);
+        // Nobody evictable: the store is full for c, and b keeps its keys.
+        store.set_shares([("b".to_string(), Some(2)), ("c".to_string(), Some(1))]);
+        let err = store.store("c", k1, &[P], Quota::default()).unwrap_err();
+        assert!(err.to_string().contains("key store is full"), "{err}");
+        assert_eq!(ids("b"), both);
+        assert_eq!(files_on_disk(&d).len(), 2);
+    }
+
+    #[test]
+    fn keys_unused_past_their_tenants_ttl_expire() {
+        let key = &real_keys()[0];
+        let d = dir("ttl");
+        let store = open(&d, None);
+        let id = store.store("t", key, &[P], Quota::default()).unwrap().id;
+        store.store("u", key, &[P], Quota::default()).unwrap();
+        let used = store.list("t")[0].last_used;
+        let ttl = Duration::from_secs(3600);
+        let ttl_of = |owner: &str| (owner == "t").then_some(ttl);
+        assert!(store.expire(used + ttl / 2, ttl_of).is_empty());
+        assert_eq!(
+            store.expire(used + 2 * ttl, ttl_of),
+            vec![("t".to_string(), id.clone())]
+        );
+        assert!(store.find("t", &id, &[P]).unwrap().is_none());
+        assert!(store.find("u", &id, &[P]).unwrap().is_some());
+        assert_eq!(files_on_disk(&d).len(), 1);
     }
 }
