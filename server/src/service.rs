@@ -19,7 +19,7 @@ use crate::key_store::{KeyStore, Quota, StoredKey, check_key_id, short};
 use crate::metrics::Metrics;
 use crate::models::Registry;
 use crate::status::code_of;
-use crate::tenants::{Tenant, Tenants};
+use crate::tenants::{SharedTenants, Tenant};
 
 /// Limits of the service, besides the message sizes set on the transport.
 #[derive(Clone, Debug)]
@@ -55,7 +55,7 @@ impl Default for Limits {
 pub struct VeilService {
     models: Arc<Registry>,
     keys: Arc<KeyStore>,
-    tenants: Arc<Tenants>,
+    tenants: SharedTenants,
     metrics: Arc<Metrics>,
     limits: Limits,
     batcher: Arc<Batcher>,
@@ -66,7 +66,7 @@ impl VeilService {
     pub fn new(
         models: Arc<Registry>,
         keys: Arc<KeyStore>,
-        tenants: Arc<Tenants>,
+        tenants: SharedTenants,
         metrics: Arc<Metrics>,
         limits: Limits,
     ) -> Self {
@@ -89,7 +89,7 @@ impl VeilService {
 
     /// The caller's tenant, after its request rate.
     fn tenant(&self, metadata: &MetadataMap) -> Result<Arc<Tenant>> {
-        let t = self.tenants.authenticate(metadata)?;
+        let t = self.tenants.current().authenticate(metadata)?;
         t.check_rate()?;
         Ok(t)
     }
