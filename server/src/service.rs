@@ -498,6 +498,31 @@ impl v1::veil_server::Veil for VeilService {
         .await
     }
 
+    async fn list_keys(
+        &self,
+        req: Request<v1::ListKeysRequest>,
+    ) -> Result<Response<v1::ListKeysResponse>, Status> {
+        self.observed("ListKeys", async {
+            let tenant = self.tenant(req.metadata())?;
+            let keys = self
+                .keys
+                .list(&tenant.name)
+                .into_iter()
+                .map(|k| v1::StoredKeyInfo {
+                    key_id: k.id,
+                    parameter_set: k.params.name().to_string(),
+                    size_bytes: k.size,
+                    last_used_unix_s: k
+                        .last_used
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                })
+                .collect();
+            Ok(v1::ListKeysResponse { keys })
+        })
+        .await
+    }
+
     async fn delete_key(
         &self,
         req: Request<v1::DeleteKeyRequest>,
