@@ -436,6 +436,10 @@ mod tests {
                 &format!("[[tenant]]\nname = \"a\"\ntoken_sha256 = \"{h}\"\nmax_kyes = 1\n"),
                 "unknown field",
             ),
+            (
+                &format!("[[tenant]]\nname = \"a\"\ntoken_sha256 = \"{h}\"\nkey_ttl_secs = 0\n"),
+                "key_ttl_secs must be positive",
+            ),
         ] {
             let e = Tenants::parse(text).unwrap_err();
             assert!(e.contains(why), "{text:?}: {e}");
