@@ -341,7 +341,10 @@ impl Server {
             }
         };
         let _ = metrics_stop_tx.send(());
+        // Awaited so the sweep's handle on the key store (and its data-dir lock) is gone when
+        // serve returns: a restart on the same directory can take the lock at once.
         sweep.abort();
+        let _ = sweep.await;
         result?;
         Ok(())
     }
