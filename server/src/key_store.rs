@@ -1328,4 +1328,23 @@ mod tests {
         assert!(store.find("u", &id, &[P]).unwrap().is_some());
         assert_eq!(files_on_disk(&d).len(), 1);
     }
+
+    #[test]
+    fn the_cache_evicts_from_the_owner_over_its_share_first() {
+        let csk = eval_key_from_bytes(P, &real_keys()[0]).unwrap();
+        let key = Arc::new(EvalKey::from_compressed(BackendKind::Cpu, P, &csk).unwrap());
+        let k = |owner: &str, n: u8| KeyStore::kref(owner, P, &format!("{n:064x}"));
+        let mut lru = Lru::new(3);
+        for r in [k("b", 1), k("a", 2), k("a", 3)] {
+            lru.insert(r, Arc::clone(&key));
+        }
+        // b's key is the least recently used, but a holds two of three slots.
+        lru.insert(k("c", 4), Arc::clone(&key));
+        let held: Vec<KeyRef> = lru.entries.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(held, vec![k("b", 1), k("a", 3), k("c", 4)]);
+        // Nobody over its share: plain least recently used.
+        lru.insert(k("d", 5), Arc::clone(&key));
+        let held: Vec<KeyRef> = lru.entries.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(held, vec![k("a", 3), k("c", 4), k("d", 5)]);
+    }
 }
