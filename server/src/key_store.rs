@@ -46,6 +46,10 @@ use crate::metrics::Metrics;
 /// How long an upload waits for another upload of the same key to finish writing it.
 const PENDING_WAIT: Duration = Duration::from_secs(120);
 
+/// A used key's file modification time is brought forward at most this often; after a
+/// restart it is the key's last use (for `ListKeys` and the TTL).
+const MTIME_REFRESH: Duration = Duration::from_secs(60);
+
 /// Lowercase hex SHA-256 of the key bytes: the key id.
 pub fn key_id(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
@@ -120,6 +124,8 @@ struct Entry {
     last_used_at: SystemTime,
     /// Reserved by an upload that has not finished writing: invisible to everything else.
     pending: bool,
+    /// The last use recorded in the file's modification time.
+    persisted_at: SystemTime,
 }
 
 /// Every stored key, with its size and last use.
@@ -143,12 +149,25 @@ impl Index {
         self.keys.get(k).filter(|e| !e.pending)
     }
 
-    fn touch(&mut self, k: &KeyRef) {
+    /// Records a use; true when the file's modification time (the last use a restart sees)
+    /// is more than [`MTIME_REFRESH`] behind and should be brought forward.
+    fn touch(&mut self, k: &KeyRef) -> bool {
         self.tick += 1;
         let tick = self.tick;
-        if let Some(e) = self.keys.get_mut(k) {
-            e.last_used = tick;
-            e.last_used_at = SystemTime::now();
+        let now = SystemTime::now();
+        match self.keys.get_mut(k) {
+            Some(e) => {
+                e.last_used = tick;
+                e.last_used_at = now;
+                let stale = now
+                    .duration_since(e.persisted_at)
+                    .is_ok_and(|d| d > MTIME_REFRESH);
+                if stale {
+                    e.persisted_at = now;
+                }
+                stale
+            }
+            None => false,
         }
     }
 
@@ -416,6 +435,7 @@ impl KeyStore {
                     last_used,
                     last_used_at: SystemTime::now(),
                     pending: true,
+                    persisted_at: SystemTime::now(),
                 },
             );
             self.publish(&index);
@@ -656,8 +676,22 @@ impl KeyStore {
 
     fn cached(&self, k: &KeyRef) -> Option<Arc<EvalKey>> {
         let key = self.cache.lock().expect("cache lock").get(k)?;
-        self.lock_index().touch(k);
+        self.touch(k);
         Some(key)
+    }
+
+    /// Records a use of `k`, in its file's modification time too when that is stale.
+    fn touch(&self, k: &KeyRef) {
+        if self.lock_index().touch(k) {
+            let path = self.path(k);
+            let r = std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+            if let Err(e) = r {
+                tracing::debug!(path = %path.display(), "recording a key's last use: {e}");
+            }
+        }
     }
 
     /// Reads a stored key and checks it: the hash must match the id, and the bytes must pass
@@ -694,7 +728,7 @@ impl KeyStore {
         };
         match checked {
             Ok(key) => {
-                self.lock_index().touch(k);
+                self.touch(k);
                 tracing::info!(key = %short(&k.id), params = params.name(), "loaded key from disk");
                 Ok(key)
             }
@@ -843,6 +877,7 @@ fn scan_owner(dir: &Path, owner: &str, known: &[ParamSet], out: &mut Vec<(KeyRef
                     last_used: 0,
                     last_used_at: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
                     pending: false,
+                    persisted_at: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
                 },
             ));
         }
@@ -1346,5 +1381,32 @@ mod tests {
         lru.insert(k("d", 5), Arc::clone(&key));
         let held: Vec<KeyRef> = lru.entries.iter().map(|(r, _)| r.clone()).collect();
         assert_eq!(held, vec![k("a", 3), k("c", 4), k("d", 5)]);
+    }
+
+    #[test]
+    fn last_use_survives_a_restart() {
+        let key = &real_keys()[0];
+        let d = dir("mtime");
+        let store = open(&d, None);
+        let id = store.store("t", key, &[P], Quota::default()).unwrap().id;
+        drop(store);
+        // Written two hours ago, as far as a restarted server can tell.
+        let file = &files_on_disk(&d)[0];
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(file)
+            .and_then(|f| f.set_modified(two_hours_ago))
+            .unwrap();
+        let ttl_of = |_: &str| Some(Duration::from_secs(3600));
+        let store = open(&d, None);
+        assert_eq!(store.list("t")[0].last_used, two_hours_ago);
+        rt().block_on(store.get("t", &id, P))
+            .expect("the key loads");
+        drop(store);
+        // Used just now: a restart sees that use, and the TTL keeps the key.
+        let store = open(&d, None);
+        assert!(store.expire(SystemTime::now(), ttl_of).is_empty());
+        assert!(store.find("t", &id, &[P]).unwrap().is_some());
     }
 }
