@@ -86,7 +86,8 @@ pub struct ListedKey {
     pub id: String,
     pub params: ParamSet,
     pub size: u64,
-    /// Last upload or use (the file's modification time after a restart).
+    /// Last upload or use (after a restart, the file's modification time, which uses bring
+    /// forward at most once a minute).
     pub last_used: SystemTime,
 }
 
