@@ -32,6 +32,10 @@ enum Command {
     Models(cmd::models::Args),
     /// Encrypt samples, run them on a server, decrypt and print the predictions.
     Infer(cmd::infer::Args),
+    /// Your evaluation keys on a server: list, upload, delete.
+    Keys(cmd::keys::Args),
+    /// Ask a server's gRPC health (exit status 1 unless SERVING).
+    Health(cmd::health::Args),
 }
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
@@ -52,6 +56,8 @@ fn main() {
         Command::Keygen(a) => cmd::keygen::run(a),
         Command::Models(a) => block_on(cmd::models::run(a)),
         Command::Infer(a) => block_on(cmd::infer::run(a)),
+        Command::Keys(a) => block_on(cmd::keys::run(a)),
+        Command::Health(a) => block_on(cmd::health::run(a)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

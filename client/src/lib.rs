@@ -305,6 +305,7 @@ pub type Rpc = VeilClient<InterceptedService<Channel, Auth>>;
 #[derive(Clone)]
 pub struct Client {
     rpc: Rpc,
+    channel: Channel,
     deadline: Option<Duration>,
 }
 
@@ -372,6 +373,7 @@ impl Client {
 
     fn from_channel_with_auth(channel: Channel, auth: Auth) -> Self {
         Client {
+            channel: channel.clone(),
             rpc: VeilClient::with_interceptor(channel, auth)
                 .max_decoding_message_size(MAX_RESPONSE_BYTES)
                 .max_encoding_message_size(MAX_REQUEST_BYTES),
@@ -434,6 +436,37 @@ impl Client {
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
             Err(s) => Err(s.into()),
         }
+    }
+
+    /// The server's gRPC health for `service` ("" for the server as a whole,
+    /// "veil.v1.Veil" for the inference service): `SERVING`, `NOT_SERVING` (draining) or
+    /// another status name.
+    pub async fn health(&self, service: &str) -> Result<String> {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::health_client::HealthClient;
+        let status = HealthClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 10)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await?
+            .into_inner()
+            .status;
+        Ok(ServingStatus::try_from(status).map_or_else(
+            |_| format!("UNKNOWN({status})"),
+            |s| s.as_str_name().to_string(),
+        ))
+    }
+
+    /// The caller's keys stored on the server, most recently used first.
+    pub async fn list_keys(&self) -> Result<Vec<v1::StoredKeyInfo>> {
+        Ok(self
+            .rpc()
+            .list_keys(v1::ListKeysRequest {})
+            .await?
+            .into_inner()
+            .keys)
     }
 
     /// Removes the key from the server (disk and memory); the bytes it freed. NOT_FOUND when

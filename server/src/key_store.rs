@@ -11,15 +11,28 @@
 //! again: its hash must match its id, and it goes through tfhe's safe deserialization with the
 //! conformance check.
 //!
+//! Write before index: an upload first reserves its bytes with a *pending* entry, which no
+//! lookup, delete, eviction or expiry sees; the entry becomes visible only once the file is
+//! in place. A second upload of the same key waits for the first to settle. Files are only
+//! removed under the index lock together with their entry, so a ready entry always has its
+//! file and a file never outlives its entry. Every removal syncs the directory.
+//!
+//! `DATA_DIR/.lock` is held (an exclusive file lock) while the store is open: a second server
+//! on the same directory refuses to start.
+//!
 //! Bounds: the cache holds a fixed number of expanded keys; the disk holds at most
-//! `max_store_bytes` of keys, least recently used first out (keys expanded in memory are
-//! never evicted from disk). Loads from disk run one at a time; the load permit belongs to the
-//! blocking task, so a caller that gives up does not let a second load start beside it.
+//! `max_store_bytes` of keys. When the disk is full, eviction takes least recently used keys
+//! of tenants over their `max_keys` share first, then the uploader's own, then those of
+//! tenants without a `max_keys`; a tenant within its `max_keys` never loses a key to another
+//! tenant's upload, and keys expanded in memory stay. Loads from disk run one at a time; the
+//! load permit belongs to the blocking task, so a caller that gives up does not let a second
+//! load start beside it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -29,6 +42,13 @@ use veil_runtime::{BackendKind, EvalKey};
 
 use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
+
+/// How long an upload waits for another upload of the same key to finish writing it.
+const PENDING_WAIT: Duration = Duration::from_secs(120);
+
+/// A used key's file modification time is brought forward at most this often; after a
+/// restart it is the key's last use (for `ListKeys` and the TTL).
+const MTIME_REFRESH: Duration = Duration::from_secs(60);
 
 /// Lowercase hex SHA-256 of the key bytes: the key id.
 pub fn key_id(bytes: &[u8]) -> String {
@@ -60,11 +80,34 @@ pub struct StoredKey {
     pub newly_stored: bool,
 }
 
+/// A key as `ListKeys` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedKey {
+    pub id: String,
+    pub params: ParamSet,
+    pub size: u64,
+    /// Last upload or use (after a restart, the file's modification time, which uses bring
+    /// forward at most once a minute).
+    pub last_used: SystemTime,
+}
+
 /// A tenant's limits on stored keys.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Quota {
     pub max_keys: Option<u64>,
     pub max_bytes: Option<u64>,
+}
+
+/// Where an upload is, for tests that interleave it with other calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The upload reserved its bytes (pending entry); the file is not written yet.
+    Reserved,
+    /// The file is in place; the entry is still pending.
+    Written,
+    /// A second upload of a key found it pending and waits (called with the index locked:
+    /// the hook must not block here).
+    WaitingForPending,
 }
 
 /// One key of one tenant.
@@ -79,6 +122,11 @@ struct Entry {
     params: ParamSet,
     size: u64,
     last_used: u64,
+    last_used_at: SystemTime,
+    /// Reserved by an upload that has not finished writing: invisible to everything else.
+    pending: bool,
+    /// The last use recorded in the file's modification time.
+    persisted_at: SystemTime,
 }
 
 /// Every stored key, with its size and last use.
@@ -90,6 +138,7 @@ struct Index {
 }
 
 impl Index {
+    /// Keys and bytes of `owner`, pending reservations included.
     fn owner_usage(&self, owner: &str) -> (u64, u64) {
         self.keys
             .iter()
@@ -97,14 +146,40 @@ impl Index {
             .fold((0, 0), |(n, b), (_, e)| (n + 1, b + e.size))
     }
 
-    fn touch(&mut self, k: &KeyRef) {
+    fn ready(&self, k: &KeyRef) -> Option<&Entry> {
+        self.keys.get(k).filter(|e| !e.pending)
+    }
+
+    /// Records a use; true when the file's modification time (the last use a restart sees)
+    /// is more than [`MTIME_REFRESH`] behind and should be brought forward.
+    fn touch(&mut self, k: &KeyRef) -> bool {
         self.tick += 1;
         let tick = self.tick;
-        if let Some(e) = self.keys.get_mut(k) {
-            e.last_used = tick;
+        let now = SystemTime::now();
+        match self.keys.get_mut(k) {
+            Some(e) => {
+                e.last_used = tick;
+                e.last_used_at = now;
+                let stale = now
+                    .duration_since(e.persisted_at)
+                    .is_ok_and(|d| d > MTIME_REFRESH);
+                if stale {
+                    e.persisted_at = now;
+                }
+                stale
+            }
+            None => false,
         }
     }
+
+    fn remove(&mut self, k: &KeyRef) -> Option<Entry> {
+        let e = self.keys.remove(k)?;
+        self.total -= e.size;
+        Some(e)
+    }
 }
+
+type Hook = Arc<dyn Fn(Stage) + Send + Sync>;
 
 /// The disk store plus the cache of expanded keys, in the form of the server's backend (the
 /// CPU's Fourier-domain key in RAM, or the GPU's copy in device memory).
@@ -113,19 +188,26 @@ pub struct KeyStore {
     backend: BackendKind,
     cache: Mutex<Lru>,
     index: Mutex<Index>,
+    /// Signalled whenever a pending entry settles (written or given up).
+    settled: Condvar,
     max_store_bytes: Option<u64>,
+    /// Each tenant's `max_keys`, for eviction (a tenant absent here has no share).
+    shares: Mutex<HashMap<String, Option<u64>>>,
     /// One key expansion from disk at a time, so memory stays bounded (cache + one load).
     load_permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    hook: Mutex<Option<Hook>>,
+    /// Held while the store is open, so a second server cannot share the directory.
+    _lock: std::fs::File,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl KeyStore {
     /// Opens (creating if needed) the key store under `data_dir`, keeping up to `capacity`
-    /// expanded keys in memory and at most `max_store_bytes` of keys on disk. Indexes the keys
-    /// of the parameter sets in `known`; removes leftover temporary files of interrupted
-    /// writes.
+    /// expanded keys in memory and at most `max_store_bytes` of keys on disk. Takes the data
+    /// dir's lock; indexes the keys of the parameter sets in `known`; removes leftover
+    /// temporary files of interrupted writes and damaged keys moved aside by older versions.
     pub fn open(
         data_dir: &Path,
         capacity: usize,
@@ -137,6 +219,7 @@ impl KeyStore {
         let keys_dir = data_dir.join("keys");
         std::fs::create_dir_all(&keys_dir)
             .map_err(|e| ServiceError::io(format!("creating {}", keys_dir.display()), e))?;
+        let lock = lock_data_dir(data_dir)?;
         let mut found = Vec::new();
         scan_owner(&keys_dir, "", known, &mut found);
         if let Ok(tenants) = std::fs::read_dir(data_dir.join("tenants")) {
@@ -147,9 +230,9 @@ impl KeyStore {
             }
         }
         // Oldest first, so the least recently written key is the first evicted.
-        found.sort_by_key(|(_, _, mtime)| *mtime);
+        found.sort_by_key(|(_, e)| e.last_used_at);
         let mut index = Index::default();
-        for (k, e, _) in found {
+        for (k, e) in found {
             index.tick += 1;
             index.total += e.size;
             index.keys.insert(
@@ -167,10 +250,33 @@ impl KeyStore {
             backend,
             cache: Mutex::new(Lru::new(capacity.max(1))),
             index: Mutex::new(index),
+            settled: Condvar::new(),
             max_store_bytes,
+            shares: Mutex::new(HashMap::new()),
             load_permits: Arc::new(Semaphore::new(1)),
             metrics,
+            hook: Mutex::new(None),
+            _lock: lock,
         })
+    }
+
+    /// Calls `hook` at each [`Stage`] of an upload; for tests that interleave calls.
+    #[doc(hidden)]
+    pub fn set_hook(&self, hook: impl Fn(Stage) + Send + Sync + 'static) {
+        *self.hook.lock().expect("hook lock") = Some(Arc::new(hook));
+    }
+
+    fn pause(&self, stage: Stage) {
+        let hook = self.hook.lock().expect("hook lock").clone();
+        if let Some(h) = hook {
+            h(stage);
+        }
+    }
+
+    /// Each tenant's `max_keys` (`None`: no limit), for eviction. A tenant not listed (one
+    /// removed from the tenants file) has no share: its keys are evicted first.
+    pub fn set_shares(&self, shares: impl IntoIterator<Item = (String, Option<u64>)>) {
+        *self.shares.lock().expect("shares lock") = shares.into_iter().collect();
     }
 
     fn path(&self, k: &KeyRef) -> PathBuf {
@@ -187,9 +293,13 @@ impl KeyStore {
         }
     }
 
-    /// Bytes of keys on disk.
+    fn lock_index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().expect("index lock")
+    }
+
+    /// Bytes of keys on disk (and reserved by uploads being written).
     pub fn total_bytes(&self) -> u64 {
-        self.index.lock().expect("index lock").total
+        self.lock_index().total
     }
 
     /// Looks up `owner`'s key among `candidates` (the parameter sets the server serves).
@@ -200,18 +310,75 @@ impl KeyStore {
         candidates: &[ParamSet],
     ) -> Result<Option<StoredKey>> {
         check_key_id(id)?;
-        let index = self.index.lock().expect("index lock");
-        Ok(candidates.iter().find_map(|&p| {
-            index
-                .keys
-                .get(&Self::kref(owner, p, id))
-                .map(|e| StoredKey {
-                    id: id.to_string(),
-                    params: e.params,
-                    size: e.size,
-                    newly_stored: false,
-                })
-        }))
+        let index = self.lock_index();
+        Ok(Self::find_in(&index, owner, id, candidates))
+    }
+
+    fn find_in(index: &Index, owner: &str, id: &str, candidates: &[ParamSet]) -> Option<StoredKey> {
+        candidates.iter().find_map(|&p| {
+            index.ready(&Self::kref(owner, p, id)).map(|e| StoredKey {
+                id: id.to_string(),
+                params: e.params,
+                size: e.size,
+                newly_stored: false,
+            })
+        })
+    }
+
+    /// `owner`'s stored keys, most recently used first.
+    pub fn list(&self, owner: &str) -> Vec<ListedKey> {
+        let index = self.lock_index();
+        let mut keys: Vec<(u64, ListedKey)> = index
+            .keys
+            .iter()
+            .filter(|(k, e)| k.owner == owner && !e.pending)
+            .map(|(k, e)| {
+                (
+                    e.last_used,
+                    ListedKey {
+                        id: k.id.clone(),
+                        params: e.params,
+                        size: e.size,
+                        last_used: e.last_used_at,
+                    },
+                )
+            })
+            .collect();
+        keys.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+        keys.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// Waits, index locked, until none of `owner`'s keys `id` (for `candidates`) is pending.
+    fn settle<'a>(
+        &'a self,
+        mut index: MutexGuard<'a, Index>,
+        owner: &str,
+        id: &str,
+        candidates: &[ParamSet],
+    ) -> Result<MutexGuard<'a, Index>> {
+        let pending = |i: &Index| {
+            candidates.iter().any(|&p| {
+                i.keys
+                    .get(&Self::kref(owner, p, id))
+                    .is_some_and(|e| e.pending)
+            })
+        };
+        if pending(&index) {
+            self.pause(Stage::WaitingForPending);
+            let (guard, waited) = self
+                .settled
+                .wait_timeout_while(index, PENDING_WAIT, |i| pending(i))
+                .expect("index lock");
+            if waited.timed_out() {
+                return Err(ServiceError::Stalled(format!(
+                    "another upload of key {} is still being written after {} s; retry later",
+                    short(id),
+                    PENDING_WAIT.as_secs()
+                )));
+            }
+            index = guard;
+        }
+        Ok(index)
     }
 
     /// Validates and stores an uploaded key for `owner` (blocking: run it off the async
@@ -219,10 +386,11 @@ impl KeyStore {
     ///
     /// `candidates` are the parameter sets the key may be for (the one the client declared, or
     /// every served one). A key the owner already stored is neither validated nor written
-    /// again. A new key must fit the owner's quota and the store's bound (evicting least
-    /// recently used keys that are not in memory); it is deserialized with the conformance
-    /// check, expanded (which checks it once more), then written atomically. The expanded key
-    /// is cached only if that evicts no other tenant's key from memory.
+    /// again; one another upload is writing is waited for. A new key must fit the owner's
+    /// quota and the store's bound (evicting as the module says); it is deserialized with the
+    /// conformance check, expanded (which checks it once more), reserved, written atomically,
+    /// then made visible. The expanded key is cached only if that evicts no other tenant's
+    /// key from memory.
     pub fn store(
         &self,
         owner: &str,
@@ -237,26 +405,26 @@ impl KeyStore {
             )));
         }
         let id = key_id(bytes);
-        if let Some(found) = self.find(owner, &id, candidates)? {
-            return Ok(found);
+        {
+            let mut index = self.settle(self.lock_index(), owner, &id, candidates)?;
+            if let Some(found) = Self::find_in(&index, owner, &id, candidates) {
+                index.touch(&Self::kref(owner, found.params, &id));
+                return Ok(found);
+            }
+            // Fail fast before the expensive validation; checked again when reserving.
+            self.check_room(&index, owner, size, quota)?;
         }
-        // Fail fast before the expensive validation; checked again when committing.
-        self.check_room(&self.index.lock().expect("index lock"), owner, size, quota)?;
         let (params, key) = validate(bytes, candidates, self.backend)?;
         let k = Self::kref(owner, params, &id);
         {
-            let mut index = self.index.lock().expect("index lock");
-            if let Some(e) = index.keys.get(&k) {
+            let mut index = self.settle(self.lock_index(), owner, &id, &[params])?;
+            if let Some(found) = Self::find_in(&index, owner, &id, &[params]) {
                 // The same key arrived twice at once; the other upload stored it.
-                return Ok(StoredKey {
-                    id,
-                    params,
-                    size: e.size,
-                    newly_stored: false,
-                });
+                index.touch(&k);
+                return Ok(found);
             }
             self.check_room(&index, owner, size, quota)?;
-            self.make_room(&mut index, size)?;
+            self.make_room(&mut index, owner, size)?;
             index.tick += 1;
             let last_used = index.tick;
             index.total += size;
@@ -266,14 +434,33 @@ impl KeyStore {
                     params,
                     size,
                     last_used,
+                    last_used_at: SystemTime::now(),
+                    pending: true,
+                    persisted_at: SystemTime::now(),
                 },
             );
             self.publish(&index);
         }
-        if let Err(e) = write_atomically(&self.path(&k), bytes) {
-            self.forget(&k);
-            return Err(e);
+        self.pause(Stage::Reserved);
+        let written = write_atomically(&self.path(&k), bytes);
+        self.pause(Stage::Written);
+        {
+            let mut index = self.lock_index();
+            match &written {
+                Ok(()) => {
+                    if let Some(e) = index.keys.get_mut(&k) {
+                        e.pending = false;
+                    }
+                    index.touch(&k);
+                }
+                Err(_) => {
+                    index.remove(&k);
+                    self.publish(&index);
+                }
+            }
+            self.settled.notify_all();
         }
+        written?;
         let mut cache = self.cache.lock().expect("cache lock");
         cache.insert_if_room(k, Arc::new(key));
         self.metrics.key_cache_keys.set(cache.entries.len() as i64);
@@ -313,9 +500,9 @@ impl KeyStore {
         Ok(())
     }
 
-    /// Evicts least recently used keys from disk until `size` more bytes fit. Keys expanded in
-    /// memory are in use and stay.
-    fn make_room(&self, index: &mut Index, size: u64) -> Result<()> {
+    /// Evicts keys from disk until `size` more bytes of `owner` fit, in the order
+    /// [`eviction_order`] gives.
+    fn make_room(&self, index: &mut Index, owner: &str, size: u64) -> Result<()> {
         let Some(max) = self.max_store_bytes else {
             return Ok(());
         };
@@ -326,16 +513,11 @@ impl KeyStore {
             let cache = self.cache.lock().expect("cache lock");
             cache.entries.iter().map(|(k, _)| k.clone()).collect()
         };
-        let mut victims: Vec<(u64, KeyRef, u64)> = index
-            .keys
-            .iter()
-            .filter(|(k, _)| !hot.contains(k))
-            .map(|(k, e)| (e.last_used, k.clone(), e.size))
-            .collect();
-        victims.sort_by_key(|v| v.0);
+        let shares = self.shares.lock().expect("shares lock").clone();
+        let victims = eviction_order(index, owner, &shares, &hot);
         let mut freed = 0;
         let mut chosen = Vec::new();
-        for (_, k, s) in victims {
+        for (k, s) in victims {
             if index.total - freed + size <= max {
                 break;
             }
@@ -344,19 +526,35 @@ impl KeyStore {
         }
         if index.total - freed + size > max {
             return Err(ServiceError::Exhausted(format!(
-                "the key store is full ({} of {max} bytes, the rest in use); retry later",
+                "the key store is full ({} of {max} bytes; the rest is in use or belongs to \
+                 tenants within their key quota); retry later or delete one of your keys",
                 index.total
             )));
         }
-        for k in chosen {
-            let _ = std::fs::remove_file(self.path(&k));
-            if let Some(e) = index.keys.remove(&k) {
-                index.total -= e.size;
-            }
+        for k in &chosen {
+            self.remove_locked(index, k)?;
             self.metrics.key_evictions.inc();
             tracing::info!(key = %short(&k.id), tenant = %k.owner, "evicted key from disk (key store full)");
         }
+        sync_dirs(chosen.iter().map(|k| self.path(k)));
         Ok(())
+    }
+
+    /// Removes a key's file and entry, index locked (so no upload of the same key can slip
+    /// its file in between). The caller syncs the directory.
+    fn remove_locked(&self, index: &mut Index, k: &KeyRef) -> Result<Option<u64>> {
+        let path = self.path(k);
+        if let Err(err) = std::fs::remove_file(&path)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(ServiceError::io(
+                format!("removing {}", path.display()),
+                err,
+            ));
+        }
+        let freed = index.remove(k).map(|e| e.size);
+        self.publish(index);
+        Ok(freed)
     }
 
     fn publish(&self, index: &Index) {
@@ -364,47 +562,77 @@ impl KeyStore {
         self.metrics.key_store_keys.set(index.keys.len() as i64);
     }
 
-    fn forget(&self, k: &KeyRef) {
-        let mut index = self.index.lock().expect("index lock");
-        if let Some(e) = index.keys.remove(k) {
-            index.total -= e.size;
-        }
-        self.publish(&index);
+    fn uncache(&self, k: &KeyRef) {
+        let mut cache = self.cache.lock().expect("cache lock");
+        cache.remove(k);
+        self.metrics.key_cache_keys.set(cache.entries.len() as i64);
     }
 
     /// Removes `owner`'s key `id` from disk and memory; its size, or `None` if the owner has
-    /// no such key.
+    /// no such key (one still being uploaded is not stored yet).
     pub fn delete(&self, owner: &str, id: &str, candidates: &[ParamSet]) -> Result<Option<u64>> {
         check_key_id(id)?;
         let mut freed = None;
-        for &p in candidates {
-            let k = Self::kref(owner, p, id);
-            let removed = {
-                let mut index = self.index.lock().expect("index lock");
-                let e = index.keys.remove(&k);
-                if let Some(e) = &e {
-                    index.total -= e.size;
+        let mut removed = Vec::new();
+        {
+            let mut index = self.lock_index();
+            for &p in candidates {
+                let k = Self::kref(owner, p, id);
+                if index.ready(&k).is_none() {
+                    continue;
                 }
-                self.publish(&index);
-                e
-            };
-            if let Some(e) = removed {
-                let path = self.path(&k);
-                if let Err(err) = std::fs::remove_file(&path)
-                    && err.kind() != std::io::ErrorKind::NotFound
-                {
-                    return Err(ServiceError::io(
-                        format!("removing {}", path.display()),
-                        err,
-                    ));
+                if let Some(s) = self.remove_locked(&mut index, &k)? {
+                    freed = Some(freed.unwrap_or(0) + s);
                 }
-                freed = Some(freed.unwrap_or(0) + e.size);
+                removed.push(k);
             }
-            let mut cache = self.cache.lock().expect("cache lock");
-            cache.remove(&k);
-            self.metrics.key_cache_keys.set(cache.entries.len() as i64);
+            sync_dirs(removed.iter().map(|k| self.path(k)));
+        }
+        for k in &removed {
+            self.uncache(k);
         }
         Ok(freed)
+    }
+
+    /// Removes the keys not used since `now - ttl`, for each tenant `ttl_of` gives a TTL;
+    /// the keys removed, as (tenant, id). The server calls it periodically with the clock's
+    /// time; tests call it with a time of their choosing.
+    pub fn expire(
+        &self,
+        now: SystemTime,
+        ttl_of: impl Fn(&str) -> Option<Duration>,
+    ) -> Vec<(String, String)> {
+        let mut removed = Vec::new();
+        {
+            let mut index = self.lock_index();
+            let stale: Vec<KeyRef> = index
+                .keys
+                .iter()
+                .filter(|(k, e)| {
+                    !e.pending
+                        && ttl_of(&k.owner).is_some_and(|ttl| {
+                            now.duration_since(e.last_used_at)
+                                .is_ok_and(|idle| idle > ttl)
+                        })
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in stale {
+                match self.remove_locked(&mut index, &k) {
+                    Ok(_) => removed.push(k),
+                    Err(e) => {
+                        tracing::error!(key = %short(&k.id), tenant = %k.owner, "expiring key: {e}")
+                    }
+                }
+            }
+            sync_dirs(removed.iter().map(|k| self.path(k)));
+        }
+        for k in &removed {
+            self.uncache(k);
+            self.metrics.key_expirations.inc();
+            tracing::info!(key = %short(&k.id), tenant = %k.owner, "removed key unused for longer than its tenant's key TTL");
+        }
+        removed.into_iter().map(|k| (k.owner, k.id)).collect()
     }
 
     /// The expanded key `id` of `owner` for parameter set `params`: from the cache, or loaded
@@ -429,7 +657,7 @@ impl KeyStore {
         if let Some(key) = self.cached(&k) {
             return Ok(key);
         }
-        if !self.index.lock().expect("index lock").keys.contains_key(&k) {
+        if self.lock_index().ready(&k).is_none() {
             return Err(ServiceError::UnknownKey(id.to_string()));
         }
         let store = Arc::clone(self);
@@ -449,28 +677,45 @@ impl KeyStore {
 
     fn cached(&self, k: &KeyRef) -> Option<Arc<EvalKey>> {
         let key = self.cache.lock().expect("cache lock").get(k)?;
-        self.index.lock().expect("index lock").touch(k);
+        self.touch(k);
         Some(key)
     }
 
+    /// Records a use of `k`, in its file's modification time too when that is stale.
+    fn touch(&self, k: &KeyRef) {
+        if self.lock_index().touch(k) {
+            let path = self.path(k);
+            let r = std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+            if let Err(e) = r {
+                tracing::debug!(path = %path.display(), "recording a key's last use: {e}");
+            }
+        }
+    }
+
     /// Reads a stored key and checks it: the hash must match the id, and the bytes must pass
-    /// the conformance check. A damaged file is moved aside and the key reported unknown.
+    /// the conformance check. A damaged file is removed and the key reported unknown.
     fn load(&self, k: &KeyRef) -> Result<EvalKey> {
         let path = self.path(k);
         let params = self
-            .index
-            .lock()
-            .expect("index lock")
-            .keys
-            .get(k)
+            .lock_index()
+            .ready(k)
             .map(|e| e.params)
             .ok_or_else(|| ServiceError::UnknownKey(k.id.clone()))?;
         let bytes = match read_bounded(&path) {
-            // Deleted or evicted since the request was checked.
+            // Deleted or evicted since the request was checked (or removed by hand).
             Err(ServiceError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                self.forget(k);
+                let mut index = self.lock_index();
+                // Files go with their entries under this lock: an entry still ready here
+                // without its file lost it outside the server.
+                if index.ready(k).is_some() && !path.exists() {
+                    index.remove(k);
+                    self.publish(&index);
+                }
                 return Err(ServiceError::UnknownKey(k.id.clone()));
             }
             r => r?,
@@ -484,15 +729,20 @@ impl KeyStore {
         };
         match checked {
             Ok(key) => {
-                self.index.lock().expect("index lock").touch(k);
+                self.touch(k);
                 tracing::info!(key = %short(&k.id), params = params.name(), "loaded key from disk");
                 Ok(key)
             }
             Err(why) => {
-                let aside = path.with_extension("damaged");
-                tracing::error!(key = %k.id, path = %path.display(), %why, "stored key is damaged; moved aside");
-                let _ = std::fs::rename(&path, &aside);
-                self.forget(k);
+                tracing::error!(key = %k.id, path = %path.display(), %why, "stored key is damaged; removed");
+                {
+                    let mut index = self.lock_index();
+                    if index.ready(k).is_some() {
+                        let _ = self.remove_locked(&mut index, k);
+                        sync_dirs([path]);
+                    }
+                }
+                self.metrics.key_damaged.inc();
                 Err(ServiceError::UnknownKey(format!(
                     "{} (the stored copy was damaged and has been removed; upload the key again)",
                     k.id
@@ -505,6 +755,87 @@ impl KeyStore {
     pub fn cached_keys(&self) -> usize {
         self.cache.lock().expect("cache lock").entries.len()
     }
+
+    #[cfg(test)]
+    fn clear_cache(&self) {
+        self.cache.lock().expect("cache lock").entries.clear();
+    }
+}
+
+/// Disk eviction candidates for an upload by `owner`, first to go first: keys of tenants
+/// over their `max_keys` share (or with no share: removed from the tenants file), then the
+/// uploader's own, then those of tenants without a `max_keys`; least recently used first
+/// within each. Keys of other tenants within their `max_keys`, keys in memory and pending
+/// uploads are never candidates.
+fn eviction_order(
+    index: &Index,
+    owner: &str,
+    shares: &HashMap<String, Option<u64>>,
+    hot: &[KeyRef],
+) -> Vec<(KeyRef, u64)> {
+    let mut counts: HashMap<&str, u64> = HashMap::new();
+    for (k, _) in index.keys.iter() {
+        *counts.entry(k.owner.as_str()).or_default() += 1;
+    }
+    let mut victims: Vec<(u8, u64, KeyRef, u64)> = index
+        .keys
+        .iter()
+        .filter(|(k, e)| !e.pending && !hot.contains(k))
+        .filter_map(|(k, e)| {
+            let class = if k.owner == owner {
+                1
+            } else {
+                match shares.get(&k.owner) {
+                    // Removed from the tenants file: no share left.
+                    None if !shares.is_empty() => 0,
+                    None | Some(None) => 2,
+                    Some(Some(max)) if counts[k.owner.as_str()] > *max => 0,
+                    Some(Some(_)) => return None,
+                }
+            };
+            Some((class, e.last_used, k.clone(), e.size))
+        })
+        .collect();
+    victims.sort_by_key(|v| (v.0, v.1));
+    victims.into_iter().map(|(_, _, k, s)| (k, s)).collect()
+}
+
+/// Takes `DATA_DIR/.lock`, or says which server holds it.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
+    let path = data_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ServiceError::io(format!("opening the lock file {}", path.display()), e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServiceError::Config(format!(
+            "the data dir {} is in use by another veil-server (its lock file {} is held); stop \
+             that server or give another --data-dir",
+            data_dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(ServiceError::io(format!("locking {}", path.display()), e))
+        }
+    }
+}
+
+/// Syncs the directories of removed files, so the removals survive a crash.
+fn sync_dirs(paths: impl IntoIterator<Item = PathBuf>) {
+    let mut dirs: Vec<PathBuf> = paths
+        .into_iter()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        if let Err(e) = std::fs::File::open(&d).and_then(|f| f.sync_all()) {
+            tracing::warn!(dir = %d.display(), "syncing the directory after a removal: {e}");
+        }
+    }
 }
 
 fn owner_dir(root: &Path, owner: &str) -> PathBuf {
@@ -516,20 +847,15 @@ fn owner_dir(root: &Path, owner: &str) -> PathBuf {
 }
 
 /// Collects `dir/<PARAMETER_SET>/<id>.key` for the known parameter sets; removes temporary
-/// files of interrupted writes.
-fn scan_owner(
-    dir: &Path,
-    owner: &str,
-    known: &[ParamSet],
-    out: &mut Vec<(KeyRef, Entry, std::time::SystemTime)>,
-) {
+/// files of interrupted writes and damaged keys moved aside by older versions.
+fn scan_owner(dir: &Path, owner: &str, known: &[ParamSet], out: &mut Vec<(KeyRef, Entry)>) {
     for &params in known {
         let Ok(files) = std::fs::read_dir(dir.join(params.name())) else {
             continue;
         };
         for f in files.flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".tmp-") {
+            if name.starts_with(".tmp-") || name.ends_with(".damaged") {
                 let _ = std::fs::remove_file(f.path());
                 continue;
             }
@@ -550,8 +876,10 @@ fn scan_owner(
                     params,
                     size: meta.len(),
                     last_used: 0,
+                    last_used_at: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    pending: false,
+                    persisted_at: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
                 },
-                meta.modified().unwrap_or(std::time::UNIX_EPOCH),
             ));
         }
     }
@@ -659,14 +987,31 @@ impl Lru {
         self.entries.retain(|(e, _)| e != k);
     }
 
-    /// Inserts, evicting the least recently used key if full.
+    /// Inserts, evicting if full: the least recently used key of an owner holding more than
+    /// its fair share of the cache (capacity over the owners in it), else the least recently
+    /// used key.
     fn insert(&mut self, k: KeyRef, key: Arc<EvalKey>) {
         self.remove(&k);
         self.entries.push((k, key));
         while self.entries.len() > self.capacity {
-            let (evicted, _) = self.entries.remove(0);
-            tracing::debug!(key = %short(&evicted.id), "evicted key from the cache");
+            let i = self.victim();
+            let (evicted, _) = self.entries.remove(i);
+            tracing::debug!(key = %short(&evicted.id), tenant = %evicted.owner, "evicted key from the cache");
         }
+    }
+
+    fn victim(&self) -> usize {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for (e, _) in &self.entries {
+            *counts.entry(e.owner.as_str()).or_default() += 1;
+        }
+        let share = self.capacity.div_ceil(counts.len().max(1));
+        // The newest entry (last) is the one being inserted: never its own victim.
+        let older = &self.entries[..self.entries.len() - 1];
+        older
+            .iter()
+            .position(|(e, _)| counts[e.owner.as_str()] > share)
+            .unwrap_or(0)
     }
 
     /// Inserts if there is room or the owner's own least recently used key can make room;
@@ -738,5 +1083,331 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("at most 10 bytes"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    // Races and fairness, with real 128-bit keys. Uploads are paused at a `Stage` by a hook
+    // that waits on a channel; every wait has a timeout.
+
+    use std::sync::OnceLock;
+    use std::sync::mpsc;
+
+    const P: ParamSet = ParamSet::Message2Carry2KsPbsTuniform2m128;
+    const WAIT: Duration = Duration::from_secs(300);
+
+    /// Two distinct serialized evaluation keys, generated once per test binary.
+    fn real_keys() -> &'static [Vec<u8>; 2] {
+        static KEYS: OnceLock<[Vec<u8>; 2]> = OnceLock::new();
+        KEYS.get_or_init(|| {
+            [1u128, 2].map(|seed| {
+                let ck = veil_runtime::ClientKey::generate_with_seed(P, seed);
+                veil_runtime::keys::eval_key_to_bytes(&ck.compressed_server_key())
+            })
+        })
+    }
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(label: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("veil-ks-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        Dir(d)
+    }
+
+    fn open(d: &Dir, max: Option<u64>) -> Arc<KeyStore> {
+        Arc::new(KeyStore::open(&d.0, 2, BackendKind::Cpu, max, &[P], Metrics::new()).unwrap())
+    }
+
+    /// `*.key` files under the store, as (tenant dir or "", id).
+    fn files_on_disk(d: &Dir) -> Vec<String> {
+        fn walk(p: &Path, out: &mut Vec<String>) {
+            for f in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                let path = f.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path.display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&d.0.join("keys"), &mut out);
+        walk(&d.0.join("tenants"), &mut out);
+        out.sort();
+        out
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        At(Stage),
+        Returned(bool),
+    }
+
+    /// Reports every stage on `events`; blocks the first upload reaching `pause_at` until
+    /// `go` receives.
+    fn pause_at(
+        store: &KeyStore,
+        pause_at: Stage,
+        events: mpsc::Sender<Event>,
+    ) -> mpsc::Sender<()> {
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = Mutex::new(Some(go_rx));
+        let events = Mutex::new(events);
+        store.set_hook(move |stage| {
+            let _ = events.lock().unwrap().send(Event::At(stage));
+            if stage == pause_at
+                && let Some(rx) = go_rx.lock().unwrap().take()
+            {
+                rx.recv_timeout(WAIT).expect("the test releases the upload");
+            }
+        });
+        go_tx
+    }
+
+    fn upload(
+        store: &Arc<KeyStore>,
+        owner: &str,
+        bytes: &[u8],
+    ) -> std::thread::JoinHandle<Result<StoredKey>> {
+        let (store, owner, bytes) = (Arc::clone(store), owner.to_string(), bytes.to_vec());
+        std::thread::spawn(move || store.store(&owner, &bytes, &[P], Quota::default()))
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_second_upload_of_a_key_being_written_waits_for_it() {
+        let key = &real_keys()[0];
+        let d = dir("dup");
+        let store = open(&d, None);
+        let (tx, rx) = mpsc::channel();
+        let go = pause_at(&store, Stage::Written, tx.clone());
+        let first = upload(&store, "t", key);
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Reserved));
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Written));
+        let second = {
+            let (store, key, tx) = (Arc::clone(&store), key.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let r = store.store("t", &key, &[P], Quota::default());
+                let _ = tx.send(Event::Returned(r.is_ok()));
+                r
+            })
+        };
+        // The second upload must wait for the first, not report the key stored before its
+        // file is visible.
+        assert_eq!(
+            rx.recv_timeout(WAIT).unwrap(),
+            Event::At(Stage::WaitingForPending)
+        );
+        go.send(()).unwrap();
+        let a = first.join().unwrap().unwrap();
+        let b = second.join().unwrap().unwrap();
+        assert!(a.newly_stored && !b.newly_stored, "{a:?} {b:?}");
+        assert_eq!(files_on_disk(&d).len(), 1);
+        store.clear_cache();
+        rt().block_on(store.get("t", &a.id, P))
+            .expect("the key loads from disk");
+    }
+
+    #[test]
+    fn an_infer_racing_an_upload_never_unindexes_it() {
+        let key = &real_keys()[0];
+        let d = dir("infer");
+        let store = open(&d, None);
+        let (tx, rx) = mpsc::channel();
+        let go = pause_at(&store, Stage::Reserved, tx);
+        let id = key_id(key);
+        let first = upload(&store, "t", key);
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Reserved));
+        // Reserved, not written: not stored yet for everyone else.
+        assert!(store.find("t", &id, &[P]).unwrap().is_none());
+        let early = rt().block_on(store.get("t", &id, P)).err();
+        assert!(
+            matches!(early, Some(ServiceError::UnknownKey(_))),
+            "{early:?}"
+        );
+        assert!(store.list("t").is_empty());
+        go.send(()).unwrap();
+        assert!(first.join().unwrap().unwrap().newly_stored);
+        assert!(store.find("t", &id, &[P]).unwrap().is_some());
+        store.clear_cache();
+        rt().block_on(store.get("t", &id, P))
+            .expect("the key loads from disk");
+    }
+
+    #[test]
+    fn a_delete_racing_an_upload_leaves_no_orphan_file() {
+        let key = &real_keys()[0];
+        let d = dir("delete");
+        let store = open(&d, None);
+        let (tx, rx) = mpsc::channel();
+        let go = pause_at(&store, Stage::Written, tx);
+        let id = key_id(key);
+        let first = upload(&store, "t", key);
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Reserved));
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Written));
+        // The file is there but the key is not stored yet: nothing to delete.
+        assert_eq!(store.delete("t", &id, &[P]).unwrap(), None);
+        go.send(()).unwrap();
+        let stored = first.join().unwrap().unwrap();
+        // Every file on disk is indexed, and the index matches the disk.
+        assert_eq!(files_on_disk(&d).len(), 1);
+        assert!(store.find("t", &id, &[P]).unwrap().is_some());
+        assert_eq!(store.total_bytes(), stored.size);
+        assert_eq!(store.delete("t", &id, &[P]).unwrap(), Some(stored.size));
+        assert!(files_on_disk(&d).is_empty(), "{:?}", files_on_disk(&d));
+        assert_eq!(store.total_bytes(), 0);
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_dir_is_refused() {
+        let d = dir("lock");
+        let first = open(&d, None);
+        let err = KeyStore::open(&d.0, 2, BackendKind::Cpu, None, &[P], Metrics::new())
+            .err()
+            .expect("the second open is refused");
+        assert!(matches!(err, ServiceError::Config(_)), "{err}");
+        assert!(
+            err.to_string().contains("in use by another veil-server"),
+            "{err}"
+        );
+        drop(first);
+        open(&d, None);
+    }
+
+    #[test]
+    fn damaged_keys_are_removed_not_kept() {
+        let key = &real_keys()[0];
+        let d = dir("damaged");
+        let store = open(&d, None);
+        let stored = store.store("t", key, &[P], Quota::default()).unwrap();
+        let files = files_on_disk(&d);
+        assert_eq!(files.len(), 1);
+        std::fs::write(&files[0], b"garbage").unwrap();
+        store.clear_cache();
+        let err = rt().block_on(store.get("t", &stored.id, P)).err().unwrap();
+        assert!(err.to_string().contains("damaged"), "{err}");
+        assert!(files_on_disk(&d).is_empty(), "{:?}", files_on_disk(&d));
+        assert_eq!(store.total_bytes(), 0);
+        // Files an older version moved aside are removed at start.
+        drop(store);
+        let aside = Path::new(&files[0]).with_extension("damaged");
+        std::fs::write(&aside, b"old").unwrap();
+        open(&d, None);
+        assert!(files_on_disk(&d).is_empty(), "{:?}", files_on_disk(&d));
+    }
+
+    #[test]
+    fn eviction_takes_from_the_uploader_and_tenants_over_their_share_first() {
+        let [k1, k2] = real_keys();
+        assert_eq!(k1.len(), k2.len());
+        let size = k1.len() as u64;
+        let d = dir("evict");
+        let store = open(&d, Some(2 * size));
+        store.set_shares([("a".to_string(), Some(1)), ("b".to_string(), Some(2))]);
+        let ids = |owner: &str| -> Vec<String> {
+            let mut v: Vec<String> = store.list(owner).into_iter().map(|k| k.id).collect();
+            v.sort();
+            v
+        };
+        // a's key is the least recently used, but a is within its max_keys.
+        store.store("a", k1, &[P], Quota::default()).unwrap();
+        store.clear_cache();
+        store.store("b", k1, &[P], Quota::default()).unwrap();
+        store.clear_cache();
+        store.store("b", k2, &[P], Quota::default()).unwrap();
+        store.clear_cache();
+        assert_eq!(ids("a"), vec![key_id(k1)]);
+        assert_eq!(ids("b"), vec![key_id(k2)]);
+        // A share lowered below what a holds (as a reload may do): a's key goes first, even
+        // though b's own is older.
+        store.set_shares([("a".to_string(), Some(0)), ("b".to_string(), Some(2))]);
+        store.store("b", k1, &[P], Quota::default()).unwrap();
+        store.clear_cache();
+        assert!(ids("a").is_empty());
+        let mut both = vec![key_id(k1), key_id(k2)];
+        both.sort();
+        assert_eq!(ids("b"), both);
+        // Nobody evictable: the store is full for c, and b keeps its keys.
+        store.set_shares([("b".to_string(), Some(2)), ("c".to_string(), Some(1))]);
+        let err = store.store("c", k1, &[P], Quota::default()).unwrap_err();
+        assert!(err.to_string().contains("key store is full"), "{err}");
+        assert_eq!(ids("b"), both);
+        assert_eq!(files_on_disk(&d).len(), 2);
+    }
+
+    #[test]
+    fn keys_unused_past_their_tenants_ttl_expire() {
+        let key = &real_keys()[0];
+        let d = dir("ttl");
+        let store = open(&d, None);
+        let id = store.store("t", key, &[P], Quota::default()).unwrap().id;
+        store.store("u", key, &[P], Quota::default()).unwrap();
+        let used = store.list("t")[0].last_used;
+        let ttl = Duration::from_secs(3600);
+        let ttl_of = |owner: &str| (owner == "t").then_some(ttl);
+        assert!(store.expire(used + ttl / 2, ttl_of).is_empty());
+        assert_eq!(
+            store.expire(used + 2 * ttl, ttl_of),
+            vec![("t".to_string(), id.clone())]
+        );
+        assert!(store.find("t", &id, &[P]).unwrap().is_none());
+        assert!(store.find("u", &id, &[P]).unwrap().is_some());
+        assert_eq!(files_on_disk(&d).len(), 1);
+    }
+
+    #[test]
+    fn the_cache_evicts_from_the_owner_over_its_share_first() {
+        let csk = eval_key_from_bytes(P, &real_keys()[0]).unwrap();
+        let key = Arc::new(EvalKey::from_compressed(BackendKind::Cpu, P, &csk).unwrap());
+        let k = |owner: &str, n: u8| KeyStore::kref(owner, P, &format!("{n:064x}"));
+        let mut lru = Lru::new(3);
+        for r in [k("b", 1), k("a", 2), k("a", 3)] {
+            lru.insert(r, Arc::clone(&key));
+        }
+        // b's key is the least recently used, but a holds two of three slots.
+        lru.insert(k("c", 4), Arc::clone(&key));
+        let held: Vec<KeyRef> = lru.entries.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(held, vec![k("b", 1), k("a", 3), k("c", 4)]);
+        // Nobody over its share: plain least recently used.
+        lru.insert(k("d", 5), Arc::clone(&key));
+        let held: Vec<KeyRef> = lru.entries.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(held, vec![k("a", 3), k("c", 4), k("d", 5)]);
+    }
+
+    #[test]
+    fn last_use_survives_a_restart() {
+        let key = &real_keys()[0];
+        let d = dir("mtime");
+        let store = open(&d, None);
+        let id = store.store("t", key, &[P], Quota::default()).unwrap().id;
+        drop(store);
+        // Written two hours ago, as far as a restarted server can tell.
+        let file = &files_on_disk(&d)[0];
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(file)
+            .and_then(|f| f.set_modified(two_hours_ago))
+            .unwrap();
+        let ttl_of = |_: &str| Some(Duration::from_secs(3600));
+        let store = open(&d, None);
+        assert_eq!(store.list("t")[0].last_used, two_hours_ago);
+        rt().block_on(store.get("t", &id, P))
+            .expect("the key loads");
+        drop(store);
+        // Used just now: a restart sees that use, and the TTL keeps the key.
+        let store = open(&d, None);
+        assert!(store.expire(SystemTime::now(), ttl_of).is_empty());
+        assert!(store.find("t", &id, &[P]).unwrap().is_some());
     }
 }

@@ -27,7 +27,7 @@ pub use batcher::BatchPolicy;
 pub use error::{Result, ServiceError};
 pub use metrics::Metrics;
 pub use service::Limits;
-pub use tenants::{Tenants, token_sha256};
+pub use tenants::{SharedTenants, Tenants, token_sha256};
 pub use veil_runtime::BackendKind;
 
 use key_store::KeyStore;
@@ -119,7 +119,7 @@ impl Config {
 pub struct Server {
     registry: Arc<Registry>,
     keys: Arc<KeyStore>,
-    tenants: Arc<Tenants>,
+    tenants: SharedTenants,
     metrics: Arc<Metrics>,
     limits: Limits,
     shutdown_grace: Duration,
@@ -203,10 +203,11 @@ impl Server {
             &registry.params,
             Arc::clone(&metrics),
         )?;
+        keys.set_shares(tenants.shares());
         Ok(Server {
             registry: Arc::new(registry),
             keys: Arc::new(keys),
-            tenants,
+            tenants: SharedTenants::new(tenants),
             metrics,
             limits,
             shutdown_grace,
@@ -225,6 +226,17 @@ impl Server {
     /// The server's metrics (also served over HTTP with [`Server::with_metrics_listener`]).
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
+    }
+
+    /// Reloads the tenants file at `path` (on SIGHUP): new calls authenticate against it,
+    /// the key store's eviction shares and TTLs follow it. A file that does not parse is
+    /// refused and the tenants in force stay.
+    pub fn tenants_reloader(&self) -> TenantsReloader {
+        TenantsReloader {
+            tenants: self.tenants.clone(),
+            keys: Arc::clone(&self.keys),
+            metrics: Arc::clone(&self.metrics),
+        }
     }
 
     pub fn model_names(&self) -> Vec<String> {
@@ -250,6 +262,7 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?
             .max_decoding_message_size(MAX_SMALL_MESSAGE);
+        let sweep = tokio::spawn(expire_keys(Arc::clone(&self.keys), self.tenants.clone()));
         let veil = VeilServer::new(VeilService::new(
             self.registry,
             self.keys,
@@ -328,7 +341,52 @@ impl Server {
             }
         };
         let _ = metrics_stop_tx.send(());
+        // Awaited so the sweep's handle on the key store (and its data-dir lock) is gone when
+        // serve returns: a restart on the same directory can take the lock at once.
+        sweep.abort();
+        let _ = sweep.await;
         result?;
+        Ok(())
+    }
+}
+
+/// How often keys past their tenant's TTL are looked for.
+const KEY_EXPIRY_SWEEP: Duration = Duration::from_secs(60);
+
+/// Removes, every [`KEY_EXPIRY_SWEEP`], the keys unused for longer than their tenant's TTL.
+async fn expire_keys(keys: Arc<KeyStore>, tenants: SharedTenants) {
+    let mut tick = tokio::time::interval(KEY_EXPIRY_SWEEP);
+    loop {
+        tick.tick().await;
+        let current = tenants.current();
+        let keys = Arc::clone(&keys);
+        let _ = tokio::task::spawn_blocking(move || {
+            keys.expire(std::time::SystemTime::now(), |owner| current.key_ttl(owner))
+        })
+        .await;
+    }
+}
+
+/// Swaps in a new tenants file; see [`Server::tenants_reloader`].
+#[derive(Clone)]
+pub struct TenantsReloader {
+    tenants: SharedTenants,
+    keys: Arc<KeyStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl TenantsReloader {
+    pub fn reload(&self, path: &std::path::Path) -> Result<()> {
+        if self.tenants.current().is_open() {
+            return Err(ServiceError::Config(
+                "this server was started without --tenants; restart it to add tenants".into(),
+            ));
+        }
+        let t = Arc::new(Tenants::load(path)?);
+        self.keys.set_shares(t.shares());
+        tracing::info!(tenants = ?t.names(), "tenants reloaded");
+        self.tenants.replace(t);
+        self.metrics.tenants_reloads.inc();
         Ok(())
     }
 }

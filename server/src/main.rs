@@ -180,6 +180,26 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         metrics_addr = Some(l.local_addr()?);
         server = server.with_metrics_listener(l);
     }
+    #[cfg(unix)]
+    if let Some(path) = a.tenants.clone() {
+        // Installed before the listening line, so a SIGHUP right after it never hits the
+        // default action (terminate).
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let reloader = server.tenants_reloader();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let (reloader, path) = (reloader.clone(), path.clone());
+                let r = tokio::task::spawn_blocking(move || reloader.reload(&path)).await;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(
+                        "SIGHUP: the tenants file was not reloaded, the previous tenants stay: {e}"
+                    ),
+                    Err(e) => tracing::error!("SIGHUP: reloading the tenants file failed: {e}"),
+                }
+            }
+        });
+    }
     tracing::info!(%addr, tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()), models = ?server.model_names(), "ready");
     // Machine-readable lines for scripts that start the server on port 0.
     println!("veil-server listening on {addr}");

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub key_store_bytes: IntGauge,
     pub key_store_keys: IntGauge,
     pub key_evictions: IntCounter,
+    pub key_expirations: IntCounter,
+    pub key_damaged: IntCounter,
+    pub tenants_reloads: IntCounter,
     pub draining: IntGauge,
 }
 
@@ -117,6 +120,21 @@ impl Metrics {
                 "Keys removed from disk to stay under --max-key-store-bytes",
             )
             .expect("valid metric"),
+            key_expirations: IntCounter::new(
+                "veil_key_store_expirations_total",
+                "Keys removed from disk after going unused longer than their tenant's key_ttl_secs",
+            )
+            .expect("valid metric"),
+            key_damaged: IntCounter::new(
+                "veil_key_store_damaged_total",
+                "Stored keys found damaged on load (removed)",
+            )
+            .expect("valid metric"),
+            tenants_reloads: IntCounter::new(
+                "veil_tenants_reloads_total",
+                "Tenants files reloaded on SIGHUP (successfully)",
+            )
+            .expect("valid metric"),
             draining: IntGauge::new(
                 "veil_draining",
                 "1 once a shutdown began (health says NOT_SERVING)",
@@ -124,7 +142,7 @@ impl Metrics {
             .expect("valid metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.in_flight.clone()),
@@ -139,6 +157,9 @@ impl Metrics {
             Box::new(m.key_store_bytes.clone()),
             Box::new(m.key_store_keys.clone()),
             Box::new(m.key_evictions.clone()),
+            Box::new(m.key_expirations.clone()),
+            Box::new(m.key_damaged.clone()),
+            Box::new(m.tenants_reloads.clone()),
             Box::new(m.draining.clone()),
             Box::new(ProcessThreads::new()),
         ];

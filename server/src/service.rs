@@ -19,7 +19,7 @@ use crate::key_store::{KeyStore, Quota, StoredKey, check_key_id, short};
 use crate::metrics::Metrics;
 use crate::models::Registry;
 use crate::status::code_of;
-use crate::tenants::{Tenant, Tenants};
+use crate::tenants::{SharedTenants, Tenant};
 
 /// Limits of the service, besides the message sizes set on the transport.
 #[derive(Clone, Debug)]
@@ -55,7 +55,7 @@ impl Default for Limits {
 pub struct VeilService {
     models: Arc<Registry>,
     keys: Arc<KeyStore>,
-    tenants: Arc<Tenants>,
+    tenants: SharedTenants,
     metrics: Arc<Metrics>,
     limits: Limits,
     batcher: Arc<Batcher>,
@@ -66,7 +66,7 @@ impl VeilService {
     pub fn new(
         models: Arc<Registry>,
         keys: Arc<KeyStore>,
-        tenants: Arc<Tenants>,
+        tenants: SharedTenants,
         metrics: Arc<Metrics>,
         limits: Limits,
     ) -> Self {
@@ -89,7 +89,7 @@ impl VeilService {
 
     /// The caller's tenant, after its request rate.
     fn tenant(&self, metadata: &MetadataMap) -> Result<Arc<Tenant>> {
-        let t = self.tenants.authenticate(metadata)?;
+        let t = self.tenants.current().authenticate(metadata)?;
         t.check_rate()?;
         Ok(t)
     }
@@ -494,6 +494,31 @@ impl v1::veil_server::Veil for VeilService {
             let tenant = self.tenant(req.metadata())?;
             let deadline = deadline(req.metadata());
             self.infer(tenant, deadline, req.into_inner()).await
+        })
+        .await
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<v1::ListKeysRequest>,
+    ) -> Result<Response<v1::ListKeysResponse>, Status> {
+        self.observed("ListKeys", async {
+            let tenant = self.tenant(req.metadata())?;
+            let keys = self
+                .keys
+                .list(&tenant.name)
+                .into_iter()
+                .map(|k| v1::StoredKeyInfo {
+                    key_id: k.id,
+                    parameter_set: k.params.name().to_string(),
+                    size_bytes: k.size,
+                    last_used_unix_s: k
+                        .last_used
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                })
+                .collect();
+            Ok(v1::ListKeysResponse { keys })
         })
         .await
     }

@@ -11,6 +11,7 @@
 //! models = ["digits_mlp"]            # optional: allowed models (absent: all)
 //! requests_per_second = 20.0         # optional: sustained rate of calls
 //! burst = 40                         # optional: calls allowed at once (default: the rate, at least 1)
+//! key_ttl_secs = 604800              # optional: keys unused this long are removed
 //! ```
 //!
 //! A client sends `authorization: Bearer <token>`. The server hashes the token and compares the
@@ -20,7 +21,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use serde::Deserialize;
@@ -46,6 +47,7 @@ struct Entry {
     models: Option<Vec<String>>,
     requests_per_second: Option<f64>,
     burst: Option<f64>,
+    key_ttl_secs: Option<u64>,
 }
 
 /// One tenant and its limits.
@@ -58,6 +60,8 @@ pub struct Tenant {
     pub max_key_bytes: Option<u64>,
     models: Option<Vec<String>>,
     rate: Option<Bucket>,
+    /// Keys unused for longer are removed from the store.
+    pub key_ttl: Option<std::time::Duration>,
 }
 
 /// A token bucket: `rate` calls per second, up to `burst` at once.
@@ -92,6 +96,7 @@ impl Tenant {
             max_key_bytes: None,
             models: None,
             rate: None,
+            key_ttl: None,
         }
     }
 
@@ -204,6 +209,12 @@ impl Tenants {
                     e.name
                 )
             })?;
+            if e.key_ttl_secs == Some(0) {
+                return Err(format!(
+                    "tenant '{}': key_ttl_secs must be positive (leave it out for no TTL)",
+                    e.name
+                ));
+            }
             if !hashes.insert(hash) {
                 return Err(format!(
                     "tenant '{}' has the same token as another tenant",
@@ -234,12 +245,31 @@ impl Tenants {
                 max_key_bytes: e.max_key_bytes,
                 models: e.models,
                 rate,
+                key_ttl: e.key_ttl_secs.map(std::time::Duration::from_secs),
             }));
         }
         Ok(Tenants {
             list,
             anonymous: None,
         })
+    }
+
+    /// Each tenant's `max_keys`, for the key store's eviction order.
+    pub fn shares(&self) -> Vec<(String, Option<u64>)> {
+        self.list
+            .iter()
+            .chain(self.anonymous.iter())
+            .map(|t| (t.name.clone(), t.max_keys))
+            .collect()
+    }
+
+    /// The key TTL of the tenant named `name`, if it has one.
+    pub fn key_ttl(&self, name: &str) -> Option<std::time::Duration> {
+        self.list
+            .iter()
+            .chain(self.anonymous.iter())
+            .find(|t| t.name == name)
+            .and_then(|t| t.key_ttl)
     }
 
     /// The caller's tenant, from its `authorization: Bearer <token>` metadata.
@@ -276,6 +306,25 @@ impl Tenants {
         found
             .cloned()
             .ok_or_else(|| ServiceError::Unauthenticated("unknown token".into()))
+    }
+}
+
+/// The tenants in force, replaced whole when the tenants file is reloaded (SIGHUP): a call
+/// authenticates against the table current when it arrives.
+#[derive(Clone, Debug)]
+pub struct SharedTenants(Arc<RwLock<Arc<Tenants>>>);
+
+impl SharedTenants {
+    pub fn new(t: Arc<Tenants>) -> Self {
+        SharedTenants(Arc::new(RwLock::new(t)))
+    }
+
+    pub fn current(&self) -> Arc<Tenants> {
+        Arc::clone(&self.0.read().expect("tenants lock"))
+    }
+
+    pub fn replace(&self, t: Arc<Tenants>) {
+        *self.0.write().expect("tenants lock") = t;
     }
 }
 
@@ -386,6 +435,10 @@ mod tests {
             (
                 &format!("[[tenant]]\nname = \"a\"\ntoken_sha256 = \"{h}\"\nmax_kyes = 1\n"),
                 "unknown field",
+            ),
+            (
+                &format!("[[tenant]]\nname = \"a\"\ntoken_sha256 = \"{h}\"\nkey_ttl_secs = 0\n"),
+                "key_ttl_secs must be positive",
             ),
         ] {
             let e = Tenants::parse(text).unwrap_err();

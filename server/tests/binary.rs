@@ -236,3 +236,192 @@ fn open_mode_beyond_loopback_needs_allow_open() {
         assert!(err.contains("no *.veil files"), "{listen}: {err}");
     }
 }
+
+/// Compiles the iris model into `root/models`.
+fn iris_models(root: &Path) -> std::path::PathBuf {
+    let models = root.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo/iris_logreg");
+    let float = onnx::import_file(&zoo.join("model.onnx")).unwrap();
+    let train = read_csv(&zoo.join("train.csv"), float.n_features(), Labels::Optional).unwrap();
+    compile(&float, &train.features, &QuantConfig::default())
+        .unwrap()
+        .save(&models.join("iris.veil"))
+        .unwrap();
+    models
+}
+
+/// A running `veil-server` process, killed when dropped; its stderr lines arrive on `log`.
+struct Proc {
+    child: std::process::Child,
+    addr: String,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn start(models: &Path, data: &Path, extra: &[&std::ffi::OsStr]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_veil-server"))
+            .args(["--listen", "127.0.0.1:0", "--models"])
+            .arg(models)
+            .arg("--data-dir")
+            .arg(data)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("veil-server listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Proc { child, addr, log }
+    }
+
+    /// Waits (at most 60 s) for a stderr line containing `text`.
+    fn wait_for_log(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line with {text:?} within 60 s: {e}"),
+            }
+        }
+    }
+}
+
+/// A second server on the same data dir stops at start, naming the lock; the first keeps
+/// serving.
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let root =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("binary-lock-{}", std::process::id()));
+    let models = iris_models(&root);
+    let data = root.join("data");
+    let first = Proc::start(&models, &data, &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_veil-server"))
+        .args(["--listen", "127.0.0.1:0", "--models"])
+        .arg(&models)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by another veil-server"), "{err}");
+    assert!(out.stdout.is_empty(), "never listened");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", first.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32);
+    });
+    drop(first);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// SIGHUP reloads the tenants file: a token added works, one removed is refused, without a
+/// restart; a file that does not parse leaves the tenants in force.
+#[test]
+fn sighup_reloads_the_tenants_file() {
+    use veil_proto::v1::ListModelsRequest;
+    use veil_proto::v1::veil_client::VeilClient;
+    let root =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("binary-hup-{}", std::process::id()));
+    let models = iris_models(&root);
+    let tenants = root.join("tenants.toml");
+    let file = |token: &str| {
+        format!(
+            "[[tenant]]\nname = \"a\"\ntoken_sha256 = \"{}\"\n",
+            veil_server::token_sha256(token)
+        )
+    };
+    std::fs::write(&tenants, file("old-token")).unwrap();
+    let server = Proc::start(
+        &models,
+        &root.join("data"),
+        &["--tenants".as_ref(), tenants.as_os_str()],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("http://{}", server.addr);
+    let call = |token: &'static str| {
+        let url = url.clone();
+        rt.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut req = tonic::Request::new(ListModelsRequest {});
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            VeilClient::new(channel)
+                .list_models(req)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        })
+    };
+    let hup = || {
+        let kill = Command::new("kill")
+            .args(["-HUP", &server.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    };
+    assert_eq!(call("old-token"), Ok(()));
+    assert_eq!(call("new-token"), Err(tonic::Code::Unauthenticated));
+
+    std::fs::write(&tenants, file("new-token")).unwrap();
+    hup();
+    server.wait_for_log("tenants reloaded");
+    assert_eq!(call("new-token"), Ok(()));
+    assert_eq!(call("old-token"), Err(tonic::Code::Unauthenticated));
+
+    std::fs::write(&tenants, "[[tenant]]\nname = \"a\"\n").unwrap();
+    hup();
+    server.wait_for_log("the previous tenants stay");
+    assert_eq!(call("new-token"), Ok(()));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&root);
+}

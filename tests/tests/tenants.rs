@@ -277,3 +277,54 @@ async fn the_key_store_evicts_cold_keys_and_uploads_spare_other_tenants_hot_keys
     assert_eq!(code(b.infer("iris", &k2.key_id, x).await), Code::NotFound);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_uploads_never_evict_a_tenant_within_its_max_keys() {
+    let params = compile_zoo("iris_logreg").params;
+    let keys: Vec<KeyPair> = (0..4).map(|_| KeyPair::generate(params)).collect();
+    let size = keys[0].eval_key.len() as u64;
+    let tenants = [
+        tenant_toml("a", "a-token", "max_keys = 1"),
+        tenant_toml("b", "b-token", "max_keys = 3"),
+    ]
+    .concat();
+    // One expanded key in memory; three and a half keys on disk.
+    let Setup { server, model, .. } = serve("fair", &tenants, |c| {
+        c.key_cache = 1;
+        c.max_key_store_bytes = Some(size * 7 / 2);
+    })
+    .await;
+    let a = as_tenant(&server, "a-token").await;
+    let b = as_tenant(&server, "b-token").await;
+    let remote = b.model("iris").await.unwrap();
+    a.ensure_key(&keys[0], |_, _| {}).await.unwrap();
+    b.ensure_key(&keys[1], |_, _| {}).await.unwrap();
+    // B's inference loads its key into the one cache slot: A's key is now the least
+    // recently used key on disk, and not in memory.
+    infer_ok(&b, &remote, &model, &keys[1]).await;
+    b.ensure_key(&keys[2], |_, _| {}).await.unwrap();
+    // The store is full: B's fourth key must evict one of B's own, not A's (within its
+    // max_keys of 1).
+    b.ensure_key(&keys[3], |_, _| {}).await.unwrap();
+    assert!(
+        a.key_info(&keys[0].key_id).await.unwrap().is_some(),
+        "A's key stayed"
+    );
+    let b_left: Vec<String> = b
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.key_id)
+        .collect();
+    assert_eq!(b_left.len(), 2, "{b_left:?}");
+    assert!(b_left.contains(&keys[3].key_id), "{b_left:?}");
+    let a_keys = a.list_keys().await.unwrap();
+    assert_eq!(a_keys.len(), 1);
+    assert_eq!(a_keys[0].key_id, keys[0].key_id);
+    assert_eq!(a_keys[0].size_bytes, size);
+    let m = server.metrics().await;
+    assert_eq!(metric(&m, "veil_key_store_evictions_total"), 1.0);
+    infer_ok(&a, &remote, &model, &keys[0]).await;
+    server.stop().await;
+}

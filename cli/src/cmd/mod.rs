@@ -3,6 +3,8 @@ pub mod compile;
 pub mod conn;
 pub mod estimate;
 pub mod eval;
+pub mod health;
 pub mod infer;
 pub mod keygen;
+pub mod keys;
 pub mod models;
