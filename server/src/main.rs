@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use veil_server::{BackendKind, BatchPolicy, Config, Limits, Server, Tenants, TlsFiles};
+use veil_server::{
+    BackendKind, BatchPolicy, Config, ConnectionLimits, Limits, Server, Tenants, TlsFiles,
+};
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
     s.parse()
@@ -87,6 +89,16 @@ struct Args {
     /// Most host memory (MiB) one merged evaluation may use, estimated from the model.
     #[arg(long, default_value_t = 4096)]
     max_merged_mib: u64,
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    #[arg(long, default_value_t = 64)]
+    max_concurrent_streams: u32,
+    /// Authenticated calls in progress at once, server-wide; one more is answered
+    /// UNAVAILABLE at once, before its body is read.
+    #[arg(long, default_value_t = 128)]
+    max_concurrent_calls: usize,
     /// Seconds in-flight requests get to finish after SIGINT / SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
@@ -161,6 +173,11 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         tenants,
         max_key_store_bytes: Some(a.max_key_store_bytes),
         tls: tls.clone(),
+        connections: ConnectionLimits {
+            max_connections: a.max_connections.max(1),
+            max_concurrent_streams: a.max_concurrent_streams.max(1),
+            max_concurrent_calls: a.max_concurrent_calls.max(1),
+        },
         ..Config::new(&a.models, &a.data_dir)
     };
     tracing::info!(models = %a.models.display(), data_dir = %a.data_dir.display(), "loading");

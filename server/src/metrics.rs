@@ -33,6 +33,8 @@ pub struct Metrics {
     pub key_store_keys: IntGauge,
     pub key_evictions: IntCounter,
     pub draining: IntGauge,
+    pub connections_open: IntGauge,
+    pub connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -122,9 +124,19 @@ impl Metrics {
                 "1 once a shutdown began (health says NOT_SERVING)",
             )
             .expect("valid metric"),
+            connections_open: IntGauge::new(
+                "veil_connections_open",
+                "gRPC connections open now (at most --max-connections)",
+            )
+            .expect("valid metric"),
+            connections_refused: IntCounter::new(
+                "veil_connections_refused_total",
+                "Connections closed on accept because --max-connections were open",
+            )
+            .expect("valid metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.in_flight.clone()),
@@ -140,6 +152,8 @@ impl Metrics {
             Box::new(m.key_store_keys.clone()),
             Box::new(m.key_evictions.clone()),
             Box::new(m.draining.clone()),
+            Box::new(m.connections_open.clone()),
+            Box::new(m.connections_refused.clone()),
             Box::new(ProcessThreads::new()),
         ];
         for c in collectors {

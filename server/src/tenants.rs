@@ -25,7 +25,9 @@ use std::time::Instant;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tonic::codegen::http::HeaderValue;
 use tonic::metadata::MetadataMap;
+use tonic::transport::CertificateDer;
 
 use crate::error::{Result, ServiceError};
 
@@ -244,11 +246,20 @@ impl Tenants {
 
     /// The caller's tenant, from its `authorization: Bearer <token>` metadata.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Arc<Tenant>> {
+        self.authenticate_call(metadata.as_ref().get("authorization"), None)
+    }
+
+    /// The caller's tenant, from the `authorization` header of a call (read before its body)
+    /// and the client certificate chain its connection presented, if any.
+    pub fn authenticate_call(
+        &self,
+        authorization: Option<&HeaderValue>,
+        _peer_certs: Option<&[CertificateDer<'static>]>,
+    ) -> Result<Arc<Tenant>> {
         if let Some(a) = &self.anonymous {
             return Ok(Arc::clone(a));
         }
-        let header = metadata
-            .get("authorization")
+        let header = authorization
             .ok_or_else(|| {
                 ServiceError::Unauthenticated(
                     "this server needs a bearer token (authorization: Bearer <token>)".into(),
@@ -256,6 +267,10 @@ impl Tenants {
             })?
             .to_str()
             .map_err(|_| ServiceError::Unauthenticated("unreadable authorization header".into()))?;
+        self.by_token(header)
+    }
+
+    fn by_token(&self, header: &str) -> Result<Arc<Tenant>> {
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
