@@ -99,11 +99,13 @@ struct Args {
     /// UNAVAILABLE at once, before its body is read.
     #[arg(long, default_value_t = 128)]
     max_concurrent_calls: usize,
-    /// Seconds in-flight requests get to finish after SIGINT / SIGTERM.
+    /// Seconds in-flight requests get to finish after SIGINT / SIGTERM (and after
+    /// --drain-ms); then the process exits, even if an evaluation is still running.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
     /// Milliseconds health reports NOT_SERVING, still answering calls, after SIGINT / SIGTERM
-    /// and before the listener closes.
+    /// and before the listener closes. Behind a load balancer set it above the balancer's
+    /// health-check interval times its unhealthy threshold (e.g. 10000).
     #[arg(long, default_value_t = 0)]
     drain_ms: u64,
 }
@@ -121,11 +123,17 @@ async fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = run(Args::parse()).await {
-        tracing::error!("{e}");
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    let code = match run(Args::parse()).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            1
+        }
+    };
+    // Exit here: dropping the runtime would wait for blocking evaluations still running,
+    // and --shutdown-grace is a hard bound.
+    std::process::exit(code);
 }
 
 async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
