@@ -22,7 +22,7 @@ fn deadlines_answer_cancelled_and_the_grace_bounds_shutdown() {
         .enable_all()
         .build()
         .unwrap();
-    let _long = rt.block_on(async {
+    let long = rt.block_on(async {
         let client = Client::connect(&server.url()).await.unwrap();
         let remote = client.model("digits").await.unwrap();
         let params = model.params;
@@ -55,10 +55,10 @@ fn deadlines_answer_cancelled_and_the_grace_bounds_shutdown() {
             .map(|i| test.features[i % test.features.len()].clone())
             .collect();
         let batch = remote.encrypt_batch(&keys, rows).await.unwrap();
-        let c = client.clone();
-        let id = keys.key_id.clone();
-        tokio::spawn(async move { c.infer("digits", &id, batch).await })
+        (client, keys.key_id.clone(), batch)
     });
+    let (client, id, batch) = long;
+    let _long = rt.spawn(async move { client.infer("digits", &id, batch).await });
     wait_until(
         "the long evaluation to start",
         Duration::from_secs(120),
