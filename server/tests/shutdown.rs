@@ -1,6 +1,8 @@
 //! Promises about time: a client deadline that passes on the server is answered CANCELLED
 //! (as the proto says), and `--shutdown-grace` is a hard bound: after SIGTERM the process
-//! exits even while a blocking evaluation is still running.
+//! exits even while a blocking evaluation is still running. On the way: a small method
+//! refuses a message over its 4 KiB decode limit, and with `--max-concurrent-calls 1` a call
+//! made while the evaluation runs is shed with UNAVAILABLE at once.
 
 mod common;
 
@@ -15,7 +17,17 @@ fn deadlines_answer_cancelled_and_the_grace_bounds_shutdown() {
     let model = compile_zoo("digits_cnn");
     model.save(&dir.0.join("models/digits.veil")).unwrap();
     let test = test_set("digits_cnn", model.n_features());
-    let mut server = Proc::start(&dir.0, &["--shutdown-grace", "1", "--batch-window-ms", "0"]);
+    let mut server = Proc::start(
+        &dir.0,
+        &[
+            "--shutdown-grace",
+            "1",
+            "--batch-window-ms",
+            "0",
+            "--max-concurrent-calls",
+            "1",
+        ],
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -30,6 +42,17 @@ fn deadlines_answer_cancelled_and_the_grace_bounds_shutdown() {
             .await
             .unwrap();
         client.ensure_key(&keys, |_, _| {}).await.unwrap();
+
+        // GetKey decodes at most 4 KiB: a 5 KiB key id is refused by the decoder
+        // (OUT_OF_RANGE), not decoded and then judged malformed (INVALID_ARGUMENT).
+        let err = client
+            .rpc()
+            .get_key(veil_proto::v1::GetKeyRequest {
+                key_id: "a".repeat(5 << 10),
+            })
+            .await
+            .expect_err("over the small methods' limit");
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
 
         // A deadline far shorter than the evaluation: the client sees CANCELLED.
         let eight = remote
@@ -64,6 +87,14 @@ fn deadlines_answer_cancelled_and_the_grace_bounds_shutdown() {
         Duration::from_secs(120),
         || metric(&server.metrics(), "veil_inferences_in_flight") == 1.0,
     );
+    // The one call slot is the evaluation's: another call is shed at once.
+    let shed = rt.block_on(async {
+        let client = Client::connect(&server.url()).await.unwrap();
+        client.list_models().await.map(|_| ())
+    });
+    let err = shed.expect_err("every call slot is taken");
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
+    assert!(err.to_string().contains("calls in progress"), "{err}");
     server.signal("-TERM");
     // Generous against the 1 s grace, far shorter than the evaluation.
     let status = server
