@@ -53,6 +53,11 @@ pub enum ServiceError {
     #[error("{0}")]
     Exhausted(String),
 
+    /// The server is at a server-wide cap on work in progress; another replica, or a retry
+    /// later, may serve the call.
+    #[error("{0}")]
+    Overloaded(String),
+
     /// One error reported to every request of a merged batch.
     #[error(transparent)]
     Shared(Arc<ServiceError>),

@@ -8,6 +8,7 @@
 
 pub mod batcher;
 pub mod error;
+pub mod gate;
 pub mod key_store;
 pub mod metrics;
 pub mod models;
@@ -25,14 +26,17 @@ use veil_proto::v1::veil_server::VeilServer;
 
 pub use batcher::BatchPolicy;
 pub use error::{Result, ServiceError};
+pub use gate::ConnectionLimits;
 pub use metrics::Metrics;
 pub use service::Limits;
 pub use tenants::{SharedTenants, Tenants, token_sha256};
 pub use veil_runtime::BackendKind;
 
+use gate::{Counted, Gate};
 use key_store::KeyStore;
 use models::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Registry};
 use service::VeilService;
+use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// PEM files of the server's TLS identity, and the CA its clients' certificates must chain
@@ -92,6 +96,8 @@ pub struct Config {
     pub max_key_store_bytes: Option<u64>,
     /// Serve gRPC over TLS.
     pub tls: Option<TlsFiles>,
+    /// Caps on connections, streams and calls in progress.
+    pub connections: ConnectionLimits,
 }
 
 /// Disk bound on stored evaluation keys unless the operator sets one.
@@ -111,6 +117,7 @@ impl Config {
             tenants: None,
             max_key_store_bytes: Some(DEFAULT_MAX_KEY_STORE_BYTES),
             tls: None,
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -125,6 +132,7 @@ pub struct Server {
     shutdown_grace: Duration,
     drain: Duration,
     tls: Option<ServerTlsConfig>,
+    connections: ConnectionLimits,
     metrics_listener: Option<TcpListener>,
 }
 
@@ -154,6 +162,7 @@ impl Server {
             tenants,
             max_key_store_bytes,
             tls,
+            connections,
         } = config;
         backend.check_available().map_err(ServiceError::Runtime)?;
         let tls = match tls {
@@ -213,6 +222,7 @@ impl Server {
             shutdown_grace,
             drain,
             tls,
+            connections,
             metrics_listener: None,
         })
     }
@@ -263,15 +273,19 @@ impl Server {
             .build_v1alpha()?
             .max_decoding_message_size(MAX_SMALL_MESSAGE);
         let sweep = tokio::spawn(expire_keys(Arc::clone(&self.keys), self.tenants.clone()));
-        let veil = VeilServer::new(VeilService::new(
-            self.registry,
-            self.keys,
+        let veil = Gate::new(
+            VeilService::new(
+                self.registry,
+                self.keys,
+                Arc::clone(&self.metrics),
+                self.limits,
+            ),
             self.tenants,
             Arc::clone(&self.metrics),
-            self.limits,
-        ))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+            self.connections.max_concurrent_calls,
+            MAX_REQUEST_BYTES,
+            MAX_RESPONSE_BYTES,
+        );
         let health_service = health_service.max_decoding_message_size(MAX_SMALL_MESSAGE);
 
         let reporter = health.clone();
@@ -303,6 +317,20 @@ impl Server {
                 let _ = metrics_stop_rx.await;
             }));
         }
+        // A connection over --max-connections is closed as soon as it is accepted.
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            self.connections.max_connections.max(1),
+        ));
+        let conn_metrics = Arc::clone(&self.metrics);
+        // The builder's tcp_nodelay applies only to sockets it binds itself; accepted ones
+        // get it here. Without it a one-sample request waited ~40 ms on Nagle's algorithm and
+        // delayed ACKs (seen with bench_serve on loopback).
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .filter_map(move |accepted| match accepted {
+                Ok(io) => Counted::admit(io, &slots, &conn_metrics).map(Ok),
+                Err(e) => Some(Err(e)),
+            });
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls)?;
@@ -311,18 +339,12 @@ impl Server {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .concurrency_limit_per_connection(64)
+            .max_concurrent_streams(self.connections.max_concurrent_streams.max(1))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(veil)
-            // The builder's tcp_nodelay applies only to sockets it binds itself; accepted ones
-            // get it here. Without it a one-sample request waited ~40 ms on Nagle's
-            // algorithm and delayed ACKs (seen with bench_serve on loopback).
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown,
-            );
+            .serve_with_incoming_shutdown(incoming, shutdown);
         let grace_over = async move {
             if grace_rx.await.is_ok() {
                 tokio::time::sleep(grace).await;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use veil_server::{BackendKind, BatchPolicy, Config, Limits, Server, Tenants, TlsFiles};
+use veil_server::{
+    BackendKind, BatchPolicy, Config, ConnectionLimits, Limits, Server, Tenants, TlsFiles,
+};
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
     s.parse()
@@ -87,11 +89,23 @@ struct Args {
     /// Most host memory (MiB) one merged evaluation may use, estimated from the model.
     #[arg(long, default_value_t = 4096)]
     max_merged_mib: u64,
-    /// Seconds in-flight requests get to finish after SIGINT / SIGTERM.
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    #[arg(long, default_value_t = 64)]
+    max_concurrent_streams: u32,
+    /// Authenticated calls in progress at once, server-wide; one more is answered
+    /// UNAVAILABLE at once, before its body is read.
+    #[arg(long, default_value_t = 128)]
+    max_concurrent_calls: usize,
+    /// Seconds in-flight requests get to finish after SIGINT / SIGTERM (and after
+    /// --drain-ms); then the process exits, even if an evaluation is still running.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
     /// Milliseconds health reports NOT_SERVING, still answering calls, after SIGINT / SIGTERM
-    /// and before the listener closes.
+    /// and before the listener closes. Behind a load balancer set it above the balancer's
+    /// health-check interval times its unhealthy threshold (e.g. 10000).
     #[arg(long, default_value_t = 0)]
     drain_ms: u64,
 }
@@ -109,11 +123,17 @@ async fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = run(Args::parse()).await {
-        tracing::error!("{e}");
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    let code = match run(Args::parse()).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            1
+        }
+    };
+    // Exit here: dropping the runtime would wait for blocking evaluations still running,
+    // and --shutdown-grace is a hard bound.
+    std::process::exit(code);
 }
 
 async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -161,6 +181,11 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         tenants,
         max_key_store_bytes: Some(a.max_key_store_bytes),
         tls: tls.clone(),
+        connections: ConnectionLimits {
+            max_connections: a.max_connections.max(1),
+            max_concurrent_streams: a.max_concurrent_streams.max(1),
+            max_concurrent_calls: a.max_concurrent_calls.max(1),
+        },
         ..Config::new(&a.models, &a.data_dir)
     };
     tracing::info!(models = %a.models.display(), data_dir = %a.data_dir.display(), "loading");

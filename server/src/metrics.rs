@@ -36,6 +36,8 @@ pub struct Metrics {
     pub key_damaged: IntCounter,
     pub tenants_reloads: IntCounter,
     pub draining: IntGauge,
+    pub connections_open: IntGauge,
+    pub connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -140,9 +142,19 @@ impl Metrics {
                 "1 once a shutdown began (health says NOT_SERVING)",
             )
             .expect("valid metric"),
+            connections_open: IntGauge::new(
+                "veil_connections_open",
+                "gRPC connections open now (at most --max-connections)",
+            )
+            .expect("valid metric"),
+            connections_refused: IntCounter::new(
+                "veil_connections_refused_total",
+                "Connections closed on accept because --max-connections were open",
+            )
+            .expect("valid metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.in_flight.clone()),
@@ -161,6 +173,8 @@ impl Metrics {
             Box::new(m.key_damaged.clone()),
             Box::new(m.tenants_reloads.clone()),
             Box::new(m.draining.clone()),
+            Box::new(m.connections_open.clone()),
+            Box::new(m.connections_refused.clone()),
             Box::new(ProcessThreads::new()),
         ];
         for c in collectors {

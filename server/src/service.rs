@@ -15,11 +15,12 @@ use veil_runtime::keys::MAX_EVAL_KEY_BYTES;
 
 use crate::batcher::{BatchPolicy, Batcher, Job};
 use crate::error::{Result, ServiceError};
+use crate::gate::Caller;
 use crate::key_store::{KeyStore, Quota, StoredKey, check_key_id, short};
 use crate::metrics::Metrics;
 use crate::models::Registry;
 use crate::status::code_of;
-use crate::tenants::{SharedTenants, Tenant};
+use crate::tenants::Tenant;
 
 /// Limits of the service, besides the message sizes set on the transport.
 #[derive(Clone, Debug)]
@@ -55,7 +56,6 @@ impl Default for Limits {
 pub struct VeilService {
     models: Arc<Registry>,
     keys: Arc<KeyStore>,
-    tenants: SharedTenants,
     metrics: Arc<Metrics>,
     limits: Limits,
     batcher: Arc<Batcher>,
@@ -66,7 +66,6 @@ impl VeilService {
     pub fn new(
         models: Arc<Registry>,
         keys: Arc<KeyStore>,
-        tenants: SharedTenants,
         metrics: Arc<Metrics>,
         limits: Limits,
     ) -> Self {
@@ -81,17 +80,20 @@ impl VeilService {
             upload_permits: Arc::new(Semaphore::new(limits.concurrent_uploads.max(1))),
             models,
             keys,
-            tenants,
             metrics,
             limits,
         }
     }
 
-    /// The caller's tenant, after its request rate.
-    fn tenant(&self, metadata: &MetadataMap) -> Result<Arc<Tenant>> {
-        let t = self.tenants.current().authenticate(metadata)?;
-        t.check_rate()?;
-        Ok(t)
+    /// The caller's tenant, authenticated (and its rate spent) by the [`Gate`] before the
+    /// body was decoded.
+    fn tenant<T>(&self, req: &Request<T>) -> Result<Arc<Tenant>> {
+        req.extensions()
+            .get::<Caller>()
+            .map(|c| Arc::clone(&c.0))
+            .ok_or_else(|| {
+                ServiceError::Internal("a call reached the service without the gate".into())
+            })
     }
 
     fn key_info(k: StoredKey) -> v1::KeyInfo {
@@ -446,7 +448,7 @@ impl v1::veil_server::Veil for VeilService {
         req: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
         self.observed("ListModels", async {
-            let tenant = self.tenant(req.metadata())?;
+            let tenant = self.tenant(&req)?;
             Ok(v1::ListModelsResponse {
                 models: self
                     .models
@@ -465,7 +467,7 @@ impl v1::veil_server::Veil for VeilService {
         req: Request<v1::GetKeyRequest>,
     ) -> Result<Response<v1::KeyInfo>, Status> {
         self.observed("GetKey", async {
-            let tenant = self.tenant(req.metadata())?;
+            let tenant = self.tenant(&req)?;
             let id = req.into_inner().key_id;
             match self.keys.find(&tenant.name, &id, &self.models.params)? {
                 Some(k) => Ok(Self::key_info(k)),
@@ -480,7 +482,7 @@ impl v1::veil_server::Veil for VeilService {
         req: Request<Streaming<v1::UploadKeyRequest>>,
     ) -> Result<Response<v1::KeyInfo>, Status> {
         self.observed("UploadKey", async {
-            let tenant = self.tenant(req.metadata())?;
+            let tenant = self.tenant(&req)?;
             self.upload(tenant, req.into_inner()).await
         })
         .await
@@ -491,7 +493,7 @@ impl v1::veil_server::Veil for VeilService {
         req: Request<v1::InferRequest>,
     ) -> Result<Response<v1::InferResponse>, Status> {
         self.observed("Infer", async {
-            let tenant = self.tenant(req.metadata())?;
+            let tenant = self.tenant(&req)?;
             let deadline = deadline(req.metadata());
             self.infer(tenant, deadline, req.into_inner()).await
         })
@@ -503,7 +505,7 @@ impl v1::veil_server::Veil for VeilService {
         req: Request<v1::ListKeysRequest>,
     ) -> Result<Response<v1::ListKeysResponse>, Status> {
         self.observed("ListKeys", async {
-            let tenant = self.tenant(req.metadata())?;
+            let tenant = self.tenant(&req)?;
             let keys = self
                 .keys
                 .list(&tenant.name)
@@ -528,7 +530,7 @@ impl v1::veil_server::Veil for VeilService {
         req: Request<v1::DeleteKeyRequest>,
     ) -> Result<Response<v1::DeleteKeyResponse>, Status> {
         self.observed("DeleteKey", async {
-            let tenant = self.tenant(req.metadata())?;
+            let tenant = self.tenant(&req)?;
             let id = req.into_inner().key_id;
             let keys = Arc::clone(&self.keys);
             let params = self.models.params.clone();

@@ -2,13 +2,14 @@
 //!
 //! | error | code |
 //! |---|---|
-//! | undecodable key or ciphertext bytes, wrong number of ciphertexts, malformed request | INVALID_ARGUMENT |
+//! | undecodable key or ciphertext bytes, wrong number of ciphertexts, malformed request; upload over the key size limit, batch over the sample limit (they can never succeed) | INVALID_ARGUMENT |
 //! | unknown model, unknown key id | NOT_FOUND |
 //! | a valid key for another parameter set (at upload or for the model); a request naming a model digest that is not the served model's | FAILED_PRECONDITION |
 //! | missing or unknown bearer token | UNAUTHENTICATED |
 //! | a model the tenant may not use | PERMISSION_DENIED |
-//! | upload over the key size limit, batch over the sample limit, full queue, key quota, request rate, full key store | RESOURCE_EXHAUSTED |
+//! | full queue, key quota, request rate, full key store (a retry later may pass) | RESOURCE_EXHAUSTED |
 //! | upload stream that stalls or outlasts its deadline; a request whose deadline passed while it waited | DEADLINE_EXCEEDED |
+//! | every one of `--max-concurrent-calls` taken (answered at once, before the body is read) | UNAVAILABLE |
 //! | anything else (I/O, damaged model file, panics) | INTERNAL, details logged only |
 //!
 //! A key for another parameter set is FAILED_PRECONDITION rather than INVALID_ARGUMENT: the
@@ -26,12 +27,15 @@ pub fn code_of(e: &ServiceError) -> Code {
     match e {
         ServiceError::UnknownModel { .. } | ServiceError::UnknownKey(_) => Code::NotFound,
         ServiceError::InvalidRequest(_) => Code::InvalidArgument,
-        ServiceError::TooLarge(_) | ServiceError::Exhausted(_) => Code::ResourceExhausted,
+        // Too large for this server whatever happens: retrying cannot help.
+        ServiceError::TooLarge(_) => Code::InvalidArgument,
+        ServiceError::Exhausted(_) => Code::ResourceExhausted,
         ServiceError::WrongParameterSet(_) | ServiceError::StaleModel(_) => {
             Code::FailedPrecondition
         }
         ServiceError::Stalled(_) | ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         ServiceError::Unauthenticated(_) => Code::Unauthenticated,
+        ServiceError::Overloaded(_) => Code::Unavailable,
         ServiceError::PermissionDenied(_) => Code::PermissionDenied,
         ServiceError::Shared(inner) => code_of(inner),
         ServiceError::Runtime(RuntimeError::Format(f)) | ServiceError::Format(f) => match f {
@@ -102,7 +106,7 @@ mod tests {
         assert_eq!(code(ServiceError::UnknownKey("k".into())), Code::NotFound);
         assert_eq!(
             code(ServiceError::TooLarge("t".into())),
-            Code::ResourceExhausted
+            Code::InvalidArgument
         );
         assert_eq!(
             code(ServiceError::WrongParameterSet("p".into())),

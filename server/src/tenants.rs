@@ -12,7 +12,14 @@
 //! requests_per_second = 20.0         # optional: sustained rate of calls
 //! burst = 40                         # optional: calls allowed at once (default: the rate, at least 1)
 //! key_ttl_secs = 604800              # optional: keys unused this long are removed
+//! client_cert_names = ["dns:client.acme.example", "uri:spiffe://acme/app", "cn:acme-app"]
+//!                                    # optional, with --client-ca: verified client certificates
+//!                                    # whose SAN (DNS or URI) or subject CN is one of these
 //! ```
+//!
+//! A tenant needs `token_sha256`, `client_cert_names` or both. A call with a bearer token is
+//! the token's tenant; without one, a verified client certificate naming a listed identity is
+//! that tenant, and any other certificate is UNAUTHENTICATED.
 //!
 //! A client sends `authorization: Bearer <token>`. The server hashes the token and compares the
 //! hash with every tenant's in constant time, so neither the comparison nor the table's order
@@ -26,7 +33,9 @@ use std::time::Instant;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tonic::codegen::http::HeaderValue;
 use tonic::metadata::MetadataMap;
+use tonic::transport::CertificateDer;
 
 use crate::error::{Result, ServiceError};
 
@@ -41,7 +50,9 @@ struct TenantsFile {
 #[serde(deny_unknown_fields)]
 struct Entry {
     name: String,
-    token_sha256: String,
+    token_sha256: Option<String>,
+    #[serde(default)]
+    client_cert_names: Vec<String>,
     max_keys: Option<u64>,
     max_key_bytes: Option<u64>,
     models: Option<Vec<String>>,
@@ -55,7 +66,9 @@ struct Entry {
 pub struct Tenant {
     /// Empty for the anonymous tenant of an open server.
     pub name: String,
-    token_hash: [u8; 32],
+    token_hash: Option<[u8; 32]>,
+    /// `dns:`, `uri:` or `cn:` identities of client certificates that are this tenant.
+    cert_names: Vec<String>,
     pub max_keys: Option<u64>,
     pub max_key_bytes: Option<u64>,
     models: Option<Vec<String>>,
@@ -91,7 +104,8 @@ impl Tenant {
     fn anonymous() -> Self {
         Tenant {
             name: String::new(),
-            token_hash: [0; 32],
+            token_hash: None,
+            cert_names: Vec::new(),
             max_keys: None,
             max_key_bytes: None,
             models: None,
@@ -190,6 +204,7 @@ impl Tenants {
         }
         let mut names = HashSet::new();
         let mut hashes = HashSet::new();
+        let mut cert_names = HashSet::new();
         let mut list = Vec::new();
         for e in file.tenant {
             if !valid_name(&e.name) {
@@ -202,20 +217,49 @@ impl Tenants {
             if !names.insert(e.name.clone()) {
                 return Err(format!("tenant '{}' is listed twice", e.name));
             }
-            let hash = parse_hash(&e.token_sha256).ok_or_else(|| {
-                format!(
-                    "tenant '{}': token_sha256 must be 64 hex characters (the SHA-256 of the \
-                     token, e.g. `printf %s \"$TOKEN\" | sha256sum`)",
-                    e.name
-                )
-            })?;
+            for n in &e.client_cert_names {
+                let ok = ["dns:", "uri:", "cn:"]
+                    .iter()
+                    .any(|p| n.strip_prefix(p).is_some_and(|v| !v.is_empty()));
+                if !ok {
+                    return Err(format!(
+                        "tenant '{}': client_cert_names entry {n:?} must be dns:NAME, uri:NAME \
+                         or cn:NAME",
+                        e.name
+                    ));
+                }
+                if !cert_names.insert(n.clone()) {
+                    return Err(format!(
+                        "tenant '{}': client certificate name {n:?} is listed twice",
+                        e.name
+                    ));
+                }
+            }
+            let hash = match &e.token_sha256 {
+                None if e.client_cert_names.is_empty() => {
+                    return Err(format!(
+                        "tenant '{}' has neither token_sha256 nor client_cert_names",
+                        e.name
+                    ));
+                }
+                None => None,
+                Some(h) => Some(parse_hash(h).ok_or_else(|| {
+                    format!(
+                        "tenant '{}': token_sha256 must be 64 hex characters (the SHA-256 of \
+                         the token, e.g. `printf %s \"$TOKEN\" | sha256sum`)",
+                        e.name
+                    )
+                })?),
+            };
             if e.key_ttl_secs == Some(0) {
                 return Err(format!(
                     "tenant '{}': key_ttl_secs must be positive (leave it out for no TTL)",
                     e.name
                 ));
             }
-            if !hashes.insert(hash) {
+            if let Some(hash) = hash
+                && !hashes.insert(hash)
+            {
                 return Err(format!(
                     "tenant '{}' has the same token as another tenant",
                     e.name
@@ -241,6 +285,7 @@ impl Tenants {
             list.push(Arc::new(Tenant {
                 name: e.name,
                 token_hash: hash,
+                cert_names: e.client_cert_names,
                 max_keys: e.max_keys,
                 max_key_bytes: e.max_key_bytes,
                 models: e.models,
@@ -274,11 +319,25 @@ impl Tenants {
 
     /// The caller's tenant, from its `authorization: Bearer <token>` metadata.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Arc<Tenant>> {
+        self.authenticate_call(metadata.as_ref().get("authorization"), None)
+    }
+
+    /// The caller's tenant, from the `authorization` header of a call (read before its body)
+    /// and the client certificate chain its connection presented, if any.
+    pub fn authenticate_call(
+        &self,
+        authorization: Option<&HeaderValue>,
+        peer_certs: Option<&[CertificateDer<'static>]>,
+    ) -> Result<Arc<Tenant>> {
         if let Some(a) = &self.anonymous {
             return Ok(Arc::clone(a));
         }
-        let header = metadata
-            .get("authorization")
+        if authorization.is_none()
+            && let Some(leaf) = peer_certs.and_then(|c| c.first())
+        {
+            return self.by_certificate(leaf);
+        }
+        let header = authorization
             .ok_or_else(|| {
                 ServiceError::Unauthenticated(
                     "this server needs a bearer token (authorization: Bearer <token>)".into(),
@@ -286,6 +345,10 @@ impl Tenants {
             })?
             .to_str()
             .map_err(|_| ServiceError::Unauthenticated("unreadable authorization header".into()))?;
+        self.by_token(header)
+    }
+
+    fn by_token(&self, header: &str) -> Result<Arc<Tenant>> {
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
@@ -299,7 +362,7 @@ impl Tenants {
         // Look at every tenant, whatever matches, so the time does not depend on which one.
         let mut found = None;
         for t in &self.list {
-            if ct_eq(&t.token_hash, &hash) {
+            if t.token_hash.is_some_and(|h| ct_eq(&h, &hash)) {
                 found = Some(t);
             }
         }
@@ -326,6 +389,58 @@ impl SharedTenants {
     pub fn replace(&self, t: Arc<Tenants>) {
         *self.0.write().expect("tenants lock") = t;
     }
+}
+
+impl Tenants {
+    /// The tenant of a client certificate (already verified against `--client-ca` by the
+    /// TLS handshake): the one listing its subject CN or one of its DNS / URI SANs.
+    fn by_certificate(&self, leaf: &CertificateDer<'static>) -> Result<Arc<Tenant>> {
+        let names = certificate_names(leaf)
+            .ok_or_else(|| ServiceError::Unauthenticated("unreadable client certificate".into()))?;
+        let mut found: Option<&Arc<Tenant>> = None;
+        for t in &self.list {
+            if t.cert_names.iter().any(|n| names.contains(n)) {
+                if found.is_some() {
+                    return Err(ServiceError::Unauthenticated(
+                        "the client certificate names more than one tenant; send a bearer \
+                         token"
+                            .into(),
+                    ));
+                }
+                found = Some(t);
+            }
+        }
+        found.cloned().ok_or_else(|| {
+            let shown: Vec<&str> = names.iter().take(8).map(String::as_str).collect();
+            ServiceError::Unauthenticated(format!(
+                "no tenant for this client certificate ({}); send a bearer token or list one \
+                 of its names in the tenants file's client_cert_names",
+                shown.join(", ").chars().take(400).collect::<String>()
+            ))
+        })
+    }
+}
+
+/// `cn:`, `dns:` and `uri:` identities of a DER certificate; `None` if it does not parse.
+fn certificate_names(der: &[u8]) -> Option<Vec<String>> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(|cn| format!("cn:{cn}"))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push(format!("dns:{d}")),
+                GeneralName::URI(u) => names.push(format!("uri:{u}")),
+                _ => {}
+            }
+        }
+    }
+    Some(names)
 }
 
 fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -439,6 +554,16 @@ mod tests {
             (
                 &format!("[[tenant]]\nname = \"a\"\ntoken_sha256 = \"{h}\"\nkey_ttl_secs = 0\n"),
                 "key_ttl_secs must be positive",
+            ),
+            ("[[tenant]]\nname = \"a\"\n", "neither token_sha256"),
+            (
+                "[[tenant]]\nname = \"a\"\nclient_cert_names = [\"client.test\"]\n",
+                "dns:NAME",
+            ),
+            (
+                "[[tenant]]\nname = \"a\"\nclient_cert_names = [\"cn:x\"]\n\
+                 [[tenant]]\nname = \"b\"\nclient_cert_names = [\"cn:x\"]\n",
+                "listed twice",
             ),
         ] {
             let e = Tenants::parse(text).unwrap_err();

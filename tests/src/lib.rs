@@ -201,6 +201,10 @@ pub struct Pki {
     pub server_key_pem: String,
     pub client_cert_pem: String,
     pub client_key_pem: String,
+    /// A second client certificate of the same CA, for `stranger.test` (URI
+    /// `spiffe://test/stranger`, CN `stranger`).
+    pub stranger_cert_pem: String,
+    pub stranger_key_pem: String,
     pub other_ca_pem: String,
 }
 
@@ -220,7 +224,12 @@ impl Pki {
         let other = ca("Another CA");
         let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
             let key = KeyPair::generate().unwrap();
-            let mut p = CertificateParams::new(names).unwrap();
+            let mut p = CertificateParams::new(names.clone()).unwrap();
+            if names[0] == "stranger.test" {
+                p.distinguished_name.push(DnType::CommonName, "stranger");
+                p.subject_alt_names
+                    .push(SanType::URI("spiffe://test/stranger".try_into().unwrap()));
+            }
             p.subject_alt_names
                 .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
             p.extended_key_usages = vec![usage];
@@ -235,7 +244,13 @@ impl Pki {
             vec!["client.test".into()],
             ExtendedKeyUsagePurpose::ClientAuth,
         );
+        let (stranger_cert_pem, stranger_key_pem) = leaf(
+            vec!["stranger.test".into()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
         Pki {
+            stranger_cert_pem,
+            stranger_key_pem,
             ca_pem: root.pem(),
             server_cert_pem,
             server_key_pem,

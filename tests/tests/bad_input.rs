@@ -248,10 +248,10 @@ fn oversized_key_upload() {
             .await
             .map(|_| ())
     });
-    assert_status(&status, Code::ResourceExhausted, &["exceeds the limit"]);
+    assert_status(&status, Code::InvalidArgument, &["exceeds the limit"]);
     // Declared up front: refused before any bytes are sent.
     let status = expect_status(|c| upload(c, vec![header("", MAX_EVAL_KEY_BYTES + 1)]));
-    assert_status(&status, Code::ResourceExhausted, &["exceeds the limit"]);
+    assert_status(&status, Code::InvalidArgument, &["exceeds the limit"]);
 }
 
 #[test]
@@ -319,7 +319,7 @@ fn wrong_number_of_samples() {
     assert_status(&status, Code::InvalidArgument, &["no samples"]);
     let x = s.model.encrypt(&s.keys, &vec![0.0; 64]).unwrap();
     let status = expect_status(|c| infer(c, "digits", &s.keys.key_id, vec![x; MAX_BATCH + 1]));
-    assert_status(&status, Code::ResourceExhausted, &["at most 8"]);
+    assert_status(&status, Code::InvalidArgument, &["at most 8"]);
 }
 
 #[test]

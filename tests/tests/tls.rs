@@ -18,7 +18,11 @@ async fn serve(
 ) -> (TestServer, TempDir, TempDir) {
     let models = TempDir::new(TMP, &format!("{label}-models"));
     let data = TempDir::new(TMP, &format!("{label}-data"));
-    install_model(models.path(), "iris", &compile_zoo("iris_logreg"));
+    let iris = compile_zoo("iris_logreg");
+    install_model(models.path(), "iris", &iris);
+    if label == "mtls-map" {
+        install_model(models.path(), "iris_private", &iris);
+    }
     let mut config = Config::new(models.path(), data.path());
     config.tls = Some(TlsFiles {
         cert_pem: pki.server_cert_pem.clone().into_bytes(),
@@ -115,4 +119,73 @@ async fn mutual_tls_requires_a_client_certificate_and_tokens_still_apply() {
     // Both: served.
     assert_eq!(try_list(&url, with_cert(Some("acme-token"))).await, Ok(1));
     server.stop().await;
+}
+
+/// Client certificates map to tenants: a certificate whose SAN (DNS or URI) or CN a tenant
+/// lists is that tenant without a token; another certificate of the same CA is
+/// UNAUTHENTICATED; a token still works, and wins over the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_map_to_tenants() {
+    let pki = Pki::generate();
+    // Carol is known by her certificate only and may use "iris"; dave has a token and may
+    // use both models; the stranger's certificate is listed for erin by its URI SAN.
+    let tenants = format!(
+        "[[tenant]]\nname = \"carol\"\nclient_cert_names = [\"dns:client.test\"]\n\
+         models = [\"iris\"]\n\n{}",
+        tenant_toml("dave", "dave-token", "")
+    );
+    let (server, _m, _d) = serve("mtls-map", &pki, true, Some(&tenants)).await;
+    let url = server.url();
+    let as_client = |stranger: bool, token: Option<&str>| {
+        let (c, k) = if stranger {
+            (&pki.stranger_cert_pem, &pki.stranger_key_pem)
+        } else {
+            (&pki.client_cert_pem, &pki.client_key_pem)
+        };
+        ConnectOptions {
+            client_identity_pem: Some((c.clone().into_bytes(), k.clone().into_bytes())),
+            token: token.map(str::to_string),
+            ..trusting(&pki.ca_pem)
+        }
+    };
+    // Mapped certificate, no token: carol, who sees only her one model.
+    assert_eq!(try_list(&url, as_client(false, None)).await, Ok(1));
+    // Unmapped certificate, no token: UNAUTHENTICATED, naming what it presented.
+    let err = try_list(&url, as_client(true, None)).await.unwrap_err();
+    assert!(err.contains("Unauthenticated"), "{err}");
+    assert!(err.contains("uri:spiffe://test/stranger"), "{err}");
+    // A token still works, with either certificate: dave sees both models.
+    assert_eq!(
+        try_list(&url, as_client(true, Some("dave-token"))).await,
+        Ok(2)
+    );
+    assert_eq!(
+        try_list(&url, as_client(false, Some("dave-token"))).await,
+        Ok(2)
+    );
+    let m = server.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"veil_requests_total{code="UNAUTHENTICATED",method="ListModels"}"#
+        ),
+        1.0
+    );
+    server.stop().await;
+
+    // The same tenants file, now also mapping the stranger by its URI SAN and by CN.
+    for name in ["uri:spiffe://test/stranger", "cn:stranger"] {
+        let tenants = format!(
+            "{tenants}\n[[tenant]]\nname = \"erin\"\nclient_cert_names = [\"{name}\"]\n\
+             models = [\"iris_private\"]\n"
+        );
+        let (server, _m, _d) = serve("mtls-map", &pki, true, Some(&tenants)).await;
+        let client = Client::connect_with(&server.url(), &as_client(true, None))
+            .await
+            .unwrap();
+        let models = client.list_models().await.unwrap();
+        assert_eq!(models.len(), 1, "{name}");
+        assert_eq!(models[0].name(), "iris_private", "{name}");
+        server.stop().await;
+    }
 }
