@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use veil_models::CompiledModel;
 use veil_models::compiled::ParamSet;
-use veil_models::fhe::keys::eval_key_to_bytes;
-use veil_models::fhe::{ClientKey, FheModel, big_lwe_size};
+use veil_models::fhe::keys::eval_key_bytes;
+use veil_models::fhe::{FheModel, big_lwe_size};
 use veil_proto::v1;
 
 use crate::error::{Result, ServiceError};
@@ -89,23 +89,9 @@ impl Registry {
             }
             compiled.push((name, model, digest));
         }
-        // The expected evaluation-key size: measured once per parameter set on a throwaway key.
-        let key_sizes: Vec<(ParamSet, u64)> = params
-            .iter()
-            .map(|&p| {
-                let key = ClientKey::generate(p);
-                (
-                    p,
-                    eval_key_to_bytes(&key.compressed_server_key()).len() as u64,
-                )
-            })
-            .collect();
         let mut models = BTreeMap::new();
         for (name, model, digest) in compiled {
-            let key_bytes = key_sizes
-                .iter()
-                .find(|(p, _)| *p == model.params)
-                .map_or(0, |(_, s)| *s);
+            let key_bytes = eval_key_bytes(model.params);
             let served = ServedModel::new(
                 name.clone(),
                 model,
