@@ -52,6 +52,11 @@ pub enum ServiceError {
     #[error("{0}")]
     Exhausted(String),
 
+    /// The server cannot take the request now (it waited too long in the queue); a retry may
+    /// succeed.
+    #[error("{0}")]
+    Unavailable(String),
+
     /// One error reported to every request of a merged batch.
     #[error(transparent)]
     Shared(Arc<ServiceError>),

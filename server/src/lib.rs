@@ -11,6 +11,7 @@ pub mod error;
 pub mod key_store;
 pub mod metrics;
 pub mod models;
+pub mod scheduler;
 pub mod service;
 pub mod status;
 pub mod tenants;

@@ -8,7 +8,8 @@
 //! | missing or unknown bearer token | UNAUTHENTICATED |
 //! | a model the tenant may not use | PERMISSION_DENIED |
 //! | upload over the key size limit, batch over the sample limit, full queue, key quota, request rate, full key store | RESOURCE_EXHAUSTED |
-//! | upload stream that stalls or outlasts its deadline; a request whose deadline passed while it waited | DEADLINE_EXCEEDED |
+//! | upload stream that stalls, outlasts its deadline or runs below the minimum rate; a request whose deadline passed while it waited | DEADLINE_EXCEEDED |
+//! | a request that waited longer than `--max-queue-wait` | UNAVAILABLE |
 //! | anything else (I/O, damaged model file, panics) | INTERNAL, details logged only |
 //!
 //! A key for another parameter set is FAILED_PRECONDITION rather than INVALID_ARGUMENT: the
@@ -31,6 +32,7 @@ pub fn code_of(e: &ServiceError) -> Code {
         }
         ServiceError::Stalled(_) | ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         ServiceError::Unauthenticated(_) => Code::Unauthenticated,
+        ServiceError::Unavailable(_) => Code::Unavailable,
         ServiceError::PermissionDenied(_) => Code::PermissionDenied,
         ServiceError::Shared(inner) => code_of(inner),
         ServiceError::Model(m) => match m {
@@ -116,6 +118,10 @@ mod tests {
         assert_eq!(
             code(ServiceError::PermissionDenied("p".into())),
             Code::PermissionDenied
+        );
+        assert_eq!(
+            code(ServiceError::Unavailable("w".into())),
+            Code::Unavailable
         );
         assert_eq!(
             code(ServiceError::Exhausted("q".into())),

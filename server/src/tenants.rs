@@ -11,6 +11,9 @@
 //! models = ["digits_mlp"]            # optional: allowed models (absent: all)
 //! requests_per_second = 20.0         # optional: sustained rate of calls
 //! burst = 40                         # optional: calls allowed at once (default: the rate, at least 1)
+//! bootstraps_per_second = 5000.0     # optional: sustained Infer work (samples x bootstraps per sample)
+//! bootstrap_burst = 100000           # optional: work allowed at once (default: 60 s of the rate)
+//! max_requests = 4                   # optional: Infer requests queued or running at once
 //! ```
 //!
 //! A client sends `authorization: Bearer <token>`. The server hashes the token and compares the
@@ -20,6 +23,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -46,6 +50,9 @@ struct Entry {
     models: Option<Vec<String>>,
     requests_per_second: Option<f64>,
     burst: Option<f64>,
+    bootstraps_per_second: Option<f64>,
+    bootstrap_burst: Option<f64>,
+    max_requests: Option<usize>,
 }
 
 /// One tenant and its limits.
@@ -58,6 +65,22 @@ pub struct Tenant {
     pub max_key_bytes: Option<u64>,
     models: Option<Vec<String>>,
     rate: Option<Bucket>,
+    /// Infer work: one token per bootstrap (a zero-bootstrap model costs one per sample).
+    work: Option<Bucket>,
+    /// Most Infer requests queued or running at once.
+    pub max_requests: Option<usize>,
+    requests: Arc<AtomicUsize>,
+}
+
+/// One Infer request counted against its tenant's `max_requests` until it is dropped (its
+/// evaluation ended, or it left the queue).
+#[derive(Debug)]
+pub struct TenantSlot(Arc<AtomicUsize>);
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A token bucket: `rate` calls per second, up to `burst` at once.
@@ -69,12 +92,20 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn take(&self) -> bool {
+    fn new(rate: f64, burst: f64) -> Self {
+        Bucket {
+            rate,
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    fn take(&self, cost: f64) -> bool {
         let mut s = self.state.lock().expect("rate lock");
         let now = Instant::now();
         let tokens = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.burst);
-        if tokens >= 1.0 {
-            *s = (tokens - 1.0, now);
+        if tokens >= cost {
+            *s = (tokens - cost, now);
             true
         } else {
             *s = (tokens, now);
@@ -92,6 +123,9 @@ impl Tenant {
             max_key_bytes: None,
             models: None,
             rate: None,
+            work: None,
+            max_requests: None,
+            requests: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -126,12 +160,54 @@ impl Tenant {
     /// Spends one call of the tenant's rate; RESOURCE_EXHAUSTED when none is left.
     pub fn check_rate(&self) -> Result<()> {
         match &self.rate {
-            Some(b) if !b.take() => Err(ServiceError::Exhausted(format!(
+            Some(b) if !b.take(1.0) => Err(ServiceError::Exhausted(format!(
                 "tenant '{}' is over its rate of {} requests per second; retry later",
                 self.name, b.rate
             ))),
             _ => Ok(()),
         }
+    }
+}
+
+impl Tenant {
+    /// Spends `bootstraps` of the tenant's work rate (an Infer's samples x bootstraps per
+    /// sample): a 256-sample request costs 256 one-sample ones. RESOURCE_EXHAUSTED when too
+    /// little is left; INVALID_ARGUMENT when the request costs more than the burst, which no
+    /// wait would fix.
+    pub fn check_work(&self, bootstraps: u64) -> Result<()> {
+        let Some(b) = &self.work else { return Ok(()) };
+        let cost = bootstraps.max(1) as f64;
+        if cost > b.burst {
+            return Err(ServiceError::InvalidRequest(format!(
+                "the request costs {bootstraps} bootstraps, more than tenant '{}' may spend at                  once ({}); send fewer samples per request",
+                self.name, b.burst
+            )));
+        }
+        if b.take(cost) {
+            Ok(())
+        } else {
+            Err(ServiceError::Exhausted(format!(
+                "tenant '{}' is over its rate of {} bootstraps per second (this request costs                  {bootstraps}); retry later",
+                self.name, b.rate
+            )))
+        }
+    }
+
+    /// Counts one Infer request against `max_requests` until the slot drops;
+    /// RESOURCE_EXHAUSTED when the tenant already has that many queued or running.
+    pub fn admit(&self) -> Result<TenantSlot> {
+        let max = self.max_requests.unwrap_or(usize::MAX);
+        self.requests
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|n| {
+                ServiceError::Exhausted(format!(
+                    "tenant '{}' already has {n} requests queued or running, its limit                      (max_requests); retry when one finishes",
+                    self.name
+                ))
+            })?;
+        Ok(TenantSlot(Arc::clone(&self.requests)))
     }
 }
 
@@ -213,12 +289,7 @@ impl Tenants {
             let rate = match e.requests_per_second {
                 None => None,
                 Some(r) if r.is_finite() && r > 0.0 => {
-                    let burst = e.burst.unwrap_or(r).max(1.0);
-                    Some(Bucket {
-                        rate: r,
-                        burst,
-                        state: Mutex::new((burst, Instant::now())),
-                    })
+                    Some(Bucket::new(r, e.burst.unwrap_or(r).max(1.0)))
                 }
                 Some(r) => {
                     return Err(format!(
@@ -227,6 +298,25 @@ impl Tenants {
                     ));
                 }
             };
+            let work = match e.bootstraps_per_second {
+                None => None,
+                Some(r) if r.is_finite() && r > 0.0 => Some(Bucket::new(
+                    r,
+                    e.bootstrap_burst.unwrap_or(60.0 * r).max(1.0),
+                )),
+                Some(r) => {
+                    return Err(format!(
+                        "tenant '{}': bootstraps_per_second must be positive, not {r}",
+                        e.name
+                    ));
+                }
+            };
+            if e.max_requests == Some(0) {
+                return Err(format!(
+                    "tenant '{}': max_requests must be at least 1",
+                    e.name
+                ));
+            }
             list.push(Arc::new(Tenant {
                 name: e.name,
                 token_hash: hash,
@@ -234,6 +324,9 @@ impl Tenants {
                 max_key_bytes: e.max_key_bytes,
                 models: e.models,
                 rate,
+                work,
+                max_requests: e.max_requests,
+                requests: Arc::new(AtomicUsize::new(0)),
             }));
         }
         Ok(Tenants {
@@ -404,5 +497,30 @@ mod tests {
         assert!(a.check_rate().is_ok());
         assert!(a.check_rate().is_ok());
         assert!(matches!(a.check_rate(), Err(ServiceError::Exhausted(_))));
+    }
+
+    #[test]
+    fn work_is_counted_in_bootstraps_and_requests_are_capped() {
+        let text = format!(
+            "[[tenant]]\nname = \"a\"\ntoken_sha256 = \"{}\"\nbootstraps_per_second = 0.001\n\
+             bootstrap_burst = 512\nmax_requests = 2\n",
+            token_sha256("t")
+        );
+        let t = Tenants::parse(&text).unwrap();
+        let a = t.authenticate(&meta(Some("Bearer t"))).unwrap();
+        // 256 samples x 1 bootstrap cost 256 one-sample requests: the burst of 512 takes two.
+        assert!(a.check_work(256).is_ok());
+        assert!(a.check_work(255).is_ok());
+        assert!(a.check_work(1).is_ok());
+        assert!(matches!(a.check_work(1), Err(ServiceError::Exhausted(_))));
+        assert!(matches!(
+            a.check_work(513),
+            Err(ServiceError::InvalidRequest(_))
+        ));
+        let one = a.admit().unwrap();
+        let _two = a.admit().unwrap();
+        assert!(matches!(a.admit(), Err(ServiceError::Exhausted(_))));
+        drop(one);
+        assert!(a.admit().is_ok(), "a slot comes back when its request ends");
     }
 }
