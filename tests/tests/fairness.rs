@@ -74,19 +74,28 @@ async fn a_flood_of_large_batches_leaves_a_small_tenant_within_3x_of_its_latency
         .await
         .unwrap();
 
-    // The small tenant's latency as its client sees it, one request at a time.
-    let probe = |label: &'static str| {
-        let (small, one, id) = (small.clone(), one.clone(), small_keys.key_id.clone());
+    // The small tenant's latency as its client sees it, one request at a time; under the
+    // flood each probe starts while a flood evaluation runs.
+    let probe = |flooding: bool| {
+        let (small, one, id, server) = (
+            small.clone(),
+            one.clone(),
+            small_keys.key_id.clone(),
+            &server,
+        );
         async move {
             let mut latencies = Vec::new();
             for _ in 0..PROBES {
+                if flooding {
+                    wait_for_metrics(server, "a flood evaluation running", |m| {
+                        metric(m, "veil_inferences_in_flight") >= 1.0
+                    })
+                    .await;
+                }
                 let t = Instant::now();
                 let reply = small.infer("wine", &id, one.clone()).await.unwrap();
                 latencies.push(t.elapsed());
-                assert_eq!(
-                    reply.merged_samples, 1,
-                    "{label}: never merged with the flood"
-                );
+                assert_eq!(reply.merged_samples, 1, "never merged with the flood");
             }
             latencies
         }
@@ -96,7 +105,7 @@ async fn a_flood_of_large_batches_leaves_a_small_tenant_within_3x_of_its_latency
         .infer("wine", &small_keys.key_id, one.clone())
         .await
         .unwrap();
-    let alone = probe("alone").await;
+    let alone = probe(false).await;
 
     // The flood: large batches back to back, until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -117,12 +126,7 @@ async fn a_flood_of_large_batches_leaves_a_small_tenant_within_3x_of_its_latency
             done
         })
     };
-    wait_for_metrics(&server, "the flood running", |m| {
-        metric(m, "veil_inferences_in_flight") >= 1.0
-    })
-    .await;
-    let flooded = probe("under the flood").await;
-    let m = server.metrics().await;
+    let flooded = probe(true).await;
     stop.store(true, Ordering::SeqCst);
     let flood_requests = tokio::time::timeout(Duration::from_secs(300), flooder)
         .await
@@ -130,22 +134,13 @@ async fn a_flood_of_large_batches_leaves_a_small_tenant_within_3x_of_its_latency
         .unwrap();
 
     let (alone_median, flooded_median) = (median(alone.clone()), median(flooded.clone()));
-    let flood_samples = metric(
-        &m,
-        r#"veil_tenant_samples_total{model="wine",tenant="flood"}"#,
-    );
     eprintln!(
         "small tenant, {PROBES} one-sample requests: median alone {alone_median:?}, under the \
-         flood {flooded_median:?} (ratio {:.2}); flood: {FLOOD_BATCH}-sample requests, {} \
-         samples evaluated during the probe, {flood_requests} requests in all\nalone: \
-         {alone:?}\nflooded: {flooded:?}",
+         flood {flooded_median:?} (ratio {:.2}); flood: {FLOOD_BATCH}-sample requests, \
+         {flood_requests} answered\nalone: {alone:?}\nflooded: {flooded:?}",
         flooded_median.as_secs_f64() / alone_median.as_secs_f64(),
-        flood_samples
     );
-    assert!(
-        flood_samples >= FLOOD_BATCH as f64,
-        "the flood ran while the small tenant was measured"
-    );
+    assert!(flood_requests >= 1, "the flood ran");
     assert!(
         flooded_median <= alone_median * 3,
         "median {flooded_median:?} under the flood, {alone_median:?} alone"
