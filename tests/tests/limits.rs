@@ -164,8 +164,14 @@ async fn a_request_that_waited_too_long_is_answered_at_once_not_run_late() {
         metric(m, "veil_inferences_in_flight") == 1.0
     })
     .await;
-    // E has no deadline, but the server's queue wait bound answers it while A still runs.
-    let err = g.spawn_infer(1..2, None).await.await.unwrap().unwrap_err();
+    // E's deadline is far away, but the server's queue wait bound answers it while A still
+    // runs (without the bound, E would end with DEADLINE_EXCEEDED instead).
+    let err = g
+        .spawn_infer(1..2, Some(Duration::from_secs(60)))
+        .await
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
     assert!(err.to_string().contains("--max-queue-wait"), "{err}");
     let m = g.server.metrics().await;
