@@ -19,6 +19,8 @@ use veil_tests::*;
 const TMP: &str = env!("CARGO_TARGET_TMPDIR");
 /// Samples in each of the flooder's requests.
 const FLOOD_BATCH: usize = 64;
+/// The flooder's concurrent streams: more than its `max_requests` and than the server's slots.
+const FLOOD_STREAMS: usize = 3;
 /// One-sample requests per phase; the median of each phase is compared.
 const PROBES: usize = 9;
 
@@ -107,37 +109,53 @@ async fn a_flood_of_large_batches_leaves_a_small_tenant_within_3x_of_its_latency
         .unwrap();
     let alone = probe(false).await;
 
-    // The flood: large batches back to back, until told to stop.
+    // The flood: FLOOD_STREAMS streams of large batches back to back, until told to stop.
+    // Requests over the tenant's max_requests are refused at once; a refused stream backs
+    // off briefly and retries, as a client would.
     let stop = Arc::new(AtomicBool::new(false));
-    let flooder = {
-        let (flood, big, id, stop) = (
-            flood.clone(),
-            big.clone(),
-            flood_keys.key_id.clone(),
-            Arc::clone(&stop),
-        );
-        tokio::spawn(async move {
-            let mut done = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                let reply = flood.infer("wine", &id, big.clone()).await.unwrap();
-                assert_eq!(reply.outputs.len(), FLOOD_BATCH);
-                done += 1;
-            }
-            done
+    let flooders: Vec<_> = (0..FLOOD_STREAMS)
+        .map(|_| {
+            let (flood, big, id, stop) = (
+                flood.clone(),
+                big.clone(),
+                flood_keys.key_id.clone(),
+                Arc::clone(&stop),
+            );
+            tokio::spawn(async move {
+                let (mut done, mut refused) = (0u64, 0u64);
+                while !stop.load(Ordering::SeqCst) {
+                    match flood.infer("wine", &id, big.clone()).await {
+                        Ok(reply) => {
+                            assert_eq!(reply.outputs.len(), FLOOD_BATCH);
+                            done += 1;
+                        }
+                        Err(e) => {
+                            assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                (done, refused)
+            })
         })
-    };
+        .collect();
     let flooded = probe(true).await;
     stop.store(true, Ordering::SeqCst);
-    let flood_requests = tokio::time::timeout(Duration::from_secs(300), flooder)
-        .await
-        .expect("the flood ends")
-        .unwrap();
-
+    let (mut flood_requests, mut flood_refused) = (0, 0);
+    for f in flooders {
+        let (done, refused) = tokio::time::timeout(Duration::from_secs(300), f)
+            .await
+            .expect("the flood ends")
+            .unwrap();
+        flood_requests += done;
+        flood_refused += refused;
+    }
     let (alone_median, flooded_median) = (median(alone.clone()), median(flooded.clone()));
     eprintln!(
         "small tenant, {PROBES} one-sample requests: median alone {alone_median:?}, under the \
          flood {flooded_median:?} (ratio {:.2}); flood: {FLOOD_BATCH}-sample requests, \
-         {flood_requests} answered\nalone: {alone:?}\nflooded: {flooded:?}",
+         {flood_requests} answered, {flood_refused} refused over max_requests\nalone: {alone:?}\nflooded: {flooded:?}",
         flooded_median.as_secs_f64() / alone_median.as_secs_f64(),
     );
     assert!(flood_requests >= 1, "the flood ran");
