@@ -406,7 +406,7 @@ impl Batcher {
                 // The permit lives as long as the evaluation itself.
                 let _running = metrics.inference_running();
                 if let Some(g) = gate {
-                    g.pass(Duration::from_secs(300));
+                    g.pass(Duration::from_secs(120));
                 }
                 permit.install(|| {
                     let inputs = wire
