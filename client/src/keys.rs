@@ -6,7 +6,6 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use veil_format::compiled::ParamSet;
 use veil_runtime::ClientKey;
 use veil_runtime::keys::{MAX_CLIENT_KEY_BYTES, MAX_EVAL_KEY_BYTES, eval_key_to_bytes};
@@ -21,13 +20,7 @@ pub fn param_set_by_name(name: &str) -> Option<ParamSet> {
     PARAM_SETS.iter().copied().find(|p| p.name() == name)
 }
 
-/// Lowercase hex SHA-256 of the evaluation key bytes: the id the server stores it under.
-pub fn key_id(eval_key: &[u8]) -> String {
-    Sha256::digest(eval_key)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use veil_format::digest::key_id;
 
 const KEYS_FORMAT: &str = "veil-keys-v1";
 
@@ -72,7 +65,7 @@ impl KeyPair {
             "format": KEYS_FORMAT,
             "parameter_set": self.params.name(),
             "key_id": self.key_id,
-            "client_key_sha256": key_id(&client_bytes),
+            "client_key_sha256": veil_format::digest::sha256_hex(&client_bytes),
             "eval_key_bytes": self.eval_key.len(),
             "client_key_bytes": client_bytes.len(),
         });
@@ -142,7 +135,7 @@ impl KeyPair {
         let client_bytes = read_bounded(&dir.join("client.key"), MAX_CLIENT_KEY_BYTES)?;
         // Directories written before this field existed carry only the evaluation key's id.
         if let Some(recorded) = meta["client_key_sha256"].as_str()
-            && self::key_id(&client_bytes) != recorded
+            && veil_format::digest::sha256_hex(&client_bytes) != recorded
         {
             return Err(ClientError::Keys(format!(
                 "{}: client.key is not the one keys.json records (a key replacement was \

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use tokio_stream::StreamExt;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -298,6 +297,16 @@ impl Interceptor for Auth {
     }
 }
 
+/// A request carrying `key_id` in the routing header too (see [`veil_proto::KEY_ID_HEADER`]).
+fn routed<T>(msg: T, key_id: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    // Key ids are hex; anything else is sent without the header and refused by the server.
+    if let Ok(v) = key_id.parse::<MetadataValue<Ascii>>() {
+        req.metadata_mut().insert(veil_proto::KEY_ID_HEADER, v);
+    }
+    req
+}
+
 /// The generated stub with the token interceptor.
 pub type Rpc = VeilClient<InterceptedService<Channel, Auth>>;
 
@@ -307,6 +316,46 @@ pub struct Client {
     rpc: Rpc,
     channel: Channel,
     deadline: Option<Duration>,
+    retry: RetryPolicy,
+}
+
+/// How calls answered UNAVAILABLE are retried: a server over its call cap or queue-wait
+/// bound, one that is draining, or a replica that went away behind a load balancer. Every
+/// Veil call may be repeated safely (an inference is a pure function of its inputs, an
+/// upload of the same key stores it once).
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included (1: no retry).
+    pub attempts: u32,
+    /// Wait before the first retry; each next wait doubles, up to `max_backoff`, with up to
+    /// half of it added at random so that clients turned away together do not return together.
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            first_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(3),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1 for the first).
+    fn backoff(&self, retry: u32) -> Duration {
+        let base = self
+            .first_backoff
+            .saturating_mul(1u32 << (retry - 1).min(16))
+            .min(self.max_backoff);
+        // Jitter from the clock's low bits: good enough to spread clients, no RNG needed.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        base + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
+    }
 }
 
 impl Client {
@@ -378,6 +427,41 @@ impl Client {
                 .max_decoding_message_size(MAX_RESPONSE_BYTES)
                 .max_encoding_message_size(MAX_REQUEST_BYTES),
             deadline: None,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// The same connection with another retry policy for UNAVAILABLE answers.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Runs `call` until it succeeds, fails with another code than UNAVAILABLE, or the
+    /// policy's attempts are spent; the call's own deadline (if any) bounds the whole.
+    async fn retrying<T, Fut>(
+        &self,
+        mut call: impl FnMut() -> Fut,
+    ) -> std::result::Result<T, tonic::Status>
+    where
+        Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        let until = self.deadline.map(|d| std::time::Instant::now() + d);
+        let mut retry = 0;
+        loop {
+            let err = match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            retry += 1;
+            if err.code() != tonic::Code::Unavailable || retry >= self.retry.attempts.max(1) {
+                return Err(err);
+            }
+            let wait = self.retry.backoff(retry);
+            if until.is_some_and(|u| std::time::Instant::now() + wait >= u) {
+                return Err(err);
+            }
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -395,8 +479,10 @@ impl Client {
 
     pub async fn list_models(&self) -> Result<Vec<RemoteModel>> {
         let reply = self
-            .rpc()
-            .list_models(v1::ListModelsRequest {})
+            .retrying(|| {
+                let mut rpc = self.rpc();
+                async move { rpc.list_models(v1::ListModelsRequest {}).await }
+            })
             .await?
             .into_inner();
         reply
@@ -426,9 +512,17 @@ impl Client {
     /// The server's record of a key, or `None` when it does not have it.
     pub async fn key_info(&self, key_id: &str) -> Result<Option<KeyInfo>> {
         match self
-            .rpc()
-            .get_key(v1::GetKeyRequest {
-                key_id: key_id.to_string(),
+            .retrying(|| {
+                let (mut rpc, req) = (
+                    self.rpc(),
+                    routed(
+                        v1::GetKeyRequest {
+                            key_id: key_id.to_string(),
+                        },
+                        key_id,
+                    ),
+                );
+                async move { rpc.get_key(req).await }
             })
             .await
         {
@@ -462,8 +556,10 @@ impl Client {
     /// The caller's keys stored on the server, most recently used first.
     pub async fn list_keys(&self) -> Result<Vec<v1::StoredKeyInfo>> {
         Ok(self
-            .rpc()
-            .list_keys(v1::ListKeysRequest {})
+            .retrying(|| {
+                let mut rpc = self.rpc();
+                async move { rpc.list_keys(v1::ListKeysRequest {}).await }
+            })
             .await?
             .into_inner()
             .keys)
@@ -473,9 +569,17 @@ impl Client {
     /// the server holds no such key of this caller.
     pub async fn delete_key(&self, key_id: &str) -> Result<u64> {
         Ok(self
-            .rpc()
-            .delete_key(v1::DeleteKeyRequest {
-                key_id: key_id.to_string(),
+            .retrying(|| {
+                let (mut rpc, req) = (
+                    self.rpc(),
+                    routed(
+                        v1::DeleteKeyRequest {
+                            key_id: key_id.to_string(),
+                        },
+                        key_id,
+                    ),
+                );
+                async move { rpc.delete_key(req).await }
             })
             .await?
             .into_inner()
@@ -490,28 +594,31 @@ impl Client {
         progress: impl Fn(u64, u64) + Send + Sync + 'static,
     ) -> Result<KeyInfo> {
         let total = keys.eval_key.len() as u64;
-        let mut messages = vec![v1::UploadKeyRequest {
+        let key: Arc<[u8]> = Arc::from(keys.eval_key.as_slice());
+        let header = v1::UploadKeyRequest {
             part: Some(v1::upload_key_request::Part::Header(v1::UploadKeyHeader {
                 parameter_set: keys.params.name().to_string(),
                 total_bytes: total,
             })),
-        }];
-        messages.extend(
-            keys.eval_key
-                .chunks(UPLOAD_CHUNK_BYTES)
-                .map(|c| v1::UploadKeyRequest {
-                    part: Some(v1::upload_key_request::Part::Chunk(c.to_vec())),
-                }),
-        );
-        let mut sent = 0u64;
-        let stream = tokio_stream::iter(messages).map(move |m| {
-            if let Some(v1::upload_key_request::Part::Chunk(c)) = &m.part {
-                sent += c.len() as u64;
+        };
+        let progress = Arc::new(progress);
+        // A fresh stream per attempt, cutting chunks as they go out.
+        let attempt = || {
+            let (key, progress) = (Arc::clone(&key), Arc::clone(&progress));
+            let chunks = (0..key.len().div_ceil(UPLOAD_CHUNK_BYTES)).map(move |i| {
+                let chunk =
+                    &key[i * UPLOAD_CHUNK_BYTES..key.len().min((i + 1) * UPLOAD_CHUNK_BYTES)];
+                let sent = (i * UPLOAD_CHUNK_BYTES + chunk.len()) as u64;
                 progress(sent, total);
-            }
-            m
-        });
-        let info = self.rpc().upload_key(stream).await?.into_inner();
+                v1::UploadKeyRequest {
+                    part: Some(v1::upload_key_request::Part::Chunk(chunk.to_vec())),
+                }
+            });
+            let stream = tokio_stream::iter(std::iter::once(header.clone()).chain(chunks));
+            let (mut rpc, req) = (self.rpc(), routed(stream, &keys.key_id));
+            async move { rpc.upload_key(req).await }
+        };
+        let info = self.retrying(attempt).await?.into_inner();
         if info.key_id != keys.key_id {
             return Err(ClientError::Protocol(format!(
                 "the server stored the key as {}, the client computed {}",
@@ -581,11 +688,19 @@ impl Client {
             model_digest: model_digest.to_string(),
         };
         let request_bytes = req.encoded_len();
-        let mut req = tonic::Request::new(req);
-        if let Some(d) = self.deadline {
-            req.set_timeout(d);
-        }
-        let reply = self.rpc().infer(req).await?.into_inner();
+        let until = self.deadline.map(|d| std::time::Instant::now() + d);
+        let reply = self
+            .retrying(|| {
+                let mut r = routed(req.clone(), key_id);
+                if let Some(u) = until {
+                    // Retries share the one deadline.
+                    r.set_timeout(u.saturating_duration_since(std::time::Instant::now()));
+                }
+                let mut rpc = self.rpc();
+                async move { rpc.infer(r).await }
+            })
+            .await?
+            .into_inner();
         if reply.outputs.len() != n {
             return Err(ClientError::Protocol(format!(
                 "{} outputs for {n} samples",
@@ -632,6 +747,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_calls_carry_the_routing_header() {
+        let id = "ab".repeat(32);
+        let req = routed((), &id);
+        assert_eq!(
+            req.metadata().get(veil_proto::KEY_ID_HEADER).unwrap(),
+            id.as_str()
+        );
+        // Not a valid header value: sent without one (the server refuses the body's id).
+        assert!(routed((), "bad\nid").metadata().is_empty());
+    }
     use veil_format::compiled::{InputEncoding, InputWindow, OutputDecoding, ParamSet};
     use veil_format::quant::UniformQuant;
     use veil_format::tail::{Reveal, Task};

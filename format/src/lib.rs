@@ -6,6 +6,7 @@
 //! - [`input`], [`decode`]: the client's checks on its features and the decoding of decrypted
 //!   outputs into predictions.
 //! - [`cost`]: bootstraps, bytes and memory per sample, predicted from the format alone.
+//! - [`digest`]: key ids and model digests (SHA-256).
 //!
 //! Nothing here runs FHE: the runtime (`veil-runtime`) and the compiler (`veil-models`) build
 //! on it.
@@ -13,6 +14,7 @@
 pub mod compiled;
 pub mod cost;
 pub mod decode;
+pub mod digest;
 pub mod error;
 pub mod input;
 pub mod quant;

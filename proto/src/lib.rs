@@ -6,6 +6,11 @@ pub mod v1 {
     tonic::include_proto!("veil.v1");
 }
 
+/// gRPC metadata that repeats the request's key id (Infer, GetKey, UploadKey, DeleteKey), so a
+/// load balancer can route every call of one key to the same replica, where its expanded
+/// form is cached. The server refuses a call whose header and body disagree.
+pub const KEY_ID_HEADER: &str = "veil-key-id";
+
 /// The encoded `FileDescriptorSet` of `veil/v1/veil.proto`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("veil_descriptor");
 

@@ -255,6 +255,15 @@ pub const MAX_EVAL_KEY_BYTES: u64 = 64 << 20;
 /// Largest serialized client key accepted.
 pub const MAX_CLIENT_KEY_BYTES: u64 = 16 << 20;
 
+/// Bytes of a serialized evaluation key (compressed, no OPRF key) for each parameter set:
+/// fixed by the parameters, so the server advertises it without generating a throwaway key
+/// (seconds of work per start). `tests/tests/e2e.rs` checks it against a real key.
+pub const fn eval_key_bytes(params: ParamSet) -> u64 {
+    match params {
+        ParamSet::Message2Carry2KsPbsTuniform2m128 => 30_147_061,
+    }
+}
+
 /// Serializes a compressed evaluation key with tfhe's versioned, size-limited format.
 pub fn eval_key_to_bytes(key: &tfhe::CompressedServerKey) -> Vec<u8> {
     let mut out = Vec::new();

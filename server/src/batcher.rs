@@ -14,8 +14,11 @@
 //! - the task owns the permit and the blocking evaluation owns it after that, so a client
 //!   that cancels or times out never frees a permit while its evaluation still runs;
 //! - at most `max_queue` requests wait; one more is refused at once (RESOURCE_EXHAUSTED);
-//! - a request whose client has gone or whose deadline has passed when the permit comes is
-//!   dropped unevaluated, and a batch whose every request has gone stops waiting at once;
+//!   a tenant's own cap (queued and running, `max_requests` in the tenants file) likewise;
+//! - permits go round-robin between tenants ([`crate::scheduler`]);
+//! - a request whose client has gone, whose deadline has passed or that has waited longer
+//!   than `max_queue_wait` is answered at once (DEADLINE_EXCEEDED, UNAVAILABLE) and never
+//!   evaluated, and a batch whose every request has gone stops waiting at once;
 //! - a waiting request holds only its wire bytes: samples are decoded and the ~120 MB key is
 //!   looked up only once the permit is held.
 
@@ -24,13 +27,16 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
+use tracing::Instrument;
 use veil_runtime::{EncryptedInput, EncryptedOutput};
 
 use crate::error::{Result, ServiceError};
 use crate::key_store::{KeyStore, short};
 use crate::metrics::Metrics;
 use crate::models::ServedModel;
+use crate::scheduler::{EvalGate, Permit, Scheduler};
+use crate::tenants::TenantSlot;
 
 /// How long a batch stays open for more requests, and how large it may grow.
 #[derive(Clone, Debug)]
@@ -54,6 +60,22 @@ impl Default for BatchPolicy {
     }
 }
 
+/// How the queue in front of the evaluations behaves.
+#[derive(Clone, Debug)]
+pub struct QueuePolicy {
+    /// Evaluations running at once.
+    pub concurrent: usize,
+    /// Requests waiting at once (all tenants).
+    pub max_queue: usize,
+    /// A request that waited this long for an evaluation is answered UNAVAILABLE instead of
+    /// running late; `None`: it waits as long as its deadline allows.
+    pub max_queue_wait: Option<Duration>,
+    /// Threads of each evaluation's pool (the machine's cores unless set).
+    pub threads_per_evaluation: usize,
+    /// Test hook: evaluations wait at this gate, running, until the test opens it.
+    pub gate: Option<Arc<EvalGate>>,
+}
+
 /// One request's share of a batch's result.
 pub struct Reply {
     pub outputs: Vec<EncryptedOutput>,
@@ -72,12 +94,58 @@ pub struct Job {
     /// One entry per sample: its seeded ciphertexts, as received (already checked to decode).
     pub samples: Vec<Vec<u8>>,
     pub deadline: Option<Instant>,
+    /// The tenant's count of queued and running requests, held until the evaluation ends.
+    pub tenant_slot: Option<TenantSlot>,
+    /// For the batch's log lines.
+    pub request_id: String,
 }
 
 struct Waiter {
     samples: Vec<Vec<u8>>,
     deadline: Option<Instant>,
+    enqueued: Instant,
     tx: oneshot::Sender<Result<Reply>>,
+    /// The request's place in the global queue, given back when it starts or leaves.
+    queued: Option<QueueSlot>,
+    _tenant: Option<TenantSlot>,
+    request_id: String,
+}
+
+impl Waiter {
+    /// When the request must be answered if it has not started.
+    fn expiry(&self, max_wait: Option<Duration>) -> Option<Instant> {
+        let waited = max_wait.and_then(|w| self.enqueued.checked_add(w));
+        match (self.deadline, waited) {
+            (Some(d), Some(w)) => Some(d.min(w)),
+            (d, w) => d.or(w),
+        }
+    }
+
+    /// Answers the request if it can no longer start in time; true if it should stay.
+    fn still_waiting(&mut self, now: Instant, max_wait: Option<Duration>) -> bool {
+        if self.tx.is_closed() {
+            return false;
+        }
+        let error = if self.deadline.is_some_and(|d| d <= now) {
+            ServiceError::DeadlineExceeded(
+                "the request's deadline passed while it waited for an evaluation slot; it was \
+                 not evaluated"
+                    .into(),
+            )
+        } else if let Some(w) = max_wait.filter(|w| now.duration_since(self.enqueued) >= *w) {
+            ServiceError::Unavailable(format!(
+                "the request waited {:.1} s for an evaluation slot, the server's limit \
+                 (--max-queue-wait) is {:.1} s; it was not evaluated, retry later",
+                now.duration_since(self.enqueued).as_secs_f64(),
+                w.as_secs_f64()
+            ))
+        } else {
+            return true;
+        };
+        let (tx, _) = oneshot::channel();
+        let _ = std::mem::replace(&mut self.tx, tx).send(Err(error));
+        false
+    }
 }
 
 struct Open {
@@ -93,44 +161,44 @@ type Slot = (String, String, String);
 
 pub struct Batcher {
     policy: BatchPolicy,
-    permits: Arc<Semaphore>,
+    queue: QueuePolicy,
+    scheduler: Arc<Scheduler>,
     keys: Arc<KeyStore>,
     metrics: Arc<Metrics>,
-    max_queue: usize,
     /// Requests admitted and not yet running (in an open batch or waiting for a permit).
-    queued: AtomicUsize,
+    queued: Arc<AtomicUsize>,
     open: Mutex<HashMap<Slot, Open>>,
     next_id: AtomicU64,
 }
 
-/// Gives queue slots back when a batch starts or is dropped, whichever way it ends.
-struct QueueSlots {
-    batcher: Arc<Batcher>,
-    n: usize,
+/// One request's place in the queue: counted in the gauge from admission until it starts
+/// or leaves, whichever way it ends (inc and dec, so the gauge is never stale).
+struct QueueSlot {
+    queued: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
 }
 
-impl Drop for QueueSlots {
+impl Drop for QueueSlot {
     fn drop(&mut self) {
-        let left = self.batcher.queued.fetch_sub(self.n, Ordering::SeqCst) - self.n;
-        self.batcher.metrics.queue_depth.set(left as i64);
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.queue_depth.dec();
     }
 }
 
 impl Batcher {
     pub fn new(
         policy: BatchPolicy,
-        concurrent: usize,
-        max_queue: usize,
+        queue: QueuePolicy,
         keys: Arc<KeyStore>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Batcher {
             policy,
-            permits: Arc::new(Semaphore::new(concurrent.max(1))),
+            scheduler: Scheduler::new(queue.concurrent, queue.threads_per_evaluation),
+            queue,
             keys,
             metrics,
-            max_queue,
-            queued: AtomicUsize::new(0),
+            queued: Arc::new(AtomicUsize::new(0)),
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         })
@@ -148,21 +216,24 @@ impl Batcher {
     /// within the window. RESOURCE_EXHAUSTED at once when the queue is full.
     pub async fn submit(self: &Arc<Self>, job: Job) -> Result<Reply> {
         // Admission: take a queue slot or refuse.
-        let admitted = self
+        let max_queue = self.queue.max_queue;
+        if self
             .queued
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
-                (q < self.max_queue).then_some(q + 1)
-            });
-        match admitted {
-            Ok(q) => self.metrics.queue_depth.set(q as i64 + 1),
-            Err(_) => {
-                return Err(ServiceError::Exhausted(format!(
-                    "the server is busy: {} requests are already waiting for an evaluation; \
-                     retry later",
-                    self.max_queue
-                )));
-            }
+                (q < max_queue).then_some(q + 1)
+            })
+            .is_err()
+        {
+            return Err(ServiceError::Exhausted(format!(
+                "the server is busy: {max_queue} requests are already waiting for an \
+                 evaluation; retry later"
+            )));
         }
+        self.metrics.queue_depth.inc();
+        let queued = QueueSlot {
+            queued: Arc::clone(&self.queued),
+            metrics: Arc::clone(&self.metrics),
+        };
         let (tx, rx) = oneshot::channel();
         let n = job.samples.len();
         let limit = self.batch_limit(&job.model);
@@ -174,7 +245,11 @@ impl Batcher {
         let waiter = Waiter {
             samples: job.samples,
             deadline: job.deadline,
+            enqueued: Instant::now(),
             tx,
+            queued: Some(queued),
+            _tenant: job.tenant_slot,
+            request_id: job.request_id,
         };
         let mut ready = Vec::new();
         let mut opened = None;
@@ -232,9 +307,50 @@ impl Batcher {
             .map_err(|_| ServiceError::Internal("the batch evaluation was dropped".into()))?
     }
 
+    /// Waits for a permit in the owner's line, answering requests that run out of time or
+    /// leave meanwhile; `None` when none is left.
+    async fn wait_for_permit(&self, owner: &str, waiters: &mut Vec<Waiter>) -> Option<Permit> {
+        let mut line = match self.scheduler.acquire(owner) {
+            Ok(p) => return Some(p),
+            Err(rx) => rx,
+        };
+        let max_wait = self.queue.max_queue_wait;
+        loop {
+            let expiry = waiters.iter().filter_map(|w| w.expiry(max_wait)).min();
+            enum Woke {
+                Permit(Option<Permit>),
+                Gone,
+                Expired,
+            }
+            let woke = tokio::select! {
+                p = &mut line => Woke::Permit(p.ok()),
+                _ = all_gone(waiters) => Woke::Gone,
+                _ = sleep_until(expiry) => Woke::Expired,
+            };
+            match woke {
+                Woke::Permit(p) => return p,
+                Woke::Gone => return None,
+                Woke::Expired => {
+                    let now = Instant::now();
+                    waiters.retain_mut(|w| w.still_waiting(now, max_wait));
+                    if waiters.is_empty() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
     fn spawn_run(self: &Arc<Self>, batch: Open) {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        // The batch's log lines name every request id it serves.
+        let ids: Vec<&str> = batch
+            .waiters
+            .iter()
+            .map(|w| w.request_id.as_str())
+            .collect();
+        let span = tracing::info_span!("batch", request_ids = %ids.join(","));
+        let run = async move {
             let Open {
                 model,
                 owner,
@@ -242,40 +358,22 @@ impl Batcher {
                 mut waiters,
                 ..
             } = batch;
-            let slots = QueueSlots {
-                batcher: Arc::clone(&this),
-                n: waiters.len(),
+            let Some(permit) = this.wait_for_permit(&owner, &mut waiters).await else {
+                tracing::info!(model = %model.name, key = %short(&key_id),
+                    "every request of a waiting batch went away or ran out of time; not \
+                     evaluating it");
+                return;
             };
-            let permit = tokio::select! {
-                p = Arc::clone(&this.permits).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                _ = all_gone(&mut waiters) => {
-                    tracing::info!(model = %model.name, key = %short(&key_id),
-                        "every request of a waiting batch went away; not evaluating it");
-                    return;
-                }
-            };
-            drop(slots);
-            // Drop the requests that went away or ran out of time while waiting.
+            // Drop the requests that went away or ran out of time; the rest leave the queue.
             let now = Instant::now();
-            waiters.retain_mut(|w| {
-                if w.tx.is_closed() {
-                    return false;
-                }
-                if w.deadline.is_some_and(|d| d <= now) {
-                    let (tx, _) = oneshot::channel();
-                    let _ =
-                        std::mem::replace(&mut w.tx, tx).send(Err(ServiceError::DeadlineExceeded(
-                            "the request's deadline passed while it waited for an evaluation \
-                             slot; it was not evaluated"
-                                .into(),
-                        )));
-                    return false;
-                }
-                true
-            });
+            let max_wait = this.queue.max_queue_wait;
+            waiters.retain_mut(|w| w.still_waiting(now, max_wait));
+            for w in &mut waiters {
+                this.metrics
+                    .queue_wait_seconds
+                    .observe(now.duration_since(w.enqueued).as_secs_f64());
+                w.queued = None;
+            }
             if waiters.is_empty() {
                 return;
             }
@@ -299,27 +397,37 @@ impl Batcher {
             let fhe = Arc::clone(&model.fhe);
             let (n_features, lwe_size) = (model.n_features, model.lwe_size);
             let metrics = Arc::clone(&this.metrics);
+            let gate = this.queue.gate.clone();
+            this.metrics.merged_samples.observe(samples as f64);
             let t = Instant::now();
+            let span = tracing::Span::current();
             let result = tokio::task::spawn_blocking(move || {
+                let _span = span.enter();
                 // The permit lives as long as the evaluation itself.
-                let _permit = permit;
                 let _running = metrics.inference_running();
-                let inputs = wire
-                    .iter()
-                    .map(|b| EncryptedInput::from_bytes(b, n_features, lwe_size))
-                    .collect::<veil_runtime::Result<Vec<_>>>()?;
-                drop(wire);
-                let backend = key.backend();
-                fhe.evaluate(backend.as_ref(), &inputs)
+                if let Some(g) = gate {
+                    g.pass(Duration::from_secs(120));
+                }
+                permit.install(|| {
+                    let inputs = wire
+                        .iter()
+                        .map(|b| EncryptedInput::from_bytes(b, n_features, lwe_size))
+                        .collect::<veil_runtime::Result<Vec<_>>>()?;
+                    drop(wire);
+                    let backend = key.backend();
+                    fhe.evaluate(backend.as_ref(), &inputs)
+                })
             })
             .await;
             let eval = t.elapsed();
             this.metrics.evaluation_seconds.observe(eval.as_secs_f64());
+            let pbs = model.info.pbs_per_sample;
             if matches!(result, Ok(Ok(_))) {
-                this.metrics
-                    .bootstraps
-                    .inc_by(samples as u64 * model.info.pbs_per_sample);
+                this.metrics.bootstraps.inc_by(samples as u64 * pbs);
                 this.metrics.evaluated_samples.inc_by(samples as u64);
+                for &n in &counts {
+                    this.metrics.work(&owner, &model.name, n as u64, pbs);
+                }
             }
             tracing::info!(
                 model = %model.name,
@@ -356,7 +464,8 @@ impl Batcher {
                     }
                 }
             }
-        });
+        };
+        tokio::spawn(run.instrument(span));
     }
 }
 
@@ -364,5 +473,12 @@ impl Batcher {
 async fn all_gone(waiters: &mut [Waiter]) {
     for w in waiters.iter_mut() {
         w.tx.closed().await;
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

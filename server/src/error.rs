@@ -57,6 +57,10 @@ pub enum ServiceError {
     /// later, may serve the call.
     #[error("{0}")]
     Overloaded(String),
+    /// The server cannot take the request now (it waited too long in the queue); a retry may
+    /// succeed.
+    #[error("{0}")]
+    Unavailable(String),
 
     /// One error reported to every request of a merged batch.
     #[error(transparent)]

@@ -34,7 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use veil_format::compiled::ParamSet;
 use veil_runtime::keys::{MAX_EVAL_KEY_BYTES, eval_key_from_bytes};
@@ -50,11 +49,7 @@ const PENDING_WAIT: Duration = Duration::from_secs(120);
 /// restart it is the key's last use (for `ListKeys` and the TTL).
 const MTIME_REFRESH: Duration = Duration::from_secs(60);
 
-/// Lowercase hex SHA-256 of the key bytes: the key id.
-pub fn key_id(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use veil_format::digest::key_id;
 
 /// Checks that `id` looks like a key id (64 lowercase hex characters), so it is safe to use
 /// as a file name.
@@ -472,7 +467,8 @@ impl KeyStore {
         })
     }
 
-    /// RESOURCE_EXHAUSTED when `owner` may not store `size` more bytes.
+    /// RESOURCE_EXHAUSTED when `owner` may not store `size` more bytes now; INVALID_ARGUMENT
+    /// (TooLarge) when it never could.
     fn check_room(&self, index: &Index, owner: &str, size: u64, quota: Quota) -> Result<()> {
         let (n, bytes) = index.owner_usage(owner);
         if let Some(max) = quota.max_keys
@@ -480,6 +476,14 @@ impl KeyStore {
         {
             return Err(ServiceError::Exhausted(format!(
                 "key quota reached: {n} of {max} keys stored; delete one (DeleteKey) first"
+            )));
+        }
+        // A key larger than the whole quota or store can never be stored: no retry helps.
+        if let Some(max) = quota.max_bytes
+            && size > max
+        {
+            return Err(ServiceError::TooLarge(format!(
+                "this key has {size} bytes, more than the tenant's whole key quota of {max} bytes"
             )));
         }
         if let Some(max) = quota.max_bytes
@@ -493,7 +497,7 @@ impl KeyStore {
         if let Some(max) = self.max_store_bytes
             && size > max
         {
-            return Err(ServiceError::Exhausted(format!(
+            return Err(ServiceError::TooLarge(format!(
                 "the key store holds at most {max} bytes; this key has {size}"
             )));
         }
@@ -1078,10 +1082,19 @@ mod tests {
         };
         let err = store.store("t", b"x", &[p], zero).unwrap_err();
         assert!(err.to_string().contains("key quota"), "{err}");
+        assert!(matches!(err, ServiceError::Exhausted(_)), "{err}");
+        // Larger than the tenant's whole byte quota or the whole store: never storable.
+        let small = Quota {
+            max_keys: None,
+            max_bytes: Some(4),
+        };
+        let err = store.store("t", b"12345", &[p], small).unwrap_err();
+        assert!(matches!(err, ServiceError::TooLarge(_)), "{err}");
         let err = store
             .store("t", &[0u8; 11], &[p], Quota::default())
             .unwrap_err();
         assert!(err.to_string().contains("at most 10 bytes"), "{err}");
+        assert!(matches!(err, ServiceError::TooLarge(_)), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

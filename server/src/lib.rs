@@ -12,6 +12,7 @@ pub mod gate;
 pub mod key_store;
 pub mod metrics;
 pub mod models;
+pub mod scheduler;
 pub mod service;
 pub mod status;
 pub mod tenants;
@@ -404,7 +405,7 @@ impl TenantsReloader {
                 "this server was started without --tenants; restart it to add tenants".into(),
             ));
         }
-        let t = Arc::new(Tenants::load(path)?);
+        let t = Tenants::load(path)?;
         self.keys.set_shares(t.shares());
         tracing::info!(tenants = ?t.names(), "tenants reloaded");
         self.tenants.replace(t);

@@ -51,6 +51,27 @@ struct Args {
     /// Seconds an upload may take in all before it is dropped.
     #[arg(long, default_value_t = 600)]
     upload_timeout: u64,
+    /// Bytes per second an upload must average after --upload-rate-grace seconds, or it is
+    /// dropped (0: no minimum).
+    #[arg(long, default_value_t = 100_000)]
+    upload_min_rate: u64,
+    /// Seconds before --upload-min-rate applies.
+    #[arg(long, default_value_t = 10)]
+    upload_rate_grace: u64,
+    /// Uploads arriving at once (each buffers up to 64 MiB); one more gets RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 16)]
+    max_receiving_uploads: usize,
+    /// Milliseconds an Infer request may wait for an evaluation before it is answered
+    /// UNAVAILABLE instead of running late (0: only its deadline bounds the wait).
+    #[arg(long, default_value_t = 0)]
+    max_queue_wait: u64,
+    /// Threads of each running evaluation (0: the machine's cores); each of the
+    /// --concurrent-inferences evaluations has its own pool, so they share the cores fairly.
+    #[arg(long, default_value_t = 0)]
+    threads_per_evaluation: usize,
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Tenants file (TOML: [[tenant]] name, token_sha256, max_keys, max_key_bytes, models,
     /// requests_per_second, burst). Without it the server is open to anyone who reaches it.
     #[arg(long)]
@@ -114,16 +135,31 @@ fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let code = match run(Args::parse()).await {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        // One JSON object per line, with the fields of the enclosing spans (the request id).
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    let code = match run(args).await {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("{e}");
@@ -170,6 +206,12 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             concurrent_uploads: a.concurrent_uploads.max(1),
             upload_idle_timeout: Duration::from_secs(a.upload_idle_timeout.max(1)),
             upload_timeout: Duration::from_secs(a.upload_timeout.max(1)),
+            upload_min_rate: a.upload_min_rate,
+            upload_rate_grace: Duration::from_secs(a.upload_rate_grace),
+            max_receiving_uploads: a.max_receiving_uploads.max(1),
+            max_queue_wait: (a.max_queue_wait > 0).then(|| Duration::from_millis(a.max_queue_wait)),
+            threads_per_evaluation: a.threads_per_evaluation,
+            eval_gate: None,
             batching: BatchPolicy {
                 window: Duration::from_millis(a.batch_window_ms),
                 max_samples: a.max_merged_samples.max(1),

@@ -26,6 +26,16 @@ pub struct Metrics {
     pub bootstraps: IntCounter,
     pub evaluated_samples: IntCounter,
     pub evaluation_seconds: Histogram,
+    /// Uploads whose bytes are arriving now (no validation permit held).
+    pub uploads_receiving: IntGauge,
+    /// Time a request waited in the queue before its evaluation started.
+    pub queue_wait_seconds: Histogram,
+    /// Samples per merged evaluation.
+    pub merged_samples: Histogram,
+    /// Billing: evaluated requests, samples and bootstraps per tenant and model.
+    pub tenant_requests: IntCounterVec,
+    pub tenant_samples: IntCounterVec,
+    pub tenant_bootstraps: IntCounterVec,
     pub key_cache_hits: IntCounter,
     pub key_cache_misses: IntCounter,
     pub key_cache_keys: IntGauge,
@@ -95,6 +105,55 @@ impl Metrics {
                 .buckets(latency_buckets),
             )
             .expect("valid metric"),
+            uploads_receiving: IntGauge::new(
+                "veil_uploads_receiving",
+                "Key uploads whose bytes are arriving now (at most --max-receiving-uploads)",
+            )
+            .expect("valid metric"),
+            queue_wait_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "veil_queue_wait_seconds",
+                    "Time an Infer request waited for an evaluation slot before it started",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ]),
+            )
+            .expect("valid metric"),
+            merged_samples: Histogram::with_opts(
+                HistogramOpts::new(
+                    "veil_merged_batch_samples",
+                    "Samples in one (merged) evaluation",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                ]),
+            )
+            .expect("valid metric"),
+            tenant_requests: IntCounterVec::new(
+                Opts::new(
+                    "veil_tenant_requests_total",
+                    "Infer requests evaluated, by tenant (\"-\" on an open server) and model",
+                ),
+                &["tenant", "model"],
+            )
+            .expect("valid metric"),
+            tenant_samples: IntCounterVec::new(
+                Opts::new(
+                    "veil_tenant_samples_total",
+                    "Samples evaluated, by tenant and model",
+                ),
+                &["tenant", "model"],
+            )
+            .expect("valid metric"),
+            tenant_bootstraps: IntCounterVec::new(
+                Opts::new(
+                    "veil_tenant_bootstraps_total",
+                    "Bootstraps evaluated (the billing unit), by tenant and model",
+                ),
+                &["tenant", "model"],
+            )
+            .expect("valid metric"),
             key_cache_hits: IntCounter::new(
                 "veil_key_cache_hits_total",
                 "Evaluation keys found expanded in memory",
@@ -154,7 +213,15 @@ impl Metrics {
             .expect("valid metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 28] = [
+            Box::new(m.uploads_receiving.clone()),
+            Box::new(m.queue_wait_seconds.clone()),
+            Box::new(m.merged_samples.clone()),
+            Box::new(m.tenant_requests.clone()),
+            Box::new(m.tenant_samples.clone()),
+            Box::new(m.tenant_bootstraps.clone()),
+            // RSS, CPU seconds, open and max fds, virtual memory, start time (Linux).
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.in_flight.clone()),
@@ -192,6 +259,20 @@ impl Metrics {
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
 
+    /// Counts one evaluated request of `tenant` (empty: the open server's anonymous one):
+    /// its samples and bootstraps.
+    pub fn work(&self, tenant: &str, model: &str, samples: u64, pbs_per_sample: u64) {
+        let tenant = if tenant.is_empty() { "-" } else { tenant };
+        let labels = [tenant, model];
+        self.tenant_requests.with_label_values(&labels).inc();
+        self.tenant_samples
+            .with_label_values(&labels)
+            .inc_by(samples);
+        self.tenant_bootstraps
+            .with_label_values(&labels)
+            .inc_by(samples * pbs_per_sample);
+    }
+
     /// Marks one evaluation as running until the guard drops.
     pub fn inference_running(self: &Arc<Self>) -> InFlight {
         self.in_flight.inc();
@@ -213,6 +294,22 @@ impl Metrics {
             start: Instant::now(),
             done: false,
         }
+    }
+}
+
+/// Counts one unit in a gauge until dropped (inc and dec, so the gauge is never stale).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -367,6 +464,7 @@ mod tests {
         let m = Metrics::new();
         m.call("Infer").finish(Code::Ok);
         drop(m.call("Infer"));
+        m.work("", "m", 3, 8);
         {
             let _a = m.inference_running();
             let _b = m.inference_running();
@@ -383,6 +481,14 @@ mod tests {
             "veil_key_cache_hits_total 0",
             "veil_key_cache_misses_total 0",
             "veil_key_store_bytes 0",
+            "veil_queue_wait_seconds_count 0",
+            "veil_merged_batch_samples_count 0",
+            "veil_tenant_bootstraps_total{model=\"m\",tenant=\"-\"} 24",
+            "veil_tenant_samples_total{model=\"m\",tenant=\"-\"} 3",
+            "veil_tenant_requests_total{model=\"m\",tenant=\"-\"} 1",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_cpu_seconds_total",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

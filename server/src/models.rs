@@ -7,8 +7,8 @@ use std::sync::Arc;
 use veil_format::CompiledModel;
 use veil_format::compiled::ParamSet;
 use veil_proto::v1;
-use veil_runtime::keys::eval_key_to_bytes;
-use veil_runtime::{ClientKey, FheModel, big_lwe_size};
+use veil_runtime::keys::eval_key_bytes;
+use veil_runtime::{FheModel, big_lwe_size};
 
 use crate::error::{Result, ServiceError};
 
@@ -83,29 +83,15 @@ impl Registry {
             // The digest is of the very bytes the model is loaded from.
             let bytes = std::fs::read(path).map_err(|e| cannot(e.to_string()))?;
             let model = CompiledModel::from_bytes(&bytes).map_err(|e| cannot(e.to_string()))?;
-            let digest = crate::key_store::key_id(&bytes);
+            let digest = veil_format::digest::sha256_hex(&bytes);
             if !params.contains(&model.params) {
                 params.push(model.params);
             }
             compiled.push((name, model, digest));
         }
-        // The expected evaluation-key size: measured once per parameter set on a throwaway key.
-        let key_sizes: Vec<(ParamSet, u64)> = params
-            .iter()
-            .map(|&p| {
-                let key = ClientKey::generate(p);
-                (
-                    p,
-                    eval_key_to_bytes(&key.compressed_server_key()).len() as u64,
-                )
-            })
-            .collect();
         let mut models = BTreeMap::new();
         for (name, model, digest) in compiled {
-            let key_bytes = key_sizes
-                .iter()
-                .find(|(p, _)| *p == model.params)
-                .map_or(0, |(_, s)| *s);
+            let key_bytes = eval_key_bytes(model.params);
             let served = ServedModel::new(
                 name.clone(),
                 model,

@@ -4,21 +4,27 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::metadata::MetadataMap;
+
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 use veil_format::compiled::ParamSet;
+use veil_proto::KEY_ID_HEADER;
 use veil_proto::v1;
 use veil_proto::v1::upload_key_request::Part;
 use veil_runtime::EncryptedInput;
 use veil_runtime::keys::MAX_EVAL_KEY_BYTES;
 
-use crate::batcher::{BatchPolicy, Batcher, Job};
+use crate::batcher::{BatchPolicy, Batcher, Job, QueuePolicy};
 use crate::error::{Result, ServiceError};
 use crate::gate::Caller;
-use crate::key_store::{KeyStore, Quota, StoredKey, check_key_id, short};
-use crate::metrics::Metrics;
+use crate::key_store::{KeyStore, Quota, StoredKey, check_key_id, key_id, short};
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::models::Registry;
+use crate::scheduler::EvalGate;
 use crate::status::code_of;
 use crate::tenants::Tenant;
 
@@ -36,8 +42,21 @@ pub struct Limits {
     pub upload_idle_timeout: Duration,
     /// An upload that has not finished arriving after this long is dropped.
     pub upload_timeout: Duration,
+    /// After `upload_rate_grace`, an upload averaging fewer bytes per second than this is
+    /// dropped (0: no minimum), so a slow client cannot hold a receive slot for long.
+    pub upload_min_rate: u64,
+    pub upload_rate_grace: Duration,
+    /// Most uploads being received at once (each buffers up to the key size limit); the
+    /// validation permit (`concurrent_uploads`) is taken only once all bytes are in.
+    pub max_receiving_uploads: usize,
     /// How requests for the same model and key are merged into one evaluation.
     pub batching: BatchPolicy,
+    /// A request that waited this long for an evaluation is answered UNAVAILABLE.
+    pub max_queue_wait: Option<Duration>,
+    /// Threads of each evaluation's pool; 0: the machine's cores.
+    pub threads_per_evaluation: usize,
+    /// Test hook: evaluations wait at this gate, running, until the test opens it.
+    pub eval_gate: Option<Arc<EvalGate>>,
 }
 
 impl Default for Limits {
@@ -48,7 +67,13 @@ impl Default for Limits {
             concurrent_uploads: 2,
             upload_idle_timeout: Duration::from_secs(60),
             upload_timeout: Duration::from_secs(600),
+            upload_min_rate: 100_000,
+            upload_rate_grace: Duration::from_secs(10),
+            max_receiving_uploads: 16,
             batching: BatchPolicy::default(),
+            max_queue_wait: None,
+            threads_per_evaluation: 0,
+            eval_gate: None,
         }
     }
 }
@@ -60,6 +85,7 @@ pub struct VeilService {
     limits: Limits,
     batcher: Arc<Batcher>,
     upload_permits: Arc<Semaphore>,
+    receiving: Arc<Semaphore>,
 }
 
 impl VeilService {
@@ -72,12 +98,21 @@ impl VeilService {
         VeilService {
             batcher: Batcher::new(
                 limits.batching.clone(),
-                limits.concurrent_inferences,
-                limits.max_queue,
+                QueuePolicy {
+                    concurrent: limits.concurrent_inferences,
+                    max_queue: limits.max_queue,
+                    max_queue_wait: limits.max_queue_wait,
+                    threads_per_evaluation: match limits.threads_per_evaluation {
+                        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                        n => n,
+                    },
+                    gate: limits.eval_gate.clone(),
+                },
                 Arc::clone(&keys),
                 Arc::clone(&metrics),
             ),
             upload_permits: Arc::new(Semaphore::new(limits.concurrent_uploads.max(1))),
+            receiving: Arc::new(Semaphore::new(limits.max_receiving_uploads.max(1))),
             models,
             keys,
             metrics,
@@ -108,14 +143,20 @@ impl VeilService {
     async fn upload(
         &self,
         tenant: Arc<Tenant>,
+        routed: Option<String>,
         stream: Streaming<v1::UploadKeyRequest>,
     ) -> Result<v1::KeyInfo> {
-        // The permit covers receiving and validating; the validation task owns it, so an
-        // upload that is cancelled mid-validation still counts until the work stops.
-        let permit = Arc::clone(&self.upload_permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| ServiceError::Internal("upload semaphore closed".into()))?;
+        // Receiving holds a receive slot only (refused at once when all are taken: each
+        // buffers up to the key size); slow senders are cut by the minimum rate.
+        let receiving = Arc::clone(&self.receiving)
+            .try_acquire_owned()
+            .map_err(|_| {
+                ServiceError::Exhausted(format!(
+                    "the server is busy: {} uploads are already arriving; retry later",
+                    self.limits.max_receiving_uploads
+                ))
+            })?;
+        let counted = GaugeGuard::new(&self.metrics.uploads_receiving);
         let overall = self.limits.upload_timeout;
         let (bytes, candidates) = tokio::time::timeout(overall, self.receive(stream))
             .await
@@ -125,7 +166,14 @@ impl VeilService {
                     overall.as_secs()
                 ))
             })??;
-        self.validate_and_store(tenant, permit, bytes, candidates)
+        drop((receiving, counted));
+        // The validation permit is taken once the bytes are in; the validation task owns it,
+        // so an upload cancelled mid-validation still counts until the work stops.
+        let permit = Arc::clone(&self.upload_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| ServiceError::Internal("upload semaphore closed".into()))?;
+        self.validate_and_store(tenant, routed, permit, bytes, candidates)
             .await
     }
 
@@ -138,6 +186,8 @@ impl VeilService {
         let mut declared: Option<u64> = None;
         let mut bytes: Vec<u8> = Vec::new();
         let mut first = true;
+        let start = Instant::now();
+        let (min_rate, grace) = (self.limits.upload_min_rate, self.limits.upload_rate_grace);
         loop {
             let next = tokio::time::timeout(self.limits.upload_idle_timeout, stream.message())
                 .await
@@ -197,6 +247,18 @@ impl VeilService {
                         )));
                     }
                     bytes.extend_from_slice(&chunk);
+                    let elapsed = start.elapsed();
+                    if min_rate > 0
+                        && elapsed > grace
+                        && (bytes.len() as f64) < min_rate as f64 * elapsed.as_secs_f64()
+                    {
+                        return Err(ServiceError::Stalled(format!(
+                            "upload too slow: {} bytes in {:.1} s, below the server's minimum \
+                             of {min_rate} bytes/s",
+                            bytes.len(),
+                            elapsed.as_secs_f64()
+                        )));
+                    }
                 }
                 None => {
                     return Err(ServiceError::InvalidRequest(
@@ -225,6 +287,7 @@ impl VeilService {
     async fn validate_and_store(
         &self,
         tenant: Arc<Tenant>,
+        routed: Option<String>,
         permit: OwnedSemaphorePermit,
         bytes: Vec<u8>,
         candidates: Vec<ParamSet>,
@@ -236,8 +299,14 @@ impl VeilService {
             max_bytes: tenant.max_key_bytes,
         };
         let owner = tenant.name.clone();
+        let span = tracing::Span::current();
         let stored = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
             let _permit = permit;
+            // Hashing 30 MB takes tens of milliseconds: here, off the async runtime.
+            if routed.is_some() {
+                check_routing(routed.as_deref(), &key_id(&bytes))?;
+            }
             keys.store(&owner, &bytes, &candidates, quota)
         })
         .await
@@ -257,6 +326,7 @@ impl VeilService {
         &self,
         tenant: Arc<Tenant>,
         deadline: Option<Instant>,
+        request_id: String,
         req: v1::InferRequest,
     ) -> Result<v1::InferResponse> {
         // Permission first, so a restricted tenant learns nothing of other models, and the
@@ -330,6 +400,10 @@ impl VeilService {
             ));
         }
         let key_id = req.key_id;
+        let tenant_slot = Some(tenant.admit()?);
+        // Work, not calls: a 256-sample request spends 256 times a one-sample one. Spent last,
+        // once the request is known to be valid.
+        tenant.check_work(n as u64 * model.info.pbs_per_sample.max(1))?;
         let reply = self
             .batcher
             .submit(Job {
@@ -338,6 +412,8 @@ impl VeilService {
                 key_id: key_id.clone(),
                 samples: req.samples,
                 deadline,
+                tenant_slot,
+                request_id,
             })
             .await?;
         tracing::info!(
@@ -357,22 +433,38 @@ impl VeilService {
     }
 
     /// Runs one call of `method`, counting it and its status code in the metrics.
+    /// Every log line of the call carries its request id (a tracing span), and so does the
+    /// answer's metadata (`x-request-id`), success or error.
     async fn observed<T>(
         &self,
         method: &'static str,
+        id: MetadataValue<Ascii>,
         f: impl std::future::Future<Output = Result<T>>,
     ) -> Result<Response<T>, Status> {
-        let call = self.metrics.call(method);
-        match f.await {
-            Ok(v) => {
-                call.finish(tonic::Code::Ok);
-                Ok(Response::new(v))
-            }
-            Err(e) => {
-                call.finish(code_of(&e));
-                Err(e.into())
+        let span = tracing::info_span!(
+            "request",
+            request_id = id.to_str().unwrap_or_default(),
+            method
+        );
+        async move {
+            let call = self.metrics.call(method);
+            match f.await {
+                Ok(v) => {
+                    call.finish(tonic::Code::Ok);
+                    let mut r = Response::new(v);
+                    r.metadata_mut().insert(REQUEST_ID, id);
+                    Ok(r)
+                }
+                Err(e) => {
+                    call.finish(code_of(&e));
+                    let mut status: Status = e.into();
+                    status.metadata_mut().insert(REQUEST_ID, id);
+                    Err(status)
+                }
             }
         }
+        .instrument(span)
+        .await
     }
 
     fn served_param_names(&self) -> String {
@@ -421,6 +513,65 @@ fn decode_sample(
     })
 }
 
+/// Metadata key of a call's request id, in the request (optional) and in every answer.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The caller's `x-request-id` when it is a short, plain token (a proxy's id, kept so logs
+/// join up), else a fresh one: the process start and a counter, unique per server run.
+fn request_id(metadata: &MetadataMap) -> MetadataValue<Ascii> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static START: OnceLock<u64> = OnceLock::new();
+    if let Some(v) = metadata.get(REQUEST_ID)
+        && let Ok(s) = v.to_str()
+        && (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return v.clone();
+    }
+    let start = START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{start:x}-{n:x}")
+        .parse()
+        .expect("hex digits and a dash are valid metadata")
+}
+
+/// The key id a call's routing header names (`veil-key-id`), if it has one. A load balancer
+/// hashes on the header, so a body naming another key would be served by a replica that does
+/// not cache it: the two must agree.
+fn routing_key(metadata: &MetadataMap) -> Result<Option<String>> {
+    let mut values = metadata.get_all(KEY_ID_HEADER).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    let id = first.to_str().map_err(|_| {
+        ServiceError::InvalidRequest(format!("the {KEY_ID_HEADER} header is not text"))
+    })?;
+    if values.any(|v| v != first) {
+        return Err(ServiceError::InvalidRequest(format!(
+            "the {KEY_ID_HEADER} header is given more than once, with different values"
+        )));
+    }
+    Ok(Some(id.to_string()))
+}
+
+/// INVALID_ARGUMENT when the routing header names another key than `key_id`.
+fn check_routing(routed: Option<&str>, key_id: &str) -> Result<()> {
+    match routed {
+        Some(r) if r != key_id => Err(ServiceError::InvalidRequest(format!(
+            "the {KEY_ID_HEADER} header ({}) names another key than the request ({}); a load \
+             balancer routes on the header, so both must be the same key id",
+            r.chars().take(80).collect::<String>(),
+            key_id.chars().take(80).collect::<String>()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The gRPC deadline of a request (`grpc-timeout`), as an instant.
 fn deadline(metadata: &MetadataMap) -> Option<Instant> {
     let v = metadata.get("grpc-timeout")?.to_str().ok()?;
@@ -447,7 +598,8 @@ impl v1::veil_server::Veil for VeilService {
         &self,
         req: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
-        self.observed("ListModels", async {
+        let id = request_id(req.metadata());
+        self.observed("ListModels", id, async {
             let tenant = self.tenant(&req)?;
             Ok(v1::ListModelsResponse {
                 models: self
@@ -466,8 +618,13 @@ impl v1::veil_server::Veil for VeilService {
         &self,
         req: Request<v1::GetKeyRequest>,
     ) -> Result<Response<v1::KeyInfo>, Status> {
-        self.observed("GetKey", async {
+        let id = request_id(req.metadata());
+        self.observed("GetKey", id, async {
             let tenant = self.tenant(&req)?;
+            check_routing(
+                routing_key(req.metadata())?.as_deref(),
+                &req.get_ref().key_id,
+            )?;
             let id = req.into_inner().key_id;
             match self.keys.find(&tenant.name, &id, &self.models.params)? {
                 Some(k) => Ok(Self::key_info(k)),
@@ -481,9 +638,11 @@ impl v1::veil_server::Veil for VeilService {
         &self,
         req: Request<Streaming<v1::UploadKeyRequest>>,
     ) -> Result<Response<v1::KeyInfo>, Status> {
-        self.observed("UploadKey", async {
+        let id = request_id(req.metadata());
+        self.observed("UploadKey", id, async {
             let tenant = self.tenant(&req)?;
-            self.upload(tenant, req.into_inner()).await
+            let routed = routing_key(req.metadata())?;
+            self.upload(tenant, routed, req.into_inner()).await
         })
         .await
     }
@@ -492,10 +651,16 @@ impl v1::veil_server::Veil for VeilService {
         &self,
         req: Request<v1::InferRequest>,
     ) -> Result<Response<v1::InferResponse>, Status> {
-        self.observed("Infer", async {
+        let id = request_id(req.metadata());
+        let rid = id.to_str().unwrap_or_default().to_string();
+        self.observed("Infer", id, async {
             let tenant = self.tenant(&req)?;
+            check_routing(
+                routing_key(req.metadata())?.as_deref(),
+                &req.get_ref().key_id,
+            )?;
             let deadline = deadline(req.metadata());
-            self.infer(tenant, deadline, req.into_inner()).await
+            self.infer(tenant, deadline, rid, req.into_inner()).await
         })
         .await
     }
@@ -504,7 +669,8 @@ impl v1::veil_server::Veil for VeilService {
         &self,
         req: Request<v1::ListKeysRequest>,
     ) -> Result<Response<v1::ListKeysResponse>, Status> {
-        self.observed("ListKeys", async {
+        let id = request_id(req.metadata());
+        self.observed("ListKeys", id, async {
             let tenant = self.tenant(&req)?;
             let keys = self
                 .keys
@@ -529,8 +695,13 @@ impl v1::veil_server::Veil for VeilService {
         &self,
         req: Request<v1::DeleteKeyRequest>,
     ) -> Result<Response<v1::DeleteKeyResponse>, Status> {
-        self.observed("DeleteKey", async {
+        let id = request_id(req.metadata());
+        self.observed("DeleteKey", id, async {
             let tenant = self.tenant(&req)?;
+            check_routing(
+                routing_key(req.metadata())?.as_deref(),
+                &req.get_ref().key_id,
+            )?;
             let id = req.into_inner().key_id;
             let keys = Arc::clone(&self.keys);
             let params = self.models.params.clone();

@@ -2,14 +2,14 @@
 //!
 //! | error | code |
 //! |---|---|
-//! | undecodable key or ciphertext bytes, wrong number of ciphertexts, malformed request; upload over the key size limit, batch over the sample limit (they can never succeed) | INVALID_ARGUMENT |
+//! | undecodable key or ciphertext bytes, wrong number of ciphertexts, malformed request, a `veil-key-id` header naming another key; upload over the key size limit, a key larger than the whole tenant quota or key store, batch over the sample limit (they can never succeed) | INVALID_ARGUMENT |
 //! | unknown model, unknown key id | NOT_FOUND |
 //! | a valid key for another parameter set (at upload or for the model); a request naming a model digest that is not the served model's | FAILED_PRECONDITION |
 //! | missing or unknown bearer token | UNAUTHENTICATED |
 //! | a model the tenant may not use | PERMISSION_DENIED |
-//! | full queue, key quota, request rate, full key store (a retry later may pass) | RESOURCE_EXHAUSTED |
-//! | upload stream that stalls or outlasts its deadline; a request whose deadline passed while it waited | DEADLINE_EXCEEDED |
-//! | every one of `--max-concurrent-calls` taken (answered at once, before the body is read) | UNAVAILABLE |
+//! | full queue, key quota, request rate, work rate, full key store (a retry later may pass) | RESOURCE_EXHAUSTED |
+//! | upload stream that stalls, outlasts its deadline or runs below the minimum rate; a request whose deadline passed while it waited | DEADLINE_EXCEEDED |
+//! | every one of `--max-concurrent-calls` taken (answered at once, before the body is read); a request that waited longer than `--max-queue-wait` | UNAVAILABLE |
 //! | anything else (I/O, damaged model file, panics) | INTERNAL, details logged only |
 //!
 //! A key for another parameter set is FAILED_PRECONDITION rather than INVALID_ARGUMENT: the
@@ -35,7 +35,7 @@ pub fn code_of(e: &ServiceError) -> Code {
         }
         ServiceError::Stalled(_) | ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         ServiceError::Unauthenticated(_) => Code::Unauthenticated,
-        ServiceError::Overloaded(_) => Code::Unavailable,
+        ServiceError::Overloaded(_) | ServiceError::Unavailable(_) => Code::Unavailable,
         ServiceError::PermissionDenied(_) => Code::PermissionDenied,
         ServiceError::Shared(inner) => code_of(inner),
         ServiceError::Runtime(RuntimeError::Format(f)) | ServiceError::Format(f) => match f {
@@ -123,6 +123,10 @@ mod tests {
         assert_eq!(
             code(ServiceError::PermissionDenied("p".into())),
             Code::PermissionDenied
+        );
+        assert_eq!(
+            code(ServiceError::Unavailable("w".into())),
+            Code::Unavailable
         );
         assert_eq!(
             code(ServiceError::Exhausted("q".into())),

@@ -15,6 +15,9 @@
 //! client_cert_names = ["dns:client.acme.example", "uri:spiffe://acme/app", "cn:acme-app"]
 //!                                    # optional, with --client-ca: verified client certificates
 //!                                    # whose SAN (DNS or URI) or subject CN is one of these
+//! bootstraps_per_second = 5000.0     # optional: sustained Infer work (samples x bootstraps per sample)
+//! bootstrap_burst = 100000           # optional: work allowed at once (default: 60 s of the rate)
+//! max_requests = 4                   # optional: Infer requests queued or running at once
 //! ```
 //!
 //! A tenant needs `token_sha256`, `client_cert_names` or both. A call with a bearer token is
@@ -28,6 +31,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -59,6 +63,9 @@ struct Entry {
     requests_per_second: Option<f64>,
     burst: Option<f64>,
     key_ttl_secs: Option<u64>,
+    bootstraps_per_second: Option<f64>,
+    bootstrap_burst: Option<f64>,
+    max_requests: Option<usize>,
 }
 
 /// One tenant and its limits.
@@ -75,6 +82,22 @@ pub struct Tenant {
     rate: Option<Bucket>,
     /// Keys unused for longer are removed from the store.
     pub key_ttl: Option<std::time::Duration>,
+    /// Infer work: one token per bootstrap (a zero-bootstrap model costs one per sample).
+    work: Option<Bucket>,
+    /// Most Infer requests queued or running at once.
+    pub max_requests: Option<usize>,
+    requests: Arc<AtomicUsize>,
+}
+
+/// One Infer request counted against its tenant's `max_requests` until it is dropped (its
+/// evaluation ended, or it left the queue).
+#[derive(Debug)]
+pub struct TenantSlot(Arc<AtomicUsize>);
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A token bucket: `rate` calls per second, up to `burst` at once.
@@ -86,12 +109,26 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn take(&self) -> bool {
+    fn new(rate: f64, burst: f64) -> Self {
+        Bucket {
+            rate,
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    /// Starts from the tokens `old` has left (at most this bucket's burst).
+    fn inherit(&self, old: &Bucket) {
+        let (tokens, at) = *old.state.lock().expect("rate lock");
+        *self.state.lock().expect("rate lock") = (tokens.min(self.burst), at);
+    }
+
+    fn take(&self, cost: f64) -> bool {
         let mut s = self.state.lock().expect("rate lock");
         let now = Instant::now();
         let tokens = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.burst);
-        if tokens >= 1.0 {
-            *s = (tokens - 1.0, now);
+        if tokens >= cost {
+            *s = (tokens - cost, now);
             true
         } else {
             *s = (tokens, now);
@@ -111,6 +148,9 @@ impl Tenant {
             models: None,
             rate: None,
             key_ttl: None,
+            work: None,
+            max_requests: None,
+            requests: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -145,12 +185,54 @@ impl Tenant {
     /// Spends one call of the tenant's rate; RESOURCE_EXHAUSTED when none is left.
     pub fn check_rate(&self) -> Result<()> {
         match &self.rate {
-            Some(b) if !b.take() => Err(ServiceError::Exhausted(format!(
+            Some(b) if !b.take(1.0) => Err(ServiceError::Exhausted(format!(
                 "tenant '{}' is over its rate of {} requests per second; retry later",
                 self.name, b.rate
             ))),
             _ => Ok(()),
         }
+    }
+}
+
+impl Tenant {
+    /// Spends `bootstraps` of the tenant's work rate (an Infer's samples x bootstraps per
+    /// sample): a 256-sample request costs 256 one-sample ones. RESOURCE_EXHAUSTED when too
+    /// little is left; INVALID_ARGUMENT when the request costs more than the burst, which no
+    /// wait would fix.
+    pub fn check_work(&self, bootstraps: u64) -> Result<()> {
+        let Some(b) = &self.work else { return Ok(()) };
+        let cost = bootstraps.max(1) as f64;
+        if cost > b.burst {
+            return Err(ServiceError::InvalidRequest(format!(
+                "the request costs {bootstraps} bootstraps, more than tenant '{}' may spend at once ({}); send fewer samples per request",
+                self.name, b.burst
+            )));
+        }
+        if b.take(cost) {
+            Ok(())
+        } else {
+            Err(ServiceError::Exhausted(format!(
+                "tenant '{}' is over its rate of {} bootstraps per second (this request costs {bootstraps}); retry later",
+                self.name, b.rate
+            )))
+        }
+    }
+
+    /// Counts one Infer request against `max_requests` until the slot drops;
+    /// RESOURCE_EXHAUSTED when the tenant already has that many queued or running.
+    pub fn admit(&self) -> Result<TenantSlot> {
+        let max = self.max_requests.unwrap_or(usize::MAX);
+        self.requests
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|n| {
+                ServiceError::Exhausted(format!(
+                    "tenant '{}' already has {n} requests queued or running, its limit (max_requests); retry when one finishes",
+                    self.name
+                ))
+            })?;
+        Ok(TenantSlot(Arc::clone(&self.requests)))
     }
 }
 
@@ -268,12 +350,7 @@ impl Tenants {
             let rate = match e.requests_per_second {
                 None => None,
                 Some(r) if r.is_finite() && r > 0.0 => {
-                    let burst = e.burst.unwrap_or(r).max(1.0);
-                    Some(Bucket {
-                        rate: r,
-                        burst,
-                        state: Mutex::new((burst, Instant::now())),
-                    })
+                    Some(Bucket::new(r, e.burst.unwrap_or(r).max(1.0)))
                 }
                 Some(r) => {
                     return Err(format!(
@@ -282,6 +359,25 @@ impl Tenants {
                     ));
                 }
             };
+            let work = match e.bootstraps_per_second {
+                None => None,
+                Some(r) if r.is_finite() && r > 0.0 => Some(Bucket::new(
+                    r,
+                    e.bootstrap_burst.unwrap_or(60.0 * r).max(1.0),
+                )),
+                Some(r) => {
+                    return Err(format!(
+                        "tenant '{}': bootstraps_per_second must be positive, not {r}",
+                        e.name
+                    ));
+                }
+            };
+            if e.max_requests == Some(0) {
+                return Err(format!(
+                    "tenant '{}': max_requests must be at least 1",
+                    e.name
+                ));
+            }
             list.push(Arc::new(Tenant {
                 name: e.name,
                 token_hash: hash,
@@ -291,6 +387,9 @@ impl Tenants {
                 models: e.models,
                 rate,
                 key_ttl: e.key_ttl_secs.map(std::time::Duration::from_secs),
+                work,
+                max_requests: e.max_requests,
+                requests: Arc::new(AtomicUsize::new(0)),
             }));
         }
         Ok(Tenants {
@@ -386,8 +485,25 @@ impl SharedTenants {
         Arc::clone(&self.0.read().expect("tenants lock"))
     }
 
-    pub fn replace(&self, t: Arc<Tenants>) {
-        *self.0.write().expect("tenants lock") = t;
+    /// Puts a reloaded tenants file in place. A tenant that keeps its name keeps its
+    /// in-flight request count and the tokens left in its buckets, so a reload neither
+    /// frees `max_requests` slots still held nor refills a spent rate.
+    pub fn replace(&self, mut t: Tenants) {
+        let mut current = self.0.write().expect("tenants lock");
+        for new in &mut t.list {
+            if let (Some(old), Some(new)) = (
+                current.list.iter().find(|o| o.name == new.name),
+                Arc::get_mut(new),
+            ) {
+                new.requests = Arc::clone(&old.requests);
+                for (n, o) in [(&new.rate, &old.rate), (&new.work, &old.work)] {
+                    if let (Some(n), Some(o)) = (n, o) {
+                        n.inherit(o);
+                    }
+                }
+            }
+        }
+        *current = Arc::new(t);
     }
 }
 
@@ -582,5 +698,83 @@ mod tests {
         assert!(a.check_rate().is_ok());
         assert!(a.check_rate().is_ok());
         assert!(matches!(a.check_rate(), Err(ServiceError::Exhausted(_))));
+    }
+
+    #[test]
+    fn work_is_counted_in_bootstraps_and_requests_are_capped() {
+        let text = format!(
+            "[[tenant]]\nname = \"a\"\ntoken_sha256 = \"{}\"\nbootstraps_per_second = 0.001\n\
+             bootstrap_burst = 512\nmax_requests = 2\n",
+            token_sha256("t")
+        );
+        let t = Tenants::parse(&text).unwrap();
+        let a = t.authenticate(&meta(Some("Bearer t"))).unwrap();
+        // 256 samples x 1 bootstrap cost 256 one-sample requests: the burst of 512 takes two.
+        assert!(a.check_work(256).is_ok());
+        assert!(a.check_work(255).is_ok());
+        assert!(a.check_work(1).is_ok());
+        assert!(matches!(a.check_work(1), Err(ServiceError::Exhausted(_))));
+        assert!(matches!(
+            a.check_work(513),
+            Err(ServiceError::InvalidRequest(_))
+        ));
+        let one = a.admit().unwrap();
+        let _two = a.admit().unwrap();
+        assert!(matches!(a.admit(), Err(ServiceError::Exhausted(_))));
+        drop(one);
+        assert!(a.admit().is_ok(), "a slot comes back when its request ends");
+    }
+
+    #[test]
+    fn a_reload_keeps_held_slots_and_spent_work() {
+        let file = |max_requests: usize| {
+            format!(
+                "[[tenant]]\nname = \"a\"\ntoken_sha256 = \"{}\"\nbootstraps_per_second = 0.001\n\
+                 bootstrap_burst = 10\nmax_requests = {max_requests}\n\
+                 [[tenant]]\nname = \"b\"\ntoken_sha256 = \"{}\"\nmax_requests = 1\n",
+                token_sha256("t"),
+                token_sha256("u")
+            )
+        };
+        let shared = SharedTenants::new(Arc::new(Tenants::parse(&file(1)).unwrap()));
+        let a = shared
+            .current()
+            .authenticate(&meta(Some("Bearer t")))
+            .unwrap();
+        let held = a.admit().unwrap();
+        assert!(a.check_work(10).is_ok());
+
+        shared.replace(Tenants::parse(&file(1)).unwrap());
+        let a = shared
+            .current()
+            .authenticate(&meta(Some("Bearer t")))
+            .unwrap();
+        assert!(
+            matches!(a.admit(), Err(ServiceError::Exhausted(_))),
+            "the slot held before the reload still counts"
+        );
+        assert!(
+            matches!(a.check_work(1), Err(ServiceError::Exhausted(_))),
+            "a reload does not refill a spent bucket"
+        );
+        drop(held);
+        assert!(
+            a.admit().is_ok(),
+            "the old slot's release frees the new table's count"
+        );
+
+        // A raised limit applies at once; another tenant is untouched.
+        shared.replace(Tenants::parse(&file(3)).unwrap());
+        let a = shared
+            .current()
+            .authenticate(&meta(Some("Bearer t")))
+            .unwrap();
+        let _x = a.admit().unwrap();
+        let _y = a.admit().unwrap();
+        let b = shared
+            .current()
+            .authenticate(&meta(Some("Bearer u")))
+            .unwrap();
+        assert!(b.admit().is_ok());
     }
 }

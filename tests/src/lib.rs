@@ -328,3 +328,24 @@ pub fn check_sample_against_simulation(model: &CompiledModel, x: &[f64], accs: &
     }
     model.decode(accs).unwrap().label == model.decode(&sim.accs).unwrap().label
 }
+
+/// Polls the server's metrics until `ready` holds for them; returns them. Panics naming
+/// `what` after two minutes, so a broken server fails the test instead of hanging it.
+pub async fn wait_for_metrics(
+    server: &TestServer,
+    what: &str,
+    mut ready: impl FnMut(&str) -> bool,
+) -> String {
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let m = server.metrics().await;
+        if ready(&m) {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < limit,
+            "gave up waiting for {what}; metrics:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

@@ -378,3 +378,91 @@ fn oversized_message() {
         "{status:?}"
     );
 }
+
+// ---------------- routing header ----------------
+
+/// `req` with `veil-key-id: id`.
+fn routed<T>(msg: T, id: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert(veil_proto::KEY_ID_HEADER, id.parse().unwrap());
+    req
+}
+
+#[test]
+fn a_routing_header_naming_another_key_is_refused() {
+    let s = shared();
+    let real = s.keys.key_id.clone();
+    let other = "0".repeat(64);
+    let x = s.model.encrypt(&s.keys, &vec![0.0; 64]).unwrap();
+
+    let (r, o) = (real.clone(), other.clone());
+    let status = expect_status(|c| async move {
+        c.rpc()
+            .infer(routed(
+                v1::InferRequest {
+                    model: "digits".into(),
+                    key_id: r,
+                    samples: vec![x],
+                    model_digest: String::new(),
+                },
+                &o,
+            ))
+            .await
+            .map(|_| ())
+    });
+    assert_status(
+        &status,
+        Code::InvalidArgument,
+        &["veil-key-id", "another key"],
+    );
+
+    let (r, o) = (real.clone(), other.clone());
+    let status = expect_status(|c| async move {
+        c.rpc()
+            .get_key(routed(v1::GetKeyRequest { key_id: r }, &o))
+            .await
+            .map(|_| ())
+    });
+    assert_status(&status, Code::InvalidArgument, &["veil-key-id"]);
+
+    // A delete whose header disagrees deletes nothing.
+    let (r, o) = (real.clone(), other.clone());
+    let status = expect_status(|c| async move {
+        c.rpc()
+            .delete_key(routed(v1::DeleteKeyRequest { key_id: r }, &o))
+            .await
+            .map(|_| ())
+    });
+    assert_status(&status, Code::InvalidArgument, &["veil-key-id"]);
+
+    // An upload is checked against the id of the bytes it carried.
+    let bytes = s.keys.eval_key.clone();
+    let o = other.clone();
+    let status = expect_status(|c| async move {
+        let mut msgs = vec![header(&params_name(), bytes.len() as u64)];
+        msgs.extend(bytes.chunks(1 << 20).map(|c| chunk(c.to_vec())));
+        c.rpc()
+            .upload_key(routed(tokio_stream::iter(msgs), &o))
+            .await
+            .map(|_| ())
+    });
+    assert_status(&status, Code::InvalidArgument, &["veil-key-id"]);
+
+    // A matching header is served, and the key is still there.
+    block_on(async {
+        let c = Client::connect(&s.url).await.unwrap();
+        let info = c
+            .rpc()
+            .get_key(routed(
+                v1::GetKeyRequest {
+                    key_id: real.clone(),
+                },
+                &real,
+            ))
+            .await
+            .expect("a matching header is served")
+            .into_inner();
+        assert_eq!(info.key_id, real);
+    });
+}

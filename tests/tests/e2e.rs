@@ -69,7 +69,7 @@ async fn encrypted_inference_over_grpc_and_keys_survive_restarts() {
     assert_eq!(
         remote.info.eval_key_bytes,
         keys.eval_key.len() as u64,
-        "advertised key size"
+        "advertised key size: the constant `eval_key_bytes` of the parameter set"
     );
     assert!(client.key_info(&keys.key_id).await.unwrap().is_none());
 

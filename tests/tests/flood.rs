@@ -2,10 +2,13 @@
 //! Cancelling never frees an evaluation slot early, so at most `concurrent_inferences`
 //! evaluations ever run, as the server's own gauges and its thread count show; afterwards it
 //! answers normally. (Alone in its test binary, so the thread count is the server's.)
+//! Evaluations wait at a gate the test opens, so "the deadline passes mid-evaluation" holds
+//! on any machine, however fast.
 
 use std::time::Duration;
 
 use veil_client::{Client, KeyPair};
+use veil_server::scheduler::EvalGate;
 use veil_server::{BatchPolicy, Config};
 use veil_tests::*;
 
@@ -20,7 +23,9 @@ async fn a_deadline_flood_never_runs_more_evaluations_than_allowed() {
     let model = compile_zoo("digits_mlp");
     install_model(models.path(), "digits", &model);
     let test = test_set("digits_mlp", model.n_features());
+    let gate = EvalGate::new();
     let mut config = Config::new(models.path(), data.path());
+    config.limits.eval_gate = Some(std::sync::Arc::clone(&gate));
     config.limits.concurrent_inferences = CONCURRENT;
     config.limits.batching = BatchPolicy {
         window: Duration::ZERO,
@@ -32,6 +37,7 @@ async fn a_deadline_flood_never_runs_more_evaluations_than_allowed() {
     client.ensure_key(&keys, |_, _| {}).await.unwrap();
     let remote = client.model("digits").await.unwrap();
     // Warm up (the evaluation thread pool starts on first use).
+    gate.open(1);
     let one = remote
         .encrypt_batch(&keys, vec![test.features[0].clone()])
         .await
@@ -43,12 +49,33 @@ async fn a_deadline_flood_never_runs_more_evaluations_than_allowed() {
     let threads_before = metric(&server.metrics().await, "veil_process_threads");
     assert!(threads_before > 0.0, "the thread gauge is exported");
 
-    // Each request carries 8 samples (a long evaluation) and a 50 ms deadline, so it either
-    // starts and is abandoned by its client mid-evaluation, or expires in the queue.
+    // The gate is shut. CONCURRENT requests of 8 samples start and are held; then their
+    // clients give up.
     let samples = remote
         .encrypt_batch(&keys, test.features[..8].to_vec())
         .await
         .unwrap();
+    let held: Vec<_> = (0..CONCURRENT)
+        .map(|_| {
+            let (c, id, s) = (client.clone(), keys.key_id.clone(), samples.clone());
+            tokio::spawn(async move { c.infer("digits", &id, s).await })
+        })
+        .collect();
+    wait_for_metrics(&server, "the first requests running", |m| {
+        metric(m, "veil_inferences_in_flight") == CONCURRENT as f64
+    })
+    .await;
+    for h in held {
+        h.abort();
+    }
+    wait_for_metrics(&server, "the server to see them cancelled", |m| {
+        // The sample appears with the first cancellation: match it as text until then.
+        m.contains(&format!(
+            "veil_requests_total{{code=\"CANCELLED\",method=\"Infer\"}} {CONCURRENT}\n"
+        ))
+    })
+    .await;
+    // Then a flood, each with a 50 ms deadline: every one expires in the queue.
     let hurried = client
         .clone()
         .with_deadline(Some(Duration::from_millis(50)));
@@ -58,7 +85,7 @@ async fn a_deadline_flood_never_runs_more_evaluations_than_allowed() {
         let err = hurried
             .infer("digits", &keys.key_id, samples.clone())
             .await
-            .expect_err("the deadline is far shorter than an evaluation");
+            .expect_err("the evaluation is held past the deadline");
         assert!(
             matches!(
                 err.code(),
@@ -81,6 +108,12 @@ async fn a_deadline_flood_never_runs_more_evaluations_than_allowed() {
         ),
     );
     assert!(peak_seen <= CONCURRENT as f64);
+    // The abandoned evaluations still hold their slots: cancelling freed none.
+    assert_eq!(
+        metric(&m, "veil_inferences_in_flight"),
+        CONCURRENT as f64,
+        "{m}"
+    );
     assert!(
         metric(&m, "veil_inferences_in_flight_max") <= CONCURRENT as f64,
         "never more than {CONCURRENT} evaluations at once:\n{m}"
@@ -93,15 +126,12 @@ async fn a_deadline_flood_never_runs_more_evaluations_than_allowed() {
     );
 
     // Once the abandoned work drains, the server answers normally and correctly.
-    loop {
-        let m = server.metrics().await;
-        if metric(&m, "veil_inferences_in_flight") == 0.0
-            && metric(&m, "veil_inference_queue_depth") == 0.0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gate.open(CONCURRENT as u64 + 1);
+    wait_for_metrics(&server, "the abandoned evaluations to end", |m| {
+        metric(m, "veil_inferences_in_flight") == 0.0
+            && metric(m, "veil_inference_queue_depth") == 0.0
+    })
+    .await;
     assert_healthy(&server.url()).await;
     let reply = client.infer("digits", &keys.key_id, one).await.unwrap();
     let accs = remote.decrypt_accs(&keys, &reply.outputs[0]).unwrap();

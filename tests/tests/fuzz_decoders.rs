@@ -4,8 +4,9 @@
 //! explicit limit, so a case that allocated without bound would abort the run.
 //!
 //! Cases per decoder: `VEIL_FUZZ_CASES` (default 256; the evaluation-key decoder, whose real
-//! input is 30 MB, runs an eighth of them). For a long run:
-//! `VEIL_FUZZ_CASES=5000 cargo test --release --workspace --test fuzz_decoders`.
+//! input is 30 MB, runs an eighth of them unless `VEIL_FUZZ_KEY_CASES` says otherwise). For a
+//! long run: `VEIL_FUZZ_CASES=20000 VEIL_FUZZ_KEY_CASES=20000 cargo test --release --workspace
+//! --test fuzz_decoders -- --nocapture`.
 
 use std::sync::OnceLock;
 use veil_models::Simulate;
@@ -28,6 +29,14 @@ fn cases() -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256)
+}
+
+/// Cases for the evaluation-key decoder.
+fn key_cases() -> u32 {
+    std::env::var("VEIL_FUZZ_KEY_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or((cases() / 8).max(4))
 }
 
 fn runner(cases: u32) -> TestRunner {
@@ -191,12 +200,9 @@ fn ciphertexts() {
 fn evaluation_and_client_keys() {
     let c = corpus();
     let p = c.model.params;
-    fuzz(
-        "evaluation keys",
-        (cases() / 8).max(4),
-        &c.keys.eval_key,
-        |b| eval_key_from_bytes(p, b).is_ok(),
-    );
+    fuzz("evaluation keys", key_cases(), &c.keys.eval_key, |b| {
+        eval_key_from_bytes(p, b).is_ok()
+    });
     fuzz("client keys", cases(), &c.client_key, |b| {
         ClientKey::from_bytes(p, b).is_ok()
     });
