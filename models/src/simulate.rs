@@ -109,8 +109,9 @@ impl Simulate for CompiledModel {
 
     /// How far each decrypted output may lie from the noiseless simulation, from the plan's
     /// own noise model: the largest deviation over `trials` simulations with the predicted
-    /// read noise (seeded, so deterministic), at least the effect of one misread of any value
-    /// an output reads directly, plus six standard deviations of the output's own noise.
+    /// read noise (seeded, so deterministic), at least the effect of one misread of any
+    /// lookup carried through the rest of the model, plus six standard deviations of the
+    /// output's own noise.
     /// Tests hold encrypted runs to it: an encoding bias larger than the noise breaks it.
     fn predicted_deviation(&self, x: &[f64], trials: usize, seed: u64) -> Result<Vec<f64>> {
         let q = self.input.quantize(x)?;
@@ -123,31 +124,30 @@ impl Simulate for CompiledModel {
                 *w = w.max((n - e).abs());
             }
         }
-        // The largest change of each value for a read one position off.
-        let mut jump = vec![0i64; self.n_inputs()];
-        for st in &self.stages {
-            for n in 0..st.len() {
-                let t = st.lut_of(n);
-                jump.push(
-                    t.windows(2)
-                        .map(|p| (p[1] as i64 - p[0] as i64).abs())
-                        .max()
-                        .unwrap_or(0),
-                );
+        // One misread anywhere: the lookup of any value reading one position off, carried
+        // through every later stage (a misread early in a LayerNorm scales every value after
+        // it, which the random trials above rarely draw).
+        let out = &self.output;
+        let mut one_misread = vec![0.0f64; exact.len()];
+        for v in self.n_inputs()..self.n_values() {
+            for off in [-1, 1] {
+                let (values, _) = run_stages_misread(self, &q, None, &[(v, off)]);
+                for ((w, acc), e) in one_misread
+                    .iter_mut()
+                    .zip(out.weights.apply(&values))
+                    .zip(&exact)
+                {
+                    *w = w.max((acc as f64 - e).abs());
+                }
             }
         }
-        let out = &self.output;
         Ok(worst
             .iter()
+            .zip(&one_misread)
             .enumerate()
-            .map(|(n, &w)| {
-                let one_misread = out.weights.rows[n]
-                    .iter()
-                    .map(|&(c, wt)| (wt * jump[c as usize]).abs())
-                    .max()
-                    .unwrap_or(0) as f64;
+            .map(|(n, (&w, &m))| {
                 let own = 6.0 * out.sigma[n] * POSITION as f64 / out.decoding.delta as f64;
-                w.max(one_misread) + own + 0.5
+                w.max(m) + own + 0.5
             })
             .collect())
     }
@@ -183,7 +183,18 @@ impl Simulate for CompiledModel {
     }
 }
 
-fn run_stages(m: &CompiledModel, q: &[i64], mut noise: Option<&mut NoiseRng>) -> (Vec<i64>, usize) {
+fn run_stages(m: &CompiledModel, q: &[i64], noise: Option<&mut NoiseRng>) -> (Vec<i64>, usize) {
+    run_stages_misread(m, q, noise, &[])
+}
+
+/// [`run_stages`], with the lookup that computes value `v` reading `off` positions off, for
+/// each `(v, off)` of `misreads`.
+fn run_stages_misread(
+    m: &CompiledModel,
+    q: &[i64],
+    mut noise: Option<&mut NoiseRng>,
+    misreads: &[(usize, i64)],
+) -> (Vec<i64>, usize) {
     let mut values = Vec::with_capacity(m.n_values());
     values.extend_from_slice(q);
     let mut overflows = 0;
@@ -192,6 +203,11 @@ fn run_stages(m: &CompiledModel, q: &[i64], mut noise: Option<&mut NoiseRng>) ->
         for (n, row) in st.weights.rows.iter().enumerate() {
             let acc: i64 = row.iter().map(|&(c, w)| w * values[c as usize]).sum();
             let mut phase = st.phase(n, acc);
+            for &(v, off) in misreads {
+                if v == values.len() {
+                    phase = phase.wrapping_add((off * POSITION as i64) as u64);
+                }
+            }
             if let Some(rng) = noise.as_deref_mut() {
                 let e = rng.gaussian() * st.read_sigma[n] * POSITION as f64;
                 phase = phase.wrapping_add(e as i64 as u64);
