@@ -203,6 +203,14 @@ impl EvalGate {
 mod tests {
     use super::*;
 
+    /// The permit `rx` receives; fails (rather than hangs) if it never comes.
+    async fn granted(rx: oneshot::Receiver<Permit>, what: &str) -> Permit {
+        tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no permit within 10 s"))
+            .expect("the scheduler is alive")
+    }
+
     #[tokio::test]
     async fn a_freed_permit_goes_round_robin_between_tenants() {
         let s = Scheduler::new(1, 1);
@@ -211,14 +219,17 @@ mod tests {
         let mut a: Vec<_> = (0..3).map(|_| s.acquire("a").err().unwrap()).collect();
         let mut b = s.acquire("b").err().unwrap();
         drop(held);
-        let first = a.remove(0).await.expect("a's oldest goes first");
+        let first = granted(a.remove(0), "a's oldest goes first").await;
         assert!(b.try_recv().is_err(), "b still waits");
         drop(first);
         // b is next, ahead of a's two older batches.
-        let second = b.await.expect("b's turn");
-        assert!(a[0].try_recv().is_err(), "a waits its turn");
+        assert!(
+            a[0].try_recv().is_err(),
+            "a's second batch went before b"
+        );
+        let second = granted(b, "b's turn").await;
         drop(second);
-        let third = a.remove(0).await.expect("then a again");
+        let third = granted(a.remove(0), "then a again").await;
         // A waiter that left is skipped.
         drop(a.remove(0));
         drop(third);
