@@ -13,7 +13,7 @@ use veil_runtime::keys::{MAX_CLIENT_KEY_BYTES, MAX_EVAL_KEY_BYTES, eval_key_to_b
 use crate::error::{ClientError, Result};
 
 /// The parameter sets this build knows, by [`ParamSet::name`].
-pub const PARAM_SETS: [ParamSet; 1] = [ParamSet::Message2Carry2KsPbsTuniform2m128];
+pub const PARAM_SETS: [ParamSet; 1] = ParamSet::ALL;
 
 /// The parameter set called `name` (e.g. `PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128`).
 pub fn param_set_by_name(name: &str) -> Option<ParamSet> {

@@ -74,6 +74,9 @@ impl LweDims {
 }
 
 impl ParamSet {
+    /// Every parameter set Veil supports.
+    pub const ALL: [ParamSet; 1] = [ParamSet::Message2Carry2KsPbsTuniform2m128];
+
     /// Key and ciphertext dimensions (tfhe 1.8.2's values for this set).
     pub fn dims(&self) -> LweDims {
         match self {

@@ -195,7 +195,10 @@ fn graph_models_encrypted_agree_with_simulation() {
         // simulation's. Held to that rate here (at most 2 of 10 rows each; at 3.3% per row
         // 3 or more happen in under 1% of runs), and reported by the closing note.
         if name == "digits_torch_lngelu" {
-            assert!(outside <= 2, "{name}: {outside}/{rows} rows outside the bound");
+            assert!(
+                outside <= 2,
+                "{name}: {outside}/{rows} rows outside the bound"
+            );
             assert!(agree >= rows - 2, "{name}: {agree}/{rows} agree");
             continue;
         }

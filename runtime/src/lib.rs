@@ -55,7 +55,7 @@ mod tests {
     /// The format sizes keys and ciphertexts from its own table; it must be tfhe's.
     #[test]
     fn format_dims_are_tfhes() {
-        for p in [ParamSet::Message2Carry2KsPbsTuniform2m128] {
+        for p in ParamSet::ALL {
             let sp = shortint_params(p);
             let tfhe = LweDims {
                 lwe_dimension: sp.lwe_dimension.0,

@@ -223,10 +223,7 @@ mod tests {
         assert!(b.try_recv().is_err(), "b still waits");
         drop(first);
         // b is next, ahead of a's two older batches.
-        assert!(
-            a[0].try_recv().is_err(),
-            "a's second batch went before b"
-        );
+        assert!(a[0].try_recv().is_err(), "a's second batch went before b");
         let second = granted(b, "b's turn").await;
         drop(second);
         let third = granted(a.remove(0), "then a again").await;
