@@ -166,6 +166,40 @@ fn a_bad_tenants_file_is_refused_at_start() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `--log-format json` writes one JSON object per log line, with the level and the message.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("binary-json-logs-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("models")).unwrap();
+    let tenants = root.join("tenants.toml");
+    std::fs::write(&tenants, "[[tenant]]\nname = \"a\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_veil-server"))
+        .args(["--log-format", "json", "--listen", "127.0.0.1:0", "--models"])
+        .arg(root.join("models"))
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .arg("--tenants")
+        .arg(&tenants)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // The last line is the plain `error: ...` for a person; every log line before is JSON.
+    let logs: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| !l.starts_with("error: "))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let error = logs
+        .iter()
+        .find(|l| l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no ERROR line in {err}"));
+    let message = error["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("neither token_sha256"), "{error}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// `--backend gpu` where no GPU can run (no `gpu` feature, or no device) stops the server at
 /// once with a clear message and exit status 1.
 #[test]
