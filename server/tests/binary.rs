@@ -135,56 +135,53 @@ fn binary_serves_health_and_reflection_and_stops_on_sigterm() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// A tenants file the server cannot use stops it at start, saying why.
-#[test]
-fn a_bad_tenants_file_is_refused_at_start() {
+/// Starts the binary with the tenants file `tenants` and `extra` flags, expecting it to stop
+/// at start; its stderr.
+fn refused_at_start(label: &str, tenants: &str, extra: &[&str]) -> String {
     let root = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("binary-tenants-{}", std::process::id()));
+        .join(format!("binary-{label}-{}", std::process::id()));
     std::fs::create_dir_all(root.join("models")).unwrap();
-    let tenants = root.join("tenants.toml");
-    std::fs::write(
-        &tenants,
-        "[[tenant]]\nname = \"a\"\ntoken_sha256 = \"not hex\"\n",
-    )
-    .unwrap();
+    let file = root.join("tenants.toml");
+    std::fs::write(&file, tenants).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_veil-server"))
+        .args(extra)
         .args(["--listen", "127.0.0.1:0", "--models"])
         .arg(root.join("models"))
         .arg("--data-dir")
         .arg(root.join("data"))
         .arg("--tenants")
-        .arg(&tenants)
+        .arg(&file)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&root);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "never listened");
+    err
+}
+
+/// A tenants file the server cannot use stops it at start, saying why.
+#[test]
+fn a_bad_tenants_file_is_refused_at_start() {
+    let err = refused_at_start(
+        "tenants",
+        "[[tenant]]\nname = \"a\"\ntoken_sha256 = \"not hex\"\n",
+        &[],
+    );
     assert!(
         err.contains("tenants file") && err.contains("64 hex"),
         "{err}"
     );
-    assert!(out.stdout.is_empty(), "never listened");
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// `--log-format json` writes one JSON object per log line, with the level and the message.
 #[test]
 fn json_logs_are_one_object_per_line() {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("binary-json-logs-{}", std::process::id()));
-    std::fs::create_dir_all(root.join("models")).unwrap();
-    let tenants = root.join("tenants.toml");
-    std::fs::write(&tenants, "[[tenant]]\nname = \"a\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_veil-server"))
-        .args(["--log-format", "json", "--listen", "127.0.0.1:0", "--models"])
-        .arg(root.join("models"))
-        .arg("--data-dir")
-        .arg(root.join("data"))
-        .arg("--tenants")
-        .arg(&tenants)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refused_at_start(
+        "json-logs",
+        "[[tenant]]\nname = \"a\"\n",
+        &["--log-format", "json"],
+    );
     // The last line is the plain `error: ...` for a person; every log line before is JSON.
     let logs: Vec<serde_json::Value> = err
         .lines()
@@ -197,7 +194,6 @@ fn json_logs_are_one_object_per_line() {
         .unwrap_or_else(|| panic!("no ERROR line in {err}"));
     let message = error["fields"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("neither token_sha256"), "{error}");
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// `--backend gpu` where no GPU can run (no `gpu` feature, or no device) stops the server at

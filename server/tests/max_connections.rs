@@ -18,11 +18,7 @@ fn connections_over_the_cap_are_closed_and_a_freed_slot_serves_again() {
         .save(&dir.0.join("models/iris.veil"))
         .unwrap();
     let server = Proc::start(&dir.0, &["--max-connections", &SLOTS.to_string()]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         // Fill every slot with a connection that completed its HTTP/2 handshake.
         let mut held = Vec::new();

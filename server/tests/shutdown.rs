@@ -29,11 +29,7 @@ fn deadlines_answer_cancelled_and_the_grace_bounds_shutdown() {
         ],
     );
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let long = rt.block_on(async {
         let client = Client::connect(&server.url()).await.unwrap();
         let remote = client.model("digits").await.unwrap();

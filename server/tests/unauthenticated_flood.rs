@@ -60,11 +60,7 @@ fn unauthenticated_16_mib_bodies_leave_memory_flat_and_tenants_served() {
     let server = Proc::start(&dir.0, &["--tenants", tenants.to_str().unwrap()]);
     let test = test_set("iris_logreg", model.n_features());
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let alice = Client::connect_with(
             &server.url(),

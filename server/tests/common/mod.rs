@@ -176,6 +176,15 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A two-worker tokio runtime for the clients of a test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A tenants file's `[[tenant]]` table for `name` with bearer `token` and extra TOML lines.
 pub fn tenant_toml(name: &str, token: &str, extra: &str) -> String {
     format!(
