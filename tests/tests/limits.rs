@@ -278,7 +278,6 @@ async fn health_says_not_serving_while_draining() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_that_never_ends_meets_the_overall_deadline() {
-    use veil_proto::v1;
     let models = TempDir::new(TMP, "upload-deadline-models");
     let data = TempDir::new(TMP, "upload-deadline-data");
     install_model(models.path(), "iris", &compile_zoo("iris_logreg"));
@@ -289,24 +288,9 @@ async fn an_upload_that_never_ends_meets_the_overall_deadline() {
     let client = Client::connect(&server.url()).await.unwrap();
     // A client that keeps sending a little, never idle long enough for the idle timeout,
     // and never finishing.
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let trickle = tokio::spawn(async move {
-        loop {
-            let chunk = v1::UploadKeyRequest {
-                part: Some(v1::upload_key_request::Part::Chunk(vec![0; 1024])),
-            };
-            if tx.send(chunk).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-    let err = client
-        .rpc()
-        .upload_key(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap_err();
-    trickle.abort();
+    let (stream, sender) = trickle(Duration::from_millis(50));
+    let err = client.rpc().upload_key(stream).await.unwrap_err();
+    sender.abort();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(err.message().contains("longer than"), "{err:?}");
     server.stop().await;
