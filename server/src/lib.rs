@@ -95,6 +95,9 @@ pub struct Config {
     pub tenants: Option<Arc<Tenants>>,
     /// Most bytes of keys on disk (least recently used evicted first); `None`: unbounded.
     pub max_key_store_bytes: Option<u64>,
+    /// An object store holding the keys (`s3://bucket/prefix`), shared by replicas; the data
+    /// dir is then its cache. `None`: the data dir holds the keys.
+    pub key_store: Option<String>,
     /// Serve gRPC over TLS.
     pub tls: Option<TlsFiles>,
     /// Caps on connections, streams and calls in progress.
@@ -117,6 +120,7 @@ impl Config {
             drain: Duration::ZERO,
             tenants: None,
             max_key_store_bytes: Some(DEFAULT_MAX_KEY_STORE_BYTES),
+            key_store: None,
             tls: None,
             connections: ConnectionLimits::default(),
         }
@@ -162,6 +166,7 @@ impl Server {
             drain,
             tenants,
             max_key_store_bytes,
+            key_store,
             tls,
             connections,
         } = config;
@@ -213,6 +218,14 @@ impl Server {
             &registry.params,
             Arc::clone(&metrics),
         )?;
+        let keys = match key_store {
+            None => keys,
+            Some(url) => {
+                let remote = key_store::RemoteStore::connect(&url).await?;
+                tracing::info!(store = %url, "keys are kept in the object store; the data dir caches them");
+                keys.with_remote(Arc::new(remote), tokio::runtime::Handle::current())
+            }
+        };
         keys.set_shares(tenants.shares());
         Ok(Server {
             registry: Arc::new(registry),

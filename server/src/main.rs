@@ -84,6 +84,12 @@ struct Args {
     /// keys are removed first.
     #[arg(long, default_value_t = veil_server::DEFAULT_MAX_KEY_STORE_BYTES)]
     max_key_store_bytes: u64,
+    /// Keep evaluation keys in an S3-compatible object store shared by replicas
+    /// (s3://BUCKET[/PREFIX]); --data-dir then caches them. Endpoint and credentials come
+    /// from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION
+    /// (AWS_ALLOW_HTTP=true for a plain-http endpoint).
+    #[arg(long)]
+    key_store: Option<String>,
     /// PEM certificate chain of the server: serve gRPC over TLS (with --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -222,6 +228,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         drain: Duration::from_millis(a.drain_ms),
         tenants,
         max_key_store_bytes: Some(a.max_key_store_bytes),
+        key_store: a.key_store.clone(),
         tls: tls.clone(),
         connections: ConnectionLimits {
             max_connections: a.max_connections.max(1),

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub key_evictions: IntCounter,
     pub key_expirations: IntCounter,
     pub key_damaged: IntCounter,
+    pub key_expansions: IntCounter,
+    pub key_fetches: IntCounter,
     pub tenants_reloads: IntCounter,
     pub draining: IntGauge,
     pub connections_open: IntGauge,
@@ -191,6 +193,17 @@ impl Metrics {
                 "Stored keys found damaged on load (removed)",
             )
             .expect("valid metric"),
+            key_expansions: IntCounter::new(
+                "veil_key_expansions_total",
+                "Evaluation keys expanded into the backend's form (on upload, or loaded from disk \
+                 or the object store)",
+            )
+            .expect("valid metric"),
+            key_fetches: IntCounter::new(
+                "veil_key_store_fetches_total",
+                "Keys read from the object store because this replica had no copy",
+            )
+            .expect("valid metric"),
             tenants_reloads: IntCounter::new(
                 "veil_tenants_reloads_total",
                 "Tenants files reloaded on SIGHUP (successfully)",
@@ -213,7 +226,7 @@ impl Metrics {
             .expect("valid metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 28] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 30] = [
             Box::new(m.uploads_receiving.clone()),
             Box::new(m.queue_wait_seconds.clone()),
             Box::new(m.merged_samples.clone()),
@@ -238,6 +251,8 @@ impl Metrics {
             Box::new(m.key_evictions.clone()),
             Box::new(m.key_expirations.clone()),
             Box::new(m.key_damaged.clone()),
+            Box::new(m.key_expansions.clone()),
+            Box::new(m.key_fetches.clone()),
             Box::new(m.tenants_reloads.clone()),
             Box::new(m.draining.clone()),
             Box::new(m.connections_open.clone()),

@@ -380,7 +380,8 @@ impl VeilService {
         }
         match self
             .keys
-            .find(&tenant.name, &req.key_id, &self.models.params)?
+            .find(&tenant.name, &req.key_id, &self.models.params)
+            .await?
         {
             None => return Err(ServiceError::UnknownKey(req.key_id)),
             Some(k) if k.params != model.params => {
@@ -626,7 +627,7 @@ impl v1::veil_server::Veil for VeilService {
                 &req.get_ref().key_id,
             )?;
             let id = req.into_inner().key_id;
-            match self.keys.find(&tenant.name, &id, &self.models.params)? {
+            match self.keys.find(&tenant.name, &id, &self.models.params).await? {
                 Some(k) => Ok(Self::key_info(k)),
                 None => Err(ServiceError::UnknownKey(id)),
             }
@@ -675,6 +676,7 @@ impl v1::veil_server::Veil for VeilService {
             let keys = self
                 .keys
                 .list(&tenant.name)
+                .await?
                 .into_iter()
                 .map(|k| v1::StoredKeyInfo {
                     key_id: k.id,

@@ -27,6 +27,14 @@
 //! tenant's upload, and keys expanded in memory stay. Loads from disk run one at a time; the
 //! load permit belongs to the blocking task, so a caller that gives up does not let a second
 //! load start beside it.
+//!
+//! With an object store ([`KeyStore::with_remote`]), the store is the truth and the disk a
+//! cache: an upload is validated once, then written with one PUT before it is visible; a key
+//! missing from the disk is fetched from the store (and checked again); quotas count the
+//! store's listing ([`remote::USAGE_TTL`] old at most); deletion and the TTL remove keys from
+//! the store; the disk bound only evicts cached copies. A key cached here is checked against
+//! the store at most every [`REVALIDATE`], so a key deleted through another replica stops
+//! working here within that time.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use veil_format::compiled::ParamSet;
 use veil_runtime::keys::{MAX_EVAL_KEY_BYTES, eval_key_from_bytes};
@@ -41,6 +50,13 @@ use veil_runtime::{BackendKind, EvalKey};
 
 use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
+
+mod remote;
+pub use remote::{RemoteKey, RemoteStore};
+
+/// With an object store, a key found in this replica's cache is confirmed in the store at most
+/// this often (a key deleted through another replica is served here at most this long).
+pub const REVALIDATE: Duration = Duration::from_secs(30);
 
 /// How long an upload waits for another upload of the same key to finish writing it.
 const PENDING_WAIT: Duration = Duration::from_secs(120);
@@ -122,6 +138,8 @@ struct Entry {
     pending: bool,
     /// The last use recorded in the file's modification time.
     persisted_at: SystemTime,
+    /// With an object store: when the store last confirmed it holds the key.
+    confirmed: Option<std::time::Instant>,
 }
 
 /// Every stored key, with its size and last use.
@@ -138,6 +156,14 @@ impl Index {
         self.keys
             .iter()
             .filter(|(k, _)| k.owner == owner)
+            .fold((0, 0), |(n, b), (_, e)| (n + 1, b + e.size))
+    }
+
+    /// Keys and bytes `owner`'s uploads in progress have reserved.
+    fn owner_pending(&self, owner: &str) -> (u64, u64) {
+        self.keys
+            .iter()
+            .filter(|(k, e)| k.owner == owner && e.pending)
             .fold((0, 0), |(n, b), (_, e)| (n + 1, b + e.size))
     }
 
@@ -192,6 +218,11 @@ pub struct KeyStore {
     load_permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     hook: Mutex<Option<Hook>>,
+    /// The object store that holds the truth, when replicas share keys; the disk is then a
+    /// cache. The handle runs its calls from blocking code.
+    remote: Option<(Arc<RemoteStore>, Handle)>,
+    /// The parameter sets served (the ones whose keys are indexed).
+    known: Vec<ParamSet>,
     /// Held while the store is open, so a second server cannot share the directory.
     _lock: std::fs::File,
 }
@@ -251,8 +282,28 @@ impl KeyStore {
             load_permits: Arc::new(Semaphore::new(1)),
             metrics,
             hook: Mutex::new(None),
+            remote: None,
+            known: known.to_vec(),
             _lock: lock,
         })
+    }
+
+    /// Makes `remote` the source of truth and the disk its cache. `rt` runs the store's calls
+    /// made from blocking code.
+    pub fn with_remote(mut self, remote: Arc<RemoteStore>, rt: Handle) -> Self {
+        self.remote = Some((remote, rt));
+        self
+    }
+
+    /// The object store, when there is one.
+    pub fn remote(&self) -> Option<&Arc<RemoteStore>> {
+        self.remote.as_ref().map(|(r, _)| r)
+    }
+
+    /// Runs a call to the object store from blocking code.
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        let (_, rt) = self.remote.as_ref().expect("called with an object store");
+        rt.block_on(f)
     }
 
     /// Calls `hook` at each [`Stage`] of an upload; for tests that interleave calls.
@@ -297,16 +348,79 @@ impl KeyStore {
         self.lock_index().total
     }
 
-    /// Looks up `owner`'s key among `candidates` (the parameter sets the server serves).
-    pub fn find(
+    /// Looks up `owner`'s key among `candidates` (the parameter sets the server serves). With
+    /// an object store, a key this replica does not hold is looked up there, and one it holds
+    /// is confirmed there at most every [`REVALIDATE`] (while the store does not answer, the
+    /// cached copy is served).
+    pub async fn find(
         &self,
         owner: &str,
         id: &str,
         candidates: &[ParamSet],
     ) -> Result<Option<StoredKey>> {
         check_key_id(id)?;
-        let index = self.lock_index();
-        Ok(Self::find_in(&index, owner, id, candidates))
+        let (found, stale) = {
+            let index = self.lock_index();
+            let found = Self::find_in(&index, owner, id, candidates);
+            let stale = found.as_ref().is_some_and(|f| {
+                index
+                    .ready(&Self::kref(owner, f.params, id))
+                    .is_some_and(|e| e.confirmed.is_none_or(|c| c.elapsed() > REVALIDATE))
+            });
+            (found, stale)
+        };
+        let Some(remote) = self.remote() else {
+            return Ok(found);
+        };
+        match found {
+            Some(f) if !stale => Ok(Some(f)),
+            Some(f) => {
+                let k = Self::kref(owner, f.params, id);
+                match remote.head(owner, f.params, id).await {
+                    Ok(Some(_)) => {
+                        if let Some(e) = self.lock_index().keys.get_mut(&k) {
+                            e.confirmed = Some(std::time::Instant::now());
+                        }
+                        Ok(Some(f))
+                    }
+                    Ok(None) => {
+                        tracing::info!(key = %short(id), tenant = %owner, "key gone from the object store (deleted through another replica); dropped the cached copy");
+                        self.forget(&k)?;
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %short(id), "serving the cached key without confirming it: {e}");
+                        Ok(Some(f))
+                    }
+                }
+            }
+            None => {
+                for &p in candidates {
+                    if let Some(size) = remote.head(owner, p, id).await? {
+                        return Ok(Some(StoredKey {
+                            id: id.to_string(),
+                            params: p,
+                            size,
+                            newly_stored: false,
+                        }));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops this replica's copies of a key (disk and memory), not the object store's.
+    fn forget(&self, k: &KeyRef) -> Result<()> {
+        {
+            let mut index = self.lock_index();
+            if index.ready(k).is_some() {
+                self.remove_locked(&mut index, k)?;
+                sync_dirs([self.path(k)]);
+            }
+        }
+        self.uncache(k);
+        Ok(())
     }
 
     fn find_in(index: &Index, owner: &str, id: &str, candidates: &[ParamSet]) -> Option<StoredKey> {
@@ -320,8 +434,30 @@ impl KeyStore {
         })
     }
 
-    /// `owner`'s stored keys, most recently used first.
-    pub fn list(&self, owner: &str) -> Vec<ListedKey> {
+    /// `owner`'s stored keys, most recently used first (with an object store: the keys in the
+    /// store, last used as the markers and this replica's own uses say).
+    pub async fn list(&self, owner: &str) -> Result<Vec<ListedKey>> {
+        if let Some(remote) = self.remote() {
+            let mut keys = remote.list(Some(owner), &self.known).await?;
+            {
+                let index = self.lock_index();
+                for k in &mut keys {
+                    if let Some(e) = index.ready(&Self::kref(owner, k.params, &k.id)) {
+                        k.last_used = k.last_used.max(e.last_used_at);
+                    }
+                }
+            }
+            keys.sort_by_key(|k| std::cmp::Reverse(k.last_used));
+            return Ok(keys
+                .into_iter()
+                .map(|k| ListedKey {
+                    id: k.id,
+                    params: k.params,
+                    size: k.size,
+                    last_used: k.last_used,
+                })
+                .collect());
+        }
         let index = self.lock_index();
         let mut keys: Vec<(u64, ListedKey)> = index
             .keys
@@ -340,7 +476,7 @@ impl KeyStore {
             })
             .collect();
         keys.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
-        keys.into_iter().map(|(_, k)| k).collect()
+        Ok(keys.into_iter().map(|(_, k)| k).collect())
     }
 
     /// Waits, index locked, until none of `owner`'s keys `id` (for `candidates`) is pending.
@@ -385,7 +521,9 @@ impl KeyStore {
     /// quota and the store's bound (evicting as the module says); it is deserialized with the
     /// conformance check, expanded (which checks it once more), reserved, written atomically,
     /// then made visible. The expanded key is cached only if that evicts no other tenant's
-    /// key from memory.
+    /// key from memory. With an object store, a key the store holds is not validated or
+    /// written again, quotas count the store's keys, and the key is PUT to the store before
+    /// it is cached on disk and made visible.
     pub fn store(
         &self,
         owner: &str,
@@ -406,11 +544,27 @@ impl KeyStore {
                 index.touch(&Self::kref(owner, found.params, &id));
                 return Ok(found);
             }
-            // Fail fast before the expensive validation; checked again when reserving.
-            self.check_room(&index, owner, size, quota)?;
         }
+        if let Some(remote) = self.remote() {
+            // Another replica stored it, or this one did and its cached copy was evicted.
+            for &p in candidates {
+                if let Some(size) = self.block_on(remote.head(owner, p, &id))? {
+                    return Ok(StoredKey {
+                        id,
+                        params: p,
+                        size,
+                        newly_stored: false,
+                    });
+                }
+            }
+        }
+        // Fail fast before the expensive validation; checked again when reserving.
+        let stored = self.stored_usage(owner)?;
+        self.check_room(&self.lock_index(), owner, size, quota, stored)?;
         let (params, key) = validate(bytes, candidates, self.backend)?;
+        self.metrics.key_expansions.inc();
         let k = Self::kref(owner, params, &id);
+        let stored = self.stored_usage(owner)?;
         {
             let mut index = self.settle(self.lock_index(), owner, &id, &[params])?;
             if let Some(found) = Self::find_in(&index, owner, &id, &[params]) {
@@ -418,7 +572,7 @@ impl KeyStore {
                 index.touch(&k);
                 return Ok(found);
             }
-            self.check_room(&index, owner, size, quota)?;
+            self.check_room(&index, owner, size, quota, stored)?;
             self.make_room(&mut index, owner, size)?;
             index.tick += 1;
             let last_used = index.tick;
@@ -432,23 +586,38 @@ impl KeyStore {
                     last_used_at: SystemTime::now(),
                     pending: true,
                     persisted_at: SystemTime::now(),
+                    confirmed: None,
                 },
             );
             self.publish(&index);
         }
         self.pause(Stage::Reserved);
-        let written = write_atomically(&self.path(&k), bytes);
+        // (stored in the truth, copy on disk)
+        let written = match self.remote() {
+            None => write_atomically(&self.path(&k), bytes).map(|()| true),
+            Some(remote) => self
+                .block_on(remote.put(owner, params, &id, bytes))
+                .map(|()| match write_atomically(&self.path(&k), bytes) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // The store has the key; only this replica's disk copy is missing.
+                        tracing::warn!(key = %short(&id), "caching an uploaded key on disk: {e}");
+                        false
+                    }
+                }),
+        };
         self.pause(Stage::Written);
         {
             let mut index = self.lock_index();
             match &written {
-                Ok(()) => {
+                Ok(true) => {
                     if let Some(e) = index.keys.get_mut(&k) {
                         e.pending = false;
+                        e.confirmed = Some(std::time::Instant::now());
                     }
                     index.touch(&k);
                 }
-                Err(_) => {
+                Ok(false) | Err(_) => {
                     index.remove(&k);
                     self.publish(&index);
                 }
@@ -467,10 +636,34 @@ impl KeyStore {
         })
     }
 
+    /// With an object store, the (keys, bytes) `owner` has there, for quotas.
+    fn stored_usage(&self, owner: &str) -> Result<Option<(u64, u64)>> {
+        match self.remote() {
+            None => Ok(None),
+            Some(remote) => self
+                .block_on(remote.usage(owner, &self.known))
+                .map(Some),
+        }
+    }
+
     /// RESOURCE_EXHAUSTED when `owner` may not store `size` more bytes now; INVALID_ARGUMENT
-    /// (TooLarge) when it never could.
-    fn check_room(&self, index: &Index, owner: &str, size: u64, quota: Quota) -> Result<()> {
-        let (n, bytes) = index.owner_usage(owner);
+    /// (TooLarge) when it never could. `stored`: the owner's usage in the object store, if
+    /// there is one (the disk then holds only copies, and uploads in progress are added).
+    fn check_room(
+        &self,
+        index: &Index,
+        owner: &str,
+        size: u64,
+        quota: Quota,
+        stored: Option<(u64, u64)>,
+    ) -> Result<()> {
+        let (n, bytes) = match stored {
+            None => index.owner_usage(owner),
+            Some((n, b)) => {
+                let (pn, pb) = index.owner_pending(owner);
+                (n + pn, b + pb)
+            }
+        };
         if let Some(max) = quota.max_keys
             && n + 1 > max
         {
@@ -517,8 +710,13 @@ impl KeyStore {
             let cache = self.cache.lock().expect("cache lock");
             cache.entries.iter().map(|(k, _)| k.clone()).collect()
         };
-        let shares = self.shares.lock().expect("shares lock").clone();
-        let victims = eviction_order(index, owner, &shares, &hot);
+        let victims = if self.remote.is_some() {
+            // Disk copies of keys the store holds: any may go, least recently used first.
+            cache_eviction_order(index, &hot)
+        } else {
+            let shares = self.shares.lock().expect("shares lock").clone();
+            eviction_order(index, owner, &shares, &hot)
+        };
         let mut freed = 0;
         let mut chosen = Vec::new();
         for (k, s) in victims {
@@ -572,11 +770,20 @@ impl KeyStore {
         self.metrics.key_cache_keys.set(cache.entries.len() as i64);
     }
 
-    /// Removes `owner`'s key `id` from disk and memory; its size, or `None` if the owner has
-    /// no such key (one still being uploaded is not stored yet).
+    /// Removes `owner`'s key `id` from disk and memory (and from the object store); its size,
+    /// or `None` if the owner has no such key (one still being uploaded is not stored yet).
     pub fn delete(&self, owner: &str, id: &str, candidates: &[ParamSet]) -> Result<Option<u64>> {
         check_key_id(id)?;
         let mut freed = None;
+        if let Some(remote) = self.remote() {
+            for &p in candidates {
+                if let Some(size) = self.block_on(remote.head(owner, p, id))? {
+                    self.block_on(remote.delete(owner, p, id))?;
+                    freed = Some(freed.unwrap_or(0) + size);
+                }
+            }
+        }
+        let remote_sizes = freed.is_some() || self.remote.is_some();
         let mut removed = Vec::new();
         {
             let mut index = self.lock_index();
@@ -585,7 +792,9 @@ impl KeyStore {
                 if index.ready(&k).is_none() {
                     continue;
                 }
-                if let Some(s) = self.remove_locked(&mut index, &k)? {
+                if let Some(s) = self.remove_locked(&mut index, &k)?
+                    && !remote_sizes
+                {
                     freed = Some(freed.unwrap_or(0) + s);
                 }
                 removed.push(k);
@@ -600,14 +809,45 @@ impl KeyStore {
 
     /// Removes the keys not used since `now - ttl`, for each tenant `ttl_of` gives a TTL;
     /// the keys removed, as (tenant, id). The server calls it periodically with the clock's
-    /// time; tests call it with a time of their choosing.
+    /// time; tests call it with a time of their choosing. With an object store, the store's
+    /// keys are swept, by their last use on any replica (the markers).
     pub fn expire(
         &self,
         now: SystemTime,
         ttl_of: impl Fn(&str) -> Option<Duration>,
     ) -> Vec<(String, String)> {
         let mut removed = Vec::new();
-        {
+        if let Some(remote) = self.remote() {
+            let listed = match self.block_on(remote.list(None, &self.known)) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("key TTL sweep skipped: {e}");
+                    return Vec::new();
+                }
+            };
+            for key in listed {
+                let Some(ttl) = ttl_of(&key.owner) else {
+                    continue;
+                };
+                let k = Self::kref(&key.owner, key.params, &key.id);
+                let local = self.lock_index().keys.get(&k).map(|e| e.last_used_at);
+                let last = local.map_or(key.last_used, |l| l.max(key.last_used));
+                if !now.duration_since(last).is_ok_and(|idle| idle > ttl) {
+                    continue;
+                }
+                match self.block_on(remote.delete(&key.owner, key.params, &key.id)) {
+                    Ok(()) => {
+                        if let Err(e) = self.forget(&k) {
+                            tracing::error!(key = %short(&k.id), "expiring key: {e}");
+                        }
+                        removed.push(k);
+                    }
+                    Err(e) => {
+                        tracing::error!(key = %short(&k.id), tenant = %k.owner, "expiring key: {e}")
+                    }
+                }
+            }
+        } else {
             let mut index = self.lock_index();
             let stale: Vec<KeyRef> = index
                 .keys
@@ -661,7 +901,7 @@ impl KeyStore {
         if let Some(key) = self.cached(&k) {
             return Ok(key);
         }
-        if self.lock_index().ready(&k).is_none() {
+        if self.remote.is_none() && self.lock_index().ready(&k).is_none() {
             return Err(ServiceError::UnknownKey(id.to_string()));
         }
         let store = Arc::clone(self);
@@ -669,7 +909,7 @@ impl KeyStore {
         // caller is still there.
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let key = Arc::new(store.load(&k)?);
+            let key = Arc::new(store.load(&k, params)?);
             let mut cache = store.cache.lock().expect("cache lock");
             cache.insert(k, Arc::clone(&key));
             store.metrics.key_cache_keys.set(cache.entries.len() as i64);
@@ -685,9 +925,20 @@ impl KeyStore {
         Some(key)
     }
 
-    /// Records a use of `k`, in its file's modification time too when that is stale.
+    /// Records a use of `k`, in its file's modification time (and the object store's marker)
+    /// too when that is stale.
     fn touch(&self, k: &KeyRef) {
         if self.lock_index().touch(k) {
+            if let Some((remote, rt)) = &self.remote
+                && let Some(&params) = self.known.iter().find(|p| p.name() == k.params)
+            {
+                let (remote, k) = (Arc::clone(remote), k.clone());
+                rt.spawn(async move {
+                    if let Err(e) = remote.mark_used(&k.owner, params, &k.id).await {
+                        tracing::warn!(key = %short(&k.id), "{e}");
+                    }
+                });
+            }
             let path = self.path(k);
             let r = std::fs::File::options()
                 .write(true)
@@ -700,14 +951,16 @@ impl KeyStore {
     }
 
     /// Reads a stored key and checks it: the hash must match the id, and the bytes must pass
-    /// the conformance check. A damaged file is removed and the key reported unknown.
-    fn load(&self, k: &KeyRef) -> Result<EvalKey> {
+    /// the conformance check. From disk; with an object store, from the store when the disk
+    /// has no (sound) copy. A damaged copy is removed and the key reported unknown.
+    fn load(&self, k: &KeyRef, params: ParamSet) -> Result<EvalKey> {
         let path = self.path(k);
-        let params = self
-            .lock_index()
-            .ready(k)
-            .map(|e| e.params)
-            .ok_or_else(|| ServiceError::UnknownKey(k.id.clone()))?;
+        if self.lock_index().ready(k).is_none() {
+            return match self.remote {
+                Some(_) => self.fetch(k, params),
+                None => Err(ServiceError::UnknownKey(k.id.clone())),
+            };
+        }
         let bytes = match read_bounded(&path) {
             // Deleted or evicted since the request was checked (or removed by hand).
             Err(ServiceError::Io { source, .. })
@@ -720,18 +973,15 @@ impl KeyStore {
                     index.remove(k);
                     self.publish(&index);
                 }
+                drop(index);
+                if self.remote.is_some() {
+                    return self.fetch(k, params);
+                }
                 return Err(ServiceError::UnknownKey(k.id.clone()));
             }
             r => r?,
         };
-        let checked = if key_id(&bytes) != k.id {
-            Err("its content no longer matches its hash".to_string())
-        } else {
-            eval_key_from_bytes(params, &bytes)
-                .and_then(|csk| EvalKey::from_compressed(self.backend, params, &csk))
-                .map_err(|e| e.to_string())
-        };
-        match checked {
+        match self.check_stored(k, params, &bytes) {
             Ok(key) => {
                 self.touch(k);
                 tracing::info!(key = %short(&k.id), params = params.name(), "loaded key from disk");
@@ -747,12 +997,103 @@ impl KeyStore {
                     }
                 }
                 self.metrics.key_damaged.inc();
+                if self.remote.is_some() {
+                    return self.fetch(k, params);
+                }
                 Err(ServiceError::UnknownKey(format!(
                     "{} (the stored copy was damaged and has been removed; upload the key again)",
                     k.id
                 )))
             }
         }
+    }
+
+    /// Checks stored bytes (their hash is the id, they pass the conformance check) and
+    /// expands them.
+    fn check_stored(&self, k: &KeyRef, params: ParamSet, bytes: &[u8]) -> Result<EvalKey, String> {
+        if key_id(bytes) != k.id {
+            return Err("its content no longer matches its hash".to_string());
+        }
+        let key = eval_key_from_bytes(params, bytes)
+            .and_then(|csk| EvalKey::from_compressed(self.backend, params, &csk))
+            .map_err(|e| e.to_string())?;
+        self.metrics.key_expansions.inc();
+        Ok(key)
+    }
+
+    /// Reads a key from the object store, checks it, and caches the bytes on disk. A damaged
+    /// object is deleted from the store and the key reported unknown.
+    fn fetch(&self, k: &KeyRef, params: ParamSet) -> Result<EvalKey> {
+        let remote = self.remote().expect("fetch needs an object store");
+        let Some(bytes) = self.block_on(remote.get(&k.owner, params, &k.id))? else {
+            return Err(ServiceError::UnknownKey(k.id.clone()));
+        };
+        self.metrics.key_fetches.inc();
+        match self.check_stored(k, params, &bytes) {
+            Ok(key) => {
+                self.cache_on_disk(k, params, &bytes);
+                self.touch(k);
+                tracing::info!(key = %short(&k.id), params = params.name(), "fetched key from the object store");
+                Ok(key)
+            }
+            Err(why) => {
+                tracing::error!(key = %k.id, store = remote.url(), %why, "the object store's copy of a key is damaged; deleted");
+                if let Err(e) = self.block_on(remote.delete(&k.owner, params, &k.id)) {
+                    tracing::error!(key = %k.id, "deleting a damaged key: {e}");
+                }
+                self.metrics.key_damaged.inc();
+                Err(ServiceError::UnknownKey(format!(
+                    "{} (the stored copy was damaged and has been removed; upload the key again)",
+                    k.id
+                )))
+            }
+        }
+    }
+
+    /// Keeps a copy of a fetched key on disk when it fits (best effort: the store has it).
+    fn cache_on_disk(&self, k: &KeyRef, params: ParamSet, bytes: &[u8]) {
+        let size = bytes.len() as u64;
+        {
+            let mut index = self.lock_index();
+            if index.keys.contains_key(k) {
+                return;
+            }
+            if let Err(e) = self.make_room(&mut index, &k.owner, size) {
+                tracing::debug!(key = %short(&k.id), "not caching a fetched key on disk: {e}");
+                return;
+            }
+            index.tick += 1;
+            let last_used = index.tick;
+            index.total += size;
+            index.keys.insert(
+                k.clone(),
+                Entry {
+                    params,
+                    size,
+                    last_used,
+                    last_used_at: SystemTime::now(),
+                    pending: true,
+                    persisted_at: SystemTime::now(),
+                    confirmed: Some(std::time::Instant::now()),
+                },
+            );
+            self.publish(&index);
+        }
+        let written = write_atomically(&self.path(k), bytes);
+        let mut index = self.lock_index();
+        match written {
+            Ok(()) => {
+                if let Some(e) = index.keys.get_mut(k) {
+                    e.pending = false;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(key = %short(&k.id), "caching a fetched key on disk: {e}");
+                index.remove(k);
+                self.publish(&index);
+            }
+        }
+        self.settled.notify_all();
     }
 
     /// Number of expanded keys in memory.
@@ -764,6 +1105,19 @@ impl KeyStore {
     fn clear_cache(&self) {
         self.cache.lock().expect("cache lock").entries.clear();
     }
+}
+
+/// With an object store, the disk copies that may be dropped for room: every key neither in
+/// memory nor being uploaded, least recently used first.
+fn cache_eviction_order(index: &Index, hot: &[KeyRef]) -> Vec<(KeyRef, u64)> {
+    let mut v: Vec<(u64, KeyRef, u64)> = index
+        .keys
+        .iter()
+        .filter(|(k, e)| !e.pending && !hot.contains(k))
+        .map(|(k, e)| (e.last_used, k.clone(), e.size))
+        .collect();
+    v.sort_by_key(|(t, _, _)| *t);
+    v.into_iter().map(|(_, k, s)| (k, s)).collect()
 }
 
 /// Disk eviction candidates for an upload by `owner`, first to go first: keys of tenants
@@ -883,6 +1237,7 @@ fn scan_owner(dir: &Path, owner: &str, known: &[ParamSet], out: &mut Vec<(KeyRef
                     last_used_at: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
                     pending: false,
                     persisted_at: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    confirmed: None,
                 },
             ));
         }
@@ -1036,6 +1391,14 @@ impl Lru {
 
 #[cfg(test)]
 mod tests {
+    /// Runs one of the store's async calls from a plain test.
+    fn block<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
     use super::*;
 
     #[test]
@@ -1061,8 +1424,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ServiceError::Runtime(_)), "{err}");
         assert!(
-            store
-                .find("", &key_id(b"not a key at all"), &[p])
+            block(store.find("", &key_id(b"not a key at all"), &[p]))
                 .unwrap()
                 .is_none()
         );
@@ -1242,16 +1604,16 @@ mod tests {
         let first = upload(&store, "t", key);
         assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Reserved));
         // Reserved, not written: not stored yet for everyone else.
-        assert!(store.find("t", &id, &[P]).unwrap().is_none());
+        assert!(block(store.find("t", &id, &[P])).unwrap().is_none());
         let early = rt().block_on(store.get("t", &id, P)).err();
         assert!(
             matches!(early, Some(ServiceError::UnknownKey(_))),
             "{early:?}"
         );
-        assert!(store.list("t").is_empty());
+        assert!(block(store.list("t")).unwrap().is_empty());
         go.send(()).unwrap();
         assert!(first.join().unwrap().unwrap().newly_stored);
-        assert!(store.find("t", &id, &[P]).unwrap().is_some());
+        assert!(block(store.find("t", &id, &[P])).unwrap().is_some());
         store.clear_cache();
         rt().block_on(store.get("t", &id, P))
             .expect("the key loads from disk");
@@ -1274,7 +1636,7 @@ mod tests {
         let stored = first.join().unwrap().unwrap();
         // Every file on disk is indexed, and the index matches the disk.
         assert_eq!(files_on_disk(&d).len(), 1);
-        assert!(store.find("t", &id, &[P]).unwrap().is_some());
+        assert!(block(store.find("t", &id, &[P])).unwrap().is_some());
         assert_eq!(store.total_bytes(), stored.size);
         assert_eq!(store.delete("t", &id, &[P]).unwrap(), Some(stored.size));
         assert!(files_on_disk(&d).is_empty(), "{:?}", files_on_disk(&d));
@@ -1328,7 +1690,7 @@ mod tests {
         let store = open(&d, Some(2 * size));
         store.set_shares([("a".to_string(), Some(1)), ("b".to_string(), Some(2))]);
         let ids = |owner: &str| -> Vec<String> {
-            let mut v: Vec<String> = store.list(owner).into_iter().map(|k| k.id).collect();
+            let mut v: Vec<String> = block(store.list(owner)).unwrap().into_iter().map(|k| k.id).collect();
             v.sort();
             v
         };
@@ -1365,7 +1727,7 @@ mod tests {
         let store = open(&d, None);
         let id = store.store("t", key, &[P], Quota::default()).unwrap().id;
         store.store("u", key, &[P], Quota::default()).unwrap();
-        let used = store.list("t")[0].last_used;
+        let used = block(store.list("t")).unwrap()[0].last_used;
         let ttl = Duration::from_secs(3600);
         let ttl_of = |owner: &str| (owner == "t").then_some(ttl);
         assert!(store.expire(used + ttl / 2, ttl_of).is_empty());
@@ -1373,8 +1735,8 @@ mod tests {
             store.expire(used + 2 * ttl, ttl_of),
             vec![("t".to_string(), id.clone())]
         );
-        assert!(store.find("t", &id, &[P]).unwrap().is_none());
-        assert!(store.find("u", &id, &[P]).unwrap().is_some());
+        assert!(block(store.find("t", &id, &[P])).unwrap().is_none());
+        assert!(block(store.find("u", &id, &[P])).unwrap().is_some());
         assert_eq!(files_on_disk(&d).len(), 1);
     }
 
@@ -1414,13 +1776,13 @@ mod tests {
             .unwrap();
         let ttl_of = |_: &str| Some(Duration::from_secs(3600));
         let store = open(&d, None);
-        assert_eq!(store.list("t")[0].last_used, two_hours_ago);
+        assert_eq!(block(store.list("t")).unwrap()[0].last_used, two_hours_ago);
         rt().block_on(store.get("t", &id, P))
             .expect("the key loads");
         drop(store);
         // Used just now: a restart sees that use, and the TTL keeps the key.
         let store = open(&d, None);
         assert!(store.expire(SystemTime::now(), ttl_of).is_empty());
-        assert!(store.find("t", &id, &[P]).unwrap().is_some());
+        assert!(block(store.find("t", &id, &[P])).unwrap().is_some());
     }
 }
