@@ -98,6 +98,9 @@ pub struct Config {
     /// An object store holding the keys (`s3://bucket/prefix`), shared by replicas; the data
     /// dir is then its cache. `None`: the data dir holds the keys.
     pub key_store: Option<String>,
+    /// With `key_store`: how long a replica serves a cached key without confirming that the
+    /// store still holds it (a key deleted through another replica works here that long).
+    pub key_revalidate: Duration,
     /// Serve gRPC over TLS.
     pub tls: Option<TlsFiles>,
     /// Caps on connections, streams and calls in progress.
@@ -121,6 +124,7 @@ impl Config {
             tenants: None,
             max_key_store_bytes: Some(DEFAULT_MAX_KEY_STORE_BYTES),
             key_store: None,
+            key_revalidate: key_store::DEFAULT_REVALIDATE,
             tls: None,
             connections: ConnectionLimits::default(),
         }
@@ -167,6 +171,7 @@ impl Server {
             tenants,
             max_key_store_bytes,
             key_store,
+            key_revalidate,
             tls,
             connections,
         } = config;
@@ -223,7 +228,11 @@ impl Server {
             Some(url) => {
                 let remote = key_store::RemoteStore::connect(&url).await?;
                 tracing::info!(store = %url, "keys are kept in the object store; the data dir caches them");
-                keys.with_remote(Arc::new(remote), tokio::runtime::Handle::current())
+                keys.with_remote(
+                    Arc::new(remote),
+                    tokio::runtime::Handle::current(),
+                    key_revalidate,
+                )
             }
         };
         keys.set_shares(tenants.shares());

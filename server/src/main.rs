@@ -90,6 +90,11 @@ struct Args {
     /// (AWS_ALLOW_HTTP=true for a plain-http endpoint).
     #[arg(long)]
     key_store: Option<String>,
+    /// With --key-store: milliseconds a replica serves a key from its cache before asking the
+    /// store again whether it still holds it (a key deleted through another replica keeps
+    /// working here that long; 0: ask on every request).
+    #[arg(long, default_value_t = 30_000, requires = "key_store")]
+    key_revalidate_ms: u64,
     /// PEM certificate chain of the server: serve gRPC over TLS (with --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -229,6 +234,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         tenants,
         max_key_store_bytes: Some(a.max_key_store_bytes),
         key_store: a.key_store.clone(),
+        key_revalidate: Duration::from_millis(a.key_revalidate_ms),
         tls: tls.clone(),
         connections: ConnectionLimits {
             max_connections: a.max_connections.max(1),

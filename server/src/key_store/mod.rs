@@ -33,7 +33,7 @@
 //! missing from the disk is fetched from the store (and checked again); quotas count the
 //! store's listing ([`remote::USAGE_TTL`] old at most); deletion and the TTL remove keys from
 //! the store; the disk bound only evicts cached copies. A key cached here is checked against
-//! the store at most every [`REVALIDATE`], so a key deleted through another replica stops
+//! the store at most every `revalidate` ([`DEFAULT_REVALIDATE`]), so a key deleted through another replica stops
 //! working here within that time.
 
 use std::collections::HashMap;
@@ -55,8 +55,9 @@ mod remote;
 pub use remote::{RemoteKey, RemoteStore};
 
 /// With an object store, a key found in this replica's cache is confirmed in the store at most
-/// this often (a key deleted through another replica is served here at most this long).
-pub const REVALIDATE: Duration = Duration::from_secs(30);
+/// this often unless the operator says otherwise (a key deleted through another replica is
+/// served here at most this long).
+pub const DEFAULT_REVALIDATE: Duration = Duration::from_secs(30);
 
 /// How long an upload waits for another upload of the same key to finish writing it.
 const PENDING_WAIT: Duration = Duration::from_secs(120);
@@ -221,6 +222,8 @@ pub struct KeyStore {
     /// The object store that holds the truth, when replicas share keys; the disk is then a
     /// cache. The handle runs its calls from blocking code.
     remote: Option<(Arc<RemoteStore>, Handle)>,
+    /// How long a cached key is served without asking the object store whether it still holds it.
+    revalidate: Duration,
     /// The parameter sets served (the ones whose keys are indexed).
     known: Vec<ParamSet>,
     /// Held while the store is open, so a second server cannot share the directory.
@@ -283,15 +286,18 @@ impl KeyStore {
             metrics,
             hook: Mutex::new(None),
             remote: None,
+            revalidate: DEFAULT_REVALIDATE,
             known: known.to_vec(),
             _lock: lock,
         })
     }
 
     /// Makes `remote` the source of truth and the disk its cache. `rt` runs the store's calls
-    /// made from blocking code.
-    pub fn with_remote(mut self, remote: Arc<RemoteStore>, rt: Handle) -> Self {
+    /// made from blocking code; a cached key is confirmed in the store when it was last
+    /// confirmed `revalidate` ago or more (zero: on every lookup).
+    pub fn with_remote(mut self, remote: Arc<RemoteStore>, rt: Handle, revalidate: Duration) -> Self {
         self.remote = Some((remote, rt));
+        self.revalidate = revalidate;
         self
     }
 
@@ -350,7 +356,7 @@ impl KeyStore {
 
     /// Looks up `owner`'s key among `candidates` (the parameter sets the server serves). With
     /// an object store, a key this replica does not hold is looked up there, and one it holds
-    /// is confirmed there at most every [`REVALIDATE`] (while the store does not answer, the
+    /// is confirmed there at most every `revalidate` of [`KeyStore::with_remote`] (while the store does not answer, the
     /// cached copy is served).
     pub async fn find(
         &self,
@@ -365,7 +371,7 @@ impl KeyStore {
             let stale = found.as_ref().is_some_and(|f| {
                 index
                     .ready(&Self::kref(owner, f.params, id))
-                    .is_some_and(|e| e.confirmed.is_none_or(|c| c.elapsed() > REVALIDATE))
+                    .is_some_and(|e| e.confirmed.is_none_or(|c| c.elapsed() >= self.revalidate))
             });
             (found, stale)
         };
@@ -559,12 +565,10 @@ impl KeyStore {
             }
         }
         // Fail fast before the expensive validation; checked again when reserving.
-        let stored = self.stored_usage(owner)?;
-        self.check_room(&self.lock_index(), owner, size, quota, stored)?;
+        let stored = self.check_room_fresh(owner, size, quota)?;
         let (params, key) = validate(bytes, candidates, self.backend)?;
         self.metrics.key_expansions.inc();
         let k = Self::kref(owner, params, &id);
-        let stored = self.stored_usage(owner)?;
         {
             let mut index = self.settle(self.lock_index(), owner, &id, &[params])?;
             if let Some(found) = Self::find_in(&index, owner, &id, &[params]) {
@@ -634,6 +638,24 @@ impl KeyStore {
             size,
             newly_stored: true,
         })
+    }
+
+    /// [`Self::check_room`] before validation; with an object store, a refusal on a cached
+    /// listing is checked again on a fresh one (a key deleted through another replica may
+    /// have made room). The usage it checked.
+    fn check_room_fresh(&self, owner: &str, size: u64, quota: Quota) -> Result<Option<(u64, u64)>> {
+        let stored = self.stored_usage(owner)?;
+        // (the index guard must be gone before the retry locks it again)
+        let checked = self.check_room(&self.lock_index(), owner, size, quota, stored);
+        match checked {
+            Err(ServiceError::Exhausted(_)) if let Some(remote) = self.remote() => {
+                remote.forget_usage(owner);
+                let stored = self.stored_usage(owner)?;
+                self.check_room(&self.lock_index(), owner, size, quota, stored)?;
+                Ok(stored)
+            }
+            r => r.map(|()| stored),
+        }
     }
 
     /// With an object store, the (keys, bytes) `owner` has there, for quotas.
@@ -1718,6 +1740,92 @@ mod tests {
         assert!(err.to_string().contains("key store is full"), "{err}");
         assert_eq!(ids("b"), both);
         assert_eq!(files_on_disk(&d).len(), 2);
+    }
+
+    /// Two replicas' stores (own data dirs) over one in-memory object store, confirming
+    /// cached keys on every lookup; the runtime runs the object store's calls.
+    fn replicas(label: &str) -> (Dir, Dir, Arc<KeyStore>, Arc<KeyStore>, tokio::runtime::Runtime) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shared: Arc<dyn object_store::ObjectStore> =
+            Arc::new(object_store::memory::InMemory::new());
+        let (da, db) = (dir(&format!("{label}-a")), dir(&format!("{label}-b")));
+        let replica = |d: &Dir| {
+            let remote = Arc::new(RemoteStore::with_store(
+                Arc::clone(&shared),
+                "memory://",
+                "veil",
+            ));
+            let store = KeyStore::open(&d.0, 2, BackendKind::Cpu, None, &[P], Metrics::new())
+                .unwrap()
+                .with_remote(remote, rt.handle().clone(), Duration::ZERO);
+            Arc::new(store)
+        };
+        let (a, b) = (replica(&da), replica(&db));
+        (da, db, a, b, rt)
+    }
+
+    #[test]
+    fn replicas_share_keys_through_the_object_store() {
+        let [k1, k2] = real_keys();
+        let (_da, db, a, b, rt) = replicas("shared");
+        let one_key = Quota {
+            max_keys: Some(1),
+            max_bytes: None,
+        };
+        let stored = a.store("t", k1, &[P], one_key).unwrap();
+        assert!(stored.newly_stored);
+        // B has no copy: found in the store, fetched and expanded once, cached on disk.
+        assert!(files_on_disk(&db).is_empty());
+        let found = rt.block_on(b.find("t", &stored.id, &[P])).unwrap();
+        assert_eq!(found.map(|k| k.size), Some(k1.len() as u64));
+        rt.block_on(b.get("t", &stored.id, P)).unwrap();
+        assert_eq!(b.metrics.key_fetches.get(), 1);
+        assert_eq!(b.metrics.key_expansions.get(), 1);
+        assert_eq!(files_on_disk(&db).len(), 1);
+        // Another tenant sees nothing.
+        assert!(rt.block_on(b.find("u", &stored.id, &[P])).unwrap().is_none());
+        // The same key uploaded to B: nothing validated or written again.
+        let again = b.store("t", k1, &[P], one_key).unwrap();
+        assert!(!again.newly_stored);
+        assert_eq!(b.metrics.key_expansions.get(), 1);
+        // The quota counts the store's keys, whichever replica stored them.
+        let err = b.store("t", k2, &[P], one_key).unwrap_err();
+        assert!(matches!(err, ServiceError::Exhausted(_)), "{err}");
+        let listed = rt.block_on(b.list("t")).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, stored.id);
+        // Deleted through A: B (revalidating on every lookup) drops its copy.
+        assert_eq!(
+            a.delete("t", &stored.id, &[P]).unwrap(),
+            Some(k1.len() as u64)
+        );
+        assert!(rt.block_on(b.find("t", &stored.id, &[P])).unwrap().is_none());
+        assert!(files_on_disk(&db).is_empty());
+        assert!(a.delete("t", &stored.id, &[P]).unwrap().is_none());
+        // The quota has room again.
+        assert!(b.store("t", k2, &[P], one_key).unwrap().newly_stored);
+    }
+
+    #[test]
+    fn the_ttl_sweeps_the_object_store() {
+        let key = &real_keys()[0];
+        let (_da, _db, a, b, rt) = replicas("ttl-remote");
+        let id = a.store("t", key, &[P], Quota::default()).unwrap().id;
+        let used = rt.block_on(b.list("t")).unwrap()[0].last_used;
+        let ttl = Duration::from_secs(3600);
+        let ttl_of = |owner: &str| (owner == "t").then_some(ttl);
+        assert!(b.expire(used + ttl / 2, ttl_of).is_empty());
+        // B never used the key; it expires it from the store, and A's copy goes with it.
+        assert_eq!(
+            b.expire(used + 2 * ttl, ttl_of),
+            vec![("t".to_string(), id.clone())]
+        );
+        assert!(rt.block_on(a.find("t", &id, &[P])).unwrap().is_none());
+        assert!(rt.block_on(a.list("t")).unwrap().is_empty());
     }
 
     #[test]

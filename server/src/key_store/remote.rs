@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 use veil_format::compiled::ParamSet;
 use veil_runtime::keys::MAX_EVAL_KEY_BYTES;
 
@@ -58,13 +58,22 @@ impl RemoteStore {
     /// the server at start.
     pub async fn connect(url: &str) -> Result<Self> {
         let (bucket, prefix) = parse_url(url)?;
-        let store = AmazonS3Builder::from_env()
+        // The store's HTTP client takes TLS from the process default: ring, as tonic's TLS.
+        // (An error means a provider is installed already.)
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = AmazonS3Builder::from_env();
+        // Timeouts unless the environment sets them (AWS_TIMEOUT, AWS_CONNECT_TIMEOUT).
+        for (key, value) in [
+            (ClientConfigKey::Timeout, REQUEST_TIMEOUT),
+            (ClientConfigKey::ConnectTimeout, Duration::from_secs(5)),
+        ] {
+            let key = AmazonS3ConfigKey::Client(key);
+            if builder.get_config_value(&key).is_none() {
+                builder = builder.with_config(key, format!("{}s", value.as_secs()));
+            }
+        }
+        let store = builder
             .with_bucket_name(bucket)
-            .with_client_options(
-                ClientOptions::new()
-                    .with_timeout(REQUEST_TIMEOUT)
-                    .with_connect_timeout(Duration::from_secs(5)),
-            )
             // Object-store errors reach clients as UNAVAILABLE, which they retry: keep the
             // server's own retries short.
             .with_retry(RetryConfig {
@@ -251,7 +260,8 @@ impl RemoteStore {
         Ok((n, b))
     }
 
-    fn forget_usage(&self, owner: &str) {
+    /// Drops the cached usage of `owner`, so the next quota check lists the store.
+    pub fn forget_usage(&self, owner: &str) {
         self.usage.lock().expect("usage lock").remove(owner);
     }
 

@@ -11,6 +11,8 @@ use veil_models::CompiledModel;
 use veil_models::data::{Dataset, Labels, read_csv};
 use veil_models::{QuantConfig, compile, onnx};
 
+pub mod s3;
+
 pub fn zoo(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../models/zoo")
@@ -63,7 +65,13 @@ impl Proc {
     /// Starts the binary on free loopback ports with `--models`, `--data-dir` under `dir`
     /// and `extra` flags; returns once it listens.
     pub fn start(dir: &Path, extra: &[&str]) -> Proc {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// [`Proc::start`] with extra environment variables.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, String)]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_veil-server"))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .arg("--models")
             .arg(dir.join("models"))
