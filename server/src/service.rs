@@ -627,7 +627,11 @@ impl v1::veil_server::Veil for VeilService {
                 &req.get_ref().key_id,
             )?;
             let id = req.into_inner().key_id;
-            match self.keys.find(&tenant.name, &id, &self.models.params).await? {
+            match self
+                .keys
+                .find(&tenant.name, &id, &self.models.params)
+                .await?
+            {
                 Some(k) => Ok(Self::key_info(k)),
                 None => Err(ServiceError::UnknownKey(id)),
             }

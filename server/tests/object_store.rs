@@ -72,11 +72,10 @@ fn replicas_share_keys_through_a_real_s3_server() {
         );
         let bob_a = connect(&a, "bob-token").await;
         let params = model.params;
-        let [k1, k2] = tokio::task::spawn_blocking(move || {
-            [1, 2].map(|_| KeyPair::generate(params))
-        })
-        .await
-        .unwrap();
+        let [k1, k2] =
+            tokio::task::spawn_blocking(move || [1, 2].map(|_| KeyPair::generate(params)))
+                .await
+                .unwrap();
         let remote = alice_a.model("iris").await.unwrap();
         let infer = async |client: &Client, keys: &KeyPair| {
             let one = remote.encrypt_batch(keys, vec![x.clone()]).await.unwrap();
@@ -91,6 +90,13 @@ fn replicas_share_keys_through_a_real_s3_server() {
         assert_eq!(s3.objects(".key").len(), 1);
         assert_eq!(metric(&a.metrics(), "veil_key_expansions_total"), 1.0);
 
+        // The same key uploaded to B, which has no copy: the store has it, so it is neither
+        // validated nor written again.
+        let again = alice_b.upload_key(&k1, |_, _| {}).await.unwrap();
+        assert!(!again.newly_stored);
+        assert_eq!(s3.puts(".key").len(), 1);
+        assert_eq!(metric(&b.metrics(), "veil_key_expansions_total"), 0.0);
+
         // B has no copy: it fetches the key from the store once, expands it once.
         assert_eq!(infer(&alice_b, &k1).await.unwrap(), expected);
         assert_eq!(infer(&alice_b, &k1).await.unwrap(), expected);
@@ -98,11 +104,6 @@ fn replicas_share_keys_through_a_real_s3_server() {
         assert_eq!(metric(&mb, "veil_key_store_fetches_total"), 1.0);
         assert_eq!(metric(&mb, "veil_key_expansions_total"), 1.0);
         assert_eq!(metric(&a.metrics(), "veil_key_store_fetches_total"), 0.0);
-
-        // The same key uploaded to B: stored already, nothing written.
-        let again = alice_b.upload_key(&k1, |_, _| {}).await.unwrap();
-        assert!(!again.newly_stored);
-        assert_eq!(s3.puts(".key").len(), 1);
 
         // Alice's quota (one key) counts the store's keys, not B's own.
         let err = alice_b.upload_key(&k2, |_, _| {}).await.unwrap_err();

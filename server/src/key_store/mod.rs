@@ -295,7 +295,12 @@ impl KeyStore {
     /// Makes `remote` the source of truth and the disk its cache. `rt` runs the store's calls
     /// made from blocking code; a cached key is confirmed in the store when it was last
     /// confirmed `revalidate` ago or more (zero: on every lookup).
-    pub fn with_remote(mut self, remote: Arc<RemoteStore>, rt: Handle, revalidate: Duration) -> Self {
+    pub fn with_remote(
+        mut self,
+        remote: Arc<RemoteStore>,
+        rt: Handle,
+        revalidate: Duration,
+    ) -> Self {
         self.remote = Some((remote, rt));
         self.revalidate = revalidate;
         self
@@ -662,9 +667,7 @@ impl KeyStore {
     fn stored_usage(&self, owner: &str) -> Result<Option<(u64, u64)>> {
         match self.remote() {
             None => Ok(None),
-            Some(remote) => self
-                .block_on(remote.usage(owner, &self.known))
-                .map(Some),
+            Some(remote) => self.block_on(remote.usage(owner, &self.known)).map(Some),
         }
     }
 
@@ -1712,7 +1715,11 @@ mod tests {
         let store = open(&d, Some(2 * size));
         store.set_shares([("a".to_string(), Some(1)), ("b".to_string(), Some(2))]);
         let ids = |owner: &str| -> Vec<String> {
-            let mut v: Vec<String> = block(store.list(owner)).unwrap().into_iter().map(|k| k.id).collect();
+            let mut v: Vec<String> = block(store.list(owner))
+                .unwrap()
+                .into_iter()
+                .map(|k| k.id)
+                .collect();
             v.sort();
             v
         };
@@ -1744,7 +1751,15 @@ mod tests {
 
     /// Two replicas' stores (own data dirs) over one in-memory object store, confirming
     /// cached keys on every lookup; the runtime runs the object store's calls.
-    fn replicas(label: &str) -> (Dir, Dir, Arc<KeyStore>, Arc<KeyStore>, tokio::runtime::Runtime) {
+    fn replicas(
+        label: &str,
+    ) -> (
+        Dir,
+        Dir,
+        Arc<KeyStore>,
+        Arc<KeyStore>,
+        tokio::runtime::Runtime,
+    ) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -1787,7 +1802,11 @@ mod tests {
         assert_eq!(b.metrics.key_expansions.get(), 1);
         assert_eq!(files_on_disk(&db).len(), 1);
         // Another tenant sees nothing.
-        assert!(rt.block_on(b.find("u", &stored.id, &[P])).unwrap().is_none());
+        assert!(
+            rt.block_on(b.find("u", &stored.id, &[P]))
+                .unwrap()
+                .is_none()
+        );
         // The same key uploaded to B: nothing validated or written again.
         let again = b.store("t", k1, &[P], one_key).unwrap();
         assert!(!again.newly_stored);
@@ -1803,7 +1822,11 @@ mod tests {
             a.delete("t", &stored.id, &[P]).unwrap(),
             Some(k1.len() as u64)
         );
-        assert!(rt.block_on(b.find("t", &stored.id, &[P])).unwrap().is_none());
+        assert!(
+            rt.block_on(b.find("t", &stored.id, &[P]))
+                .unwrap()
+                .is_none()
+        );
         assert!(files_on_disk(&db).is_empty());
         assert!(a.delete("t", &stored.id, &[P]).unwrap().is_none());
         // The quota has room again.

@@ -344,9 +344,17 @@ mod tests {
         let id = "a".repeat(64);
         let parsed = r.parse_location(&r.key_path("", p, &id), &known).unwrap();
         assert_eq!(parsed, (String::new(), p, id.clone(), true));
-        let parsed = r.parse_location(&r.used_path("t1", p, &id), &known).unwrap();
+        let parsed = r
+            .parse_location(&r.used_path("t1", p, &id), &known)
+            .unwrap();
         assert_eq!(parsed, ("t1".to_string(), p, id.clone(), false));
-        assert!(r.parse_location(&Path::from("p/keys/X/y.key"), &known).is_none());
-        assert!(r.parse_location(&Path::from("q/keys/a.key"), &known).is_none());
+        assert!(
+            r.parse_location(&Path::from("p/keys/X/y.key"), &known)
+                .is_none()
+        );
+        assert!(
+            r.parse_location(&Path::from("q/keys/a.key"), &known)
+                .is_none()
+        );
     }
 }

@@ -46,13 +46,15 @@ impl S3 {
                     continue;
                 };
                 let (service, log) = (service.clone(), Arc::clone(&log));
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    log.lock()
-                        .unwrap()
-                        .push((req.method().to_string(), req.uri().path().to_string()));
-                    let service = service.clone();
-                    async move { hyper::service::Service::call(&service, req).await }
-                });
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        log.lock()
+                            .unwrap()
+                            .push((req.method().to_string(), req.uri().path().to_string()));
+                        let service = service.clone();
+                        async move { hyper::service::Service::call(&service, req).await }
+                    },
+                );
                 tokio::spawn(async move {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(socket), svc)
