@@ -11,8 +11,11 @@ PY="${PYTHON:-python3}"
 EXAMPLE=0
 if [[ "${1:-}" == "--example" ]]; then EXAMPLE=1; shift; fi
 
-echo "== cargo build --release -p veil-server -p veil-cli"
-cargo build --release -p veil-server -p veil-cli
+# --workspace, not -p veil-server -p veil-cli: features are then resolved as by
+# `cargo test --release --workspace` (CI's previous step) and as python/Cargo.toml's shim
+# dependencies make maturin resolve them, so that one build of tfhe serves all three.
+echo "== cargo build --release --workspace --bins"
+cargo build --release --workspace --bins
 BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/release"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/veil-py.XXXXXX")"

@@ -97,7 +97,7 @@ pub fn compile<'py>(
     let compiled = compiled.map_err(model_error)?;
     for w in compiled.rounding.iter().filter_map(|r| r.warning()) {
         let msg = std::ffi::CString::new(w).unwrap_or_default();
-        PyErr::warn(py, &py.get_type::<PyUserWarning>(), &msg, 1)?;
+        PyErr::warn(py, py.get_type::<PyUserWarning>().as_any(), &msg, 1)?;
     }
     Ok(PyBytes::new(py, &compiled.to_bytes()))
 }
