@@ -380,7 +380,9 @@ impl PyModel {
         let samples = py
             .allow_threads(|| {
                 model.check_rows(&xs)?;
-                xs.iter().map(|x| model.encrypt(keys, x)).collect::<veil_client::Result<Vec<_>>>()
+                xs.iter()
+                    .map(|x| model.encrypt(keys, x))
+                    .collect::<veil_client::Result<Vec<_>>>()
             })
             .map_err(client_error)?;
         let req = v1::InferRequest {

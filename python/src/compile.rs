@@ -148,14 +148,15 @@ pub fn estimate<'py>(
                 .map_err(|e| model_error(e.into()))?
         }
     };
-    let machine = measure.then(|| py.allow_threads(|| veil_runtime::calibrate::calibrate(compiled.params)));
+    let machine =
+        measure.then(|| py.allow_threads(|| veil_runtime::calibrate::calibrate(compiled.params)));
     let out = serde_json::json!({
         "parameter_set": compiled.params.name(),
         "cost": compiled.cost(machine.as_ref()),
         "summary": compiled.summary(),
         "machine": machine,
     });
-    let text = serde_json::to_string(&out)
-        .map_err(|e| local(Code::Internal, format!("estimate: {e}")))?;
+    let text =
+        serde_json::to_string(&out).map_err(|e| local(Code::Internal, format!("estimate: {e}")))?;
     py.import("json")?.call_method1("loads", (text,))
 }

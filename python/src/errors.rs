@@ -81,9 +81,9 @@ pub fn error(code: Code, text: String, detail: Option<String>) -> PyErr {
 
 fn format_code(e: &FormatError) -> Code {
     match e {
-        FormatError::InvalidFeature { .. } | FormatError::Shape(_) | FormatError::QuantConfig(_) => {
-            Code::InvalidArgument
-        }
+        FormatError::InvalidFeature { .. }
+        | FormatError::Shape(_)
+        | FormatError::QuantConfig(_) => Code::InvalidArgument,
         FormatError::InconsistentLabel { .. } => Code::DataLoss,
         FormatError::Io { source, .. } => io_code(source),
         _ => Code::Internal,
