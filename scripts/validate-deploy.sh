@@ -136,7 +136,7 @@ for m in re.finditer(r"#\[arg\(([^\]]*)\)\]\s*(?:///[^\n]*\n\s*|#\[[^\n]*\n\s*)*
         known.add(m.group(2).replace("_", "-"))
 # Flags of work in progress elsewhere, documented in deploy/SCALING.md: a warning until
 # server/src/main.rs has them.
-PLANNED = {"key-store"}
+PLANNED = set()
 def check_flags(where, args):
     for a in args:
         if not a.startswith("--"):
