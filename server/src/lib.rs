@@ -404,6 +404,10 @@ async fn expire_keys(keys: Arc<KeyStore>, tenants: SharedTenants) {
     loop {
         tick.tick().await;
         let current = tenants.current();
+        // With an object store a sweep lists the whole store: only when a TTL is set.
+        if !current.any_key_ttl() {
+            continue;
+        }
         let keys = Arc::clone(&keys);
         let _ = tokio::task::spawn_blocking(move || {
             keys.expire(std::time::SystemTime::now(), |owner| current.key_ttl(owner))

@@ -408,6 +408,14 @@ impl Tenants {
     }
 
     /// The key TTL of the tenant named `name`, if it has one.
+    /// Whether any tenant's keys expire (so a TTL sweep has anything to do).
+    pub fn any_key_ttl(&self) -> bool {
+        self.list
+            .iter()
+            .chain(self.anonymous.iter())
+            .any(|t| t.key_ttl.is_some())
+    }
+
     pub fn key_ttl(&self, name: &str) -> Option<std::time::Duration> {
         self.list
             .iter()

@@ -1416,14 +1416,6 @@ impl Lru {
 
 #[cfg(test)]
 mod tests {
-    /// Runs one of the store's async calls from a plain test.
-    fn block<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(f)
-    }
     use super::*;
 
     #[test]
@@ -1449,7 +1441,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ServiceError::Runtime(_)), "{err}");
         assert!(
-            block(store.find("", &key_id(b"not a key at all"), &[p]))
+            rt().block_on(store.find("", &key_id(b"not a key at all"), &[p]))
                 .unwrap()
                 .is_none()
         );
@@ -1629,16 +1621,16 @@ mod tests {
         let first = upload(&store, "t", key);
         assert_eq!(rx.recv_timeout(WAIT).unwrap(), Event::At(Stage::Reserved));
         // Reserved, not written: not stored yet for everyone else.
-        assert!(block(store.find("t", &id, &[P])).unwrap().is_none());
+        assert!(rt().block_on(store.find("t", &id, &[P])).unwrap().is_none());
         let early = rt().block_on(store.get("t", &id, P)).err();
         assert!(
             matches!(early, Some(ServiceError::UnknownKey(_))),
             "{early:?}"
         );
-        assert!(block(store.list("t")).unwrap().is_empty());
+        assert!(rt().block_on(store.list("t")).unwrap().is_empty());
         go.send(()).unwrap();
         assert!(first.join().unwrap().unwrap().newly_stored);
-        assert!(block(store.find("t", &id, &[P])).unwrap().is_some());
+        assert!(rt().block_on(store.find("t", &id, &[P])).unwrap().is_some());
         store.clear_cache();
         rt().block_on(store.get("t", &id, P))
             .expect("the key loads from disk");
@@ -1661,7 +1653,7 @@ mod tests {
         let stored = first.join().unwrap().unwrap();
         // Every file on disk is indexed, and the index matches the disk.
         assert_eq!(files_on_disk(&d).len(), 1);
-        assert!(block(store.find("t", &id, &[P])).unwrap().is_some());
+        assert!(rt().block_on(store.find("t", &id, &[P])).unwrap().is_some());
         assert_eq!(store.total_bytes(), stored.size);
         assert_eq!(store.delete("t", &id, &[P]).unwrap(), Some(stored.size));
         assert!(files_on_disk(&d).is_empty(), "{:?}", files_on_disk(&d));
@@ -1715,7 +1707,8 @@ mod tests {
         let store = open(&d, Some(2 * size));
         store.set_shares([("a".to_string(), Some(1)), ("b".to_string(), Some(2))]);
         let ids = |owner: &str| -> Vec<String> {
-            let mut v: Vec<String> = block(store.list(owner))
+            let mut v: Vec<String> = rt()
+                .block_on(store.list(owner))
                 .unwrap()
                 .into_iter()
                 .map(|k| k.id)
@@ -1858,7 +1851,7 @@ mod tests {
         let store = open(&d, None);
         let id = store.store("t", key, &[P], Quota::default()).unwrap().id;
         store.store("u", key, &[P], Quota::default()).unwrap();
-        let used = block(store.list("t")).unwrap()[0].last_used;
+        let used = rt().block_on(store.list("t")).unwrap()[0].last_used;
         let ttl = Duration::from_secs(3600);
         let ttl_of = |owner: &str| (owner == "t").then_some(ttl);
         assert!(store.expire(used + ttl / 2, ttl_of).is_empty());
@@ -1866,8 +1859,8 @@ mod tests {
             store.expire(used + 2 * ttl, ttl_of),
             vec![("t".to_string(), id.clone())]
         );
-        assert!(block(store.find("t", &id, &[P])).unwrap().is_none());
-        assert!(block(store.find("u", &id, &[P])).unwrap().is_some());
+        assert!(rt().block_on(store.find("t", &id, &[P])).unwrap().is_none());
+        assert!(rt().block_on(store.find("u", &id, &[P])).unwrap().is_some());
         assert_eq!(files_on_disk(&d).len(), 1);
     }
 
@@ -1907,13 +1900,16 @@ mod tests {
             .unwrap();
         let ttl_of = |_: &str| Some(Duration::from_secs(3600));
         let store = open(&d, None);
-        assert_eq!(block(store.list("t")).unwrap()[0].last_used, two_hours_ago);
+        assert_eq!(
+            rt().block_on(store.list("t")).unwrap()[0].last_used,
+            two_hours_ago
+        );
         rt().block_on(store.get("t", &id, P))
             .expect("the key loads");
         drop(store);
         // Used just now: a restart sees that use, and the TTL keeps the key.
         let store = open(&d, None);
         assert!(store.expire(SystemTime::now(), ttl_of).is_empty());
-        assert!(block(store.find("t", &id, &[P])).unwrap().is_some());
+        assert!(rt().block_on(store.find("t", &id, &[P])).unwrap().is_some());
     }
 }
