@@ -601,7 +601,7 @@ impl KeyStore {
             self.publish(&index);
         }
         self.pause(Stage::Reserved);
-        // (stored in the truth, copy on disk)
+        // Ok(true): stored, with a copy on disk; Ok(false): in the object store only.
         let written = match self.remote() {
             None => write_atomically(&self.path(&k), bytes).map(|()| true),
             Some(remote) => self
