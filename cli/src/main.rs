@@ -36,6 +36,11 @@ enum Command {
     Keys(cmd::keys::Args),
     /// Ask a server's gRPC health (exit status 1 unless SERVING).
     Health(cmd::health::Args),
+    /// Run an encrypted model (`compile --encrypt-model`) on your clear rows, locally: the
+    /// results are encrypted under the model owner's key.
+    Run(cmd::run::Args),
+    /// Model owner: decrypt the results of your encrypted model and print the predictions.
+    Decrypt(cmd::decrypt::Args),
 }
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
@@ -58,6 +63,8 @@ fn main() {
         Command::Infer(a) => block_on(cmd::infer::run(a)),
         Command::Keys(a) => block_on(cmd::keys::run(a)),
         Command::Health(a) => block_on(cmd::health::run(a)),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Decrypt(a) => cmd::decrypt::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -189,7 +189,7 @@ impl InputEncoding {
 
     /// Checks what the client relies on to quantize and encrypt: sane grids, windows inside
     /// their features' grids, and a bounded number of ciphertexts.
-    fn check(&self) -> std::result::Result<(), String> {
+    pub fn check(&self) -> std::result::Result<(), String> {
         let n = self.quant.len().saturating_add(self.windows.len());
         if self.quant.is_empty() || n > MAX_INPUT_VALUES {
             return Err(format!(

@@ -51,7 +51,94 @@ pub struct CostReport {
     pub predicted_pbs_share: Option<f64>,
 }
 
+/// Per-sample cost of the same model in encrypted-model mode (`veil compile
+/// --encrypt-model`): every weight on a lookup rides in an encrypted table of its own, so
+/// each (lookup, reader) pair is one bootstrap; weights on inputs are encrypted LWEs that
+/// clear features multiply. Exact for a model compiled with `keep_zero_weights` (what that
+/// mode encrypts); a model compiled without it under-counts its zero weights.
+#[derive(Clone, Debug, Serialize)]
+pub struct EncryptedModeCost {
+    pub pbs_per_sample: usize,
+    /// One per lookup: its readers' bootstraps share the keyswitch.
+    pub keyswitches_per_sample: usize,
+    /// Encrypted LWE weights on inputs, plus one constant per lookup.
+    pub encrypted_weights: usize,
+    pub encrypted_tables: usize,
+    /// LWE additions per sample: input terms (clear x encrypted) and table reads.
+    pub lwe_macs_per_sample: usize,
+    /// The encrypted model file: one seeded body word per weight, N per table, 4 bytes per
+    /// term index.
+    pub model_file_bytes: usize,
+    /// The model once its ciphertexts are expanded from their seeds (what the evaluator holds).
+    pub expanded_model_bytes: usize,
+    pub results_bytes_per_sample: usize,
+    pub predicted_latency_ms: Option<f64>,
+}
+
 impl CompiledModel {
+    /// Counts what one sample costs in encrypted-model mode; with `machine`, predicts its
+    /// latency (batch of one).
+    pub fn encrypted_mode_cost(&self, machine: Option<&MachineProfile>) -> EncryptedModeCost {
+        let sp = self.params.dims();
+        let big = sp.big_lwe_size();
+        let n_in = self.n_inputs();
+        // Reads of each stage's lookups by every later form.
+        let mut reads_of_stage = vec![0usize; self.stages.len()];
+        let mut stage_of = Vec::with_capacity(self.pbs_per_sample());
+        for (s, st) in self.stages.iter().enumerate() {
+            stage_of.extend(std::iter::repeat_n(s, st.len()));
+        }
+        let (mut input_terms, mut tables) = (0usize, 0usize);
+        let forms = self
+            .stages
+            .iter()
+            .map(|st| &st.weights)
+            .chain([&self.output.weights]);
+        for &(c, _) in forms.flat_map(|m| m.rows.iter().flatten()) {
+            match (c as usize).checked_sub(n_in) {
+                None => input_terms += 1,
+                Some(l) => {
+                    tables += 1;
+                    reads_of_stage[stage_of[l]] += 1;
+                }
+            }
+        }
+        let weights = input_terms + self.pbs_per_sample();
+        let n = sp.polynomial_size;
+        let glwe = sp.glwe_dimension + 1;
+        let latency = machine.map(|m| {
+            let t = m.threads.max(1);
+            let pbs_ms: f64 = reads_of_stage
+                .iter()
+                .map(|&reads| {
+                    let per_thread = reads.div_ceil(t);
+                    let rate = m
+                        .pbs_per_second_by_batch
+                        .iter()
+                        .min_by_key(|(b, _)| b.abs_diff(per_thread.min(32)))
+                        .map_or(m.pbs_per_second, |b| b.1);
+                    per_thread as f64 * 1e3 * t as f64 / rate
+                })
+                .sum();
+            pbs_ms + 1e3 * (input_terms + tables) as f64 / m.lwe_mac_per_second
+        });
+        EncryptedModeCost {
+            pbs_per_sample: tables,
+            keyswitches_per_sample: self.pbs_per_sample(),
+            encrypted_weights: weights,
+            encrypted_tables: tables,
+            lwe_macs_per_sample: input_terms + tables,
+            model_file_bytes: 8 * weights + 8 * n * tables + 4 * (input_terms + tables),
+            expanded_model_bytes: 8 * (big * weights + glwe * n * tables),
+            results_bytes_per_sample: crate::compiled::output_wire_bytes(
+                self.n_outputs(),
+                big,
+                self.output.decoding.modulus_bits,
+            ),
+            predicted_latency_ms: latency,
+        }
+    }
+
     /// Counts what one sample costs; with `machine`, predicts its latency (batch of one).
     pub fn cost(&self, machine: Option<&MachineProfile>) -> CostReport {
         let sp = self.params.dims();

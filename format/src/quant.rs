@@ -27,6 +27,11 @@ pub struct QuantConfig {
     /// Let the compiler choose `weight_bits` and `model_grid_bits` per model from the
     /// noise budget (see `plan::compile`); the values above are then its starting point.
     pub search: bool,
+    /// Keep the weights that round to zero as explicit zero terms. An encrypted model
+    /// (`veil compile --encrypt-model`) needs them: a term it leaves out would show which
+    /// weights are small. Not recorded in the file: it changes no value the model computes.
+    #[serde(skip)]
+    pub keep_zero_weights: bool,
 }
 
 impl Default for QuantConfig {
@@ -39,6 +44,7 @@ impl Default for QuantConfig {
             range_margin: 0.1,
             model_grid_bits: 8,
             search: true,
+            keep_zero_weights: false,
         }
     }
 }

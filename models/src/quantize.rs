@@ -322,7 +322,7 @@ fn quantize_form(
     let terms: Vec<(u32, i64)> = folded
         .iter()
         .map(|&(a, v)| (a, (v / t).round() as i64))
-        .filter(|&(_, w)| w != 0)
+        .filter(|&(_, w)| w != 0 || cfg.keep_zero_weights)
         .collect();
     let zero_term: i64 = terms.iter().map(|&(a, w)| w * atoms[a as usize].zero).sum();
     let weight_bits = if later > 0.0 {

@@ -5,7 +5,7 @@ use tfhe::core_crypto::fft_impl::fft64::crypto::bootstrap::batch_blind_rotate_as
 use tfhe::core_crypto::prelude::{
     CiphertextCount, CiphertextModulusLog, ComputationBuffers, ContiguousEntityContainer, Fft,
     GlweCiphertextList, GlweCiphertextListOwned, GlweCiphertextListView, LweCiphertext,
-    LweCiphertextListMutView, LweCiphertextListView, LweDimension, LweSize,
+    LweCiphertextList, LweCiphertextListMutView, LweCiphertextListView, LweDimension, LweSize,
     ModulusSwitchedLweCiphertext, MonomialDegree, extract_lwe_sample_from_glwe_ciphertext,
     keyswitch_lwe_ciphertext,
 };
@@ -30,6 +30,27 @@ impl SwitchedLwe {
             body: ct.body(),
             log_modulus: ct.log_modulus(),
         }
+    }
+}
+
+/// A borrowed [`SwitchedLwe`]: one switched input read by several blind rotations.
+struct SwitchedRef<'a>(&'a SwitchedLwe);
+
+impl ModulusSwitchedLweCiphertext<usize> for SwitchedRef<'_> {
+    fn log_modulus(&self) -> CiphertextModulusLog {
+        self.0.log_modulus
+    }
+
+    fn lwe_dimension(&self) -> LweDimension {
+        LweDimension(self.0.mask.len())
+    }
+
+    fn body(&self) -> usize {
+        self.0.body
+    }
+
+    fn mask(&self) -> impl ExactSizeIterator<Item = usize> + '_ {
+        self.0.mask.iter().copied()
     }
 }
 
@@ -154,6 +175,32 @@ pub trait PbsBackend: Send + Sync {
         outputs: LweCiphertextListMutView<'_, u64>,
     ) -> Result<()>;
 
+    /// Bootstraps where several outputs read one input: output `i` is input `input_of[i]`
+    /// through table `lut_index[i]` (an encrypted model reads each neuron through one table
+    /// per consumer). A backend that keyswitches each input once overrides it; by default
+    /// every output gets its own copy of its input.
+    fn bootstrap_shared(
+        &self,
+        inputs: LweCiphertextListView<'_, u64>,
+        input_of: &[usize],
+        luts: GlweCiphertextListView<'_, u64>,
+        lut_index: &[usize],
+        outputs: LweCiphertextListMutView<'_, u64>,
+    ) -> Result<()> {
+        check_shared(&inputs, input_of, lut_index)?;
+        let size = inputs.lwe_size().0;
+        let mut copies = Vec::with_capacity(input_of.len() * size);
+        for &i in input_of {
+            copies.extend_from_slice(&inputs.as_ref()[i * size..(i + 1) * size]);
+        }
+        let copies = LweCiphertextList::from_container(
+            copies.as_slice(),
+            inputs.lwe_size(),
+            inputs.ciphertext_modulus(),
+        );
+        self.bootstrap_batch(copies, luts, lut_index, outputs)
+    }
+
     /// Seconds spent per phase since the last call (device backends: upload, keyswitch,
     /// bootstrap, download), for profiles; empty where the backend does not split them.
     fn take_phase_seconds(&self) -> Vec<(&'static str, f64)> {
@@ -165,6 +212,24 @@ pub trait PbsBackend: Send + Sync {
     fn as_gpu(&self) -> Option<&crate::gpu::GpuBackend<'_>> {
         None
     }
+}
+
+/// The shapes [`PbsBackend::bootstrap_shared`] relies on: one table per output, every
+/// output's input in range.
+fn check_shared(
+    inputs: &LweCiphertextListView<'_, u64>,
+    input_of: &[usize],
+    lut_index: &[usize],
+) -> Result<()> {
+    let n = inputs.lwe_ciphertext_count().0;
+    if input_of.len() != lut_index.len() || input_of.iter().any(|&i| i >= n) {
+        return Err(RuntimeError::Shape(format!(
+            "{} outputs with {} tables over {n} inputs",
+            input_of.len(),
+            lut_index.len()
+        )));
+    }
+    Ok(())
 }
 
 /// A client's evaluation key in the form one backend computes with: the CPU's
@@ -235,42 +300,40 @@ impl<'k> CpuBackend<'k> {
         }
     }
 
-    fn run_chunk(
+    /// Keyswitches one big-key input to the small key and switches it to the blind
+    /// rotation's modulus with the parameter set's own (centered) switch.
+    fn switch(&self, input: &[u64]) -> SwitchedLwe {
+        let key = self.key;
+        let modulus = tfhe::core_crypto::prelude::CiphertextModulus::<u64>::new_native();
+        let small_size = key.ksk.output_key_lwe_dimension().to_lwe_size();
+        let mut small = vec![0u64; small_size.0];
+        let inp = LweCiphertext::from_container(input, modulus);
+        let mut out = LweCiphertext::from_container(small.as_mut_slice(), modulus);
+        keyswitch_lwe_ciphertext(&key.ksk, &inp, &mut out);
+        let log_modulus = key
+            .bsk
+            .polynomial_size()
+            .to_blind_rotation_input_modulus_log();
+        let out = LweCiphertext::from_container(small.as_slice(), modulus);
+        let lazy = key
+            .ms
+            .lwe_ciphertext_modulus_switch::<usize, _>(&out, log_modulus);
+        SwitchedLwe::from_switched(&lazy)
+    }
+
+    /// Blind-rotates table `lut_index[i]` by switched input `msed[i]` in one batched call,
+    /// and sample-extracts each result into `outputs`.
+    fn rotate(
         &self,
-        inputs: &[u64],
-        in_size: usize,
+        msed: &[impl ModulusSwitchedLweCiphertext<usize>],
         luts: &GlweCiphertextListView<'_, u64>,
         lut_index: &[usize],
         outputs: &mut [u64],
     ) {
         let key = self.key;
         let modulus = luts.ciphertext_modulus();
-        let small_size = key.ksk.output_key_lwe_dimension().to_lwe_size();
         let count = lut_index.len();
-        let mut small = vec![0u64; small_size.0 * count];
-        for (inp, out) in inputs
-            .chunks_exact(in_size)
-            .zip(small.chunks_exact_mut(small_size.0))
-        {
-            let inp = LweCiphertext::from_container(inp, modulus);
-            let mut out = LweCiphertext::from_container(out, modulus);
-            keyswitch_lwe_ciphertext(&key.ksk, &inp, &mut out);
-        }
         let poly = key.bsk.polynomial_size();
-        let log_modulus = poly.to_blind_rotation_input_modulus_log();
-        let small_cts: Vec<LweCiphertext<&[u64]>> = small
-            .chunks_exact(small_size.0)
-            .map(|c| LweCiphertext::from_container(c, modulus))
-            .collect();
-        let msed: Vec<SwitchedLwe> = small_cts
-            .iter()
-            .map(|ct| {
-                let lazy = key
-                    .ms
-                    .lwe_ciphertext_modulus_switch::<usize, _>(ct, log_modulus);
-                SwitchedLwe::from_switched(&lazy)
-            })
-            .collect();
         let glwe_size = luts.glwe_size();
         let glwe_len = glwe_size.0 * poly.0;
         let mut acc = vec![0u64; glwe_len * count];
@@ -287,12 +350,35 @@ impl<'k> CpuBackend<'k> {
         );
         key.bsk
             .as_view()
-            .batch_blind_rotate_assign(acc.as_mut_view(), &msed, fft, buffers.stack());
-        let out_size = in_size;
+            .batch_blind_rotate_assign(acc.as_mut_view(), msed, fft, buffers.stack());
+        let out_size = outputs.len() / count.max(1);
         for (glwe, out) in acc.iter().zip(outputs.chunks_exact_mut(out_size)) {
             let mut out = LweCiphertext::from_container(out, modulus);
             extract_lwe_sample_from_glwe_ciphertext(&glwe, &mut out, MonomialDegree(0));
         }
+    }
+
+    fn run_chunk(
+        &self,
+        inputs: &[u64],
+        in_size: usize,
+        luts: &GlweCiphertextListView<'_, u64>,
+        lut_index: &[usize],
+        outputs: &mut [u64],
+    ) {
+        let msed: Vec<SwitchedLwe> = inputs
+            .chunks_exact(in_size)
+            .map(|inp| self.switch(inp))
+            .collect();
+        self.rotate(&msed, luts, lut_index, outputs);
+    }
+
+    /// Splits `n` bootstraps evenly over the cores: a multiple of `threads` chunks of at
+    /// most CHUNK each, so that no core is left with a last round alone.
+    fn per_thread(n: usize) -> usize {
+        let threads = rayon::current_num_threads().max(1);
+        let chunks = n.div_ceil(CHUNK).div_ceil(threads).max(1) * threads;
+        n.div_ceil(chunks).max(1)
     }
 }
 
@@ -311,12 +397,7 @@ impl PbsBackend for CpuBackend<'_> {
         let in_size: LweSize = inputs.lwe_size();
         assert_eq!(inputs.lwe_ciphertext_count().0, lut_index.len());
         assert_eq!(outputs.lwe_ciphertext_count().0, lut_index.len());
-        // Spread the batch evenly over the cores: a multiple of `threads` chunks of at most
-        // CHUNK each, so that no core is left with a last round alone.
-        let threads = rayon::current_num_threads().max(1);
-        let n = lut_index.len();
-        let chunks = n.div_ceil(CHUNK).div_ceil(threads).max(1) * threads;
-        let per_thread = n.div_ceil(chunks).max(1);
+        let per_thread = Self::per_thread(lut_index.len());
         let out_size = outputs.lwe_size().0;
         inputs
             .as_ref()
@@ -324,6 +405,38 @@ impl PbsBackend for CpuBackend<'_> {
             .zip(outputs.as_mut().par_chunks_mut(per_thread * out_size))
             .zip(lut_index.par_chunks(per_thread))
             .for_each(|((inp, out), idx)| self.run_chunk(inp, in_size.0, &luts, idx, out));
+        Ok(())
+    }
+
+    fn bootstrap_shared(
+        &self,
+        inputs: LweCiphertextListView<'_, u64>,
+        input_of: &[usize],
+        luts: GlweCiphertextListView<'_, u64>,
+        lut_index: &[usize],
+        mut outputs: LweCiphertextListMutView<'_, u64>,
+    ) -> Result<()> {
+        check_shared(&inputs, input_of, lut_index)?;
+        // Each input is keyswitched once, however many tables read it: the reads of one
+        // neuron then agree, and the keyswitches cost once per neuron, not per table.
+        let in_size = inputs.lwe_size().0;
+        let msed: Vec<SwitchedLwe> = inputs
+            .as_ref()
+            .par_chunks_exact(in_size)
+            .map(|inp| self.switch(inp))
+            .collect();
+        let per_thread = Self::per_thread(lut_index.len());
+        let out_size = outputs.lwe_size().0;
+        outputs
+            .as_mut()
+            .par_chunks_mut(per_thread * out_size)
+            .zip(input_of.par_chunks(per_thread))
+            .zip(lut_index.par_chunks(per_thread))
+            .for_each(|((out, ins), idx)| {
+                let refs: Vec<SwitchedRef<'_>> =
+                    ins.iter().map(|&i| SwitchedRef(&msed[i])).collect();
+                self.rotate(&refs, &luts, idx, out)
+            });
         Ok(())
     }
 }

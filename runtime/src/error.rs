@@ -17,6 +17,10 @@ pub enum RuntimeError {
     #[error("invalid key or ciphertext: {0}")]
     Crypto(String),
 
+    /// A model this mode cannot run (encrypted-model mode: trees, models past its limits).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
     /// The requested compute backend cannot run here (no `gpu` feature, no device).
     #[error("backend unavailable: {0}")]
     Backend(String),

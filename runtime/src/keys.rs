@@ -71,6 +71,11 @@ impl ClientKey {
         self.params
     }
 
+    /// The big LWE key, and the noise its fresh encryptions carry.
+    pub(crate) fn encryption_key(&self) -> (&LweSecretKeyOwned<u64>, DynamicDistribution<u64>) {
+        (&self.lwe_key, self.noise)
+    }
+
     /// The evaluation key to upload, in tfhe's compressed (seeded) form.
     pub fn compressed_server_key(&self) -> tfhe::CompressedServerKey {
         tfhe::CompressedServerKey::new(&self.hl)

@@ -11,9 +11,12 @@
 //! - [`executor`]: runs a compiled model on encrypted inputs: PBS-free linear layers, one
 //!   batched bootstrap per hidden neuron.
 //! - [`wire`]: ciphertexts as bytes, with size limits and shape checks.
+//! - [`encrypted_model`]: encrypted-model mode: the owner's weights and tables encrypted
+//!   under her key, run on clear inputs, results only she decrypts.
 
 pub mod backend;
 pub mod calibrate;
+pub mod encrypted_model;
 pub mod error;
 pub mod executor;
 #[cfg(feature = "gpu")]
@@ -23,6 +26,7 @@ pub mod wire;
 
 pub use backend::{BackendKind, CpuBackend, EvalKey, LookupTables, PbsBackend, gpu_available};
 pub use calibrate::calibrate;
+pub use encrypted_model::{EncryptedModel, EncryptedResults};
 pub use error::{Result, RuntimeError};
 pub use executor::{FheModel, Profile};
 pub use keys::{ClientKey, ServerKey};

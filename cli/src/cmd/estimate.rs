@@ -31,6 +31,10 @@ pub struct Args {
     /// Digits data for the sweep (train.csv and test.csv).
     #[arg(long, default_value = "models/zoo/digits_mlp")]
     sweep_data: PathBuf,
+    /// Also cost encrypted-model mode (`compile --encrypt-model`): an ONNX model is then
+    /// compiled as that mode compiles it (zero weights kept, label output for a classifier).
+    #[arg(long)]
+    encrypt_model: bool,
     #[arg(long)]
     json: bool,
 }
@@ -44,12 +48,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let Some(path) = &a.model else {
         bail!("give a model (.veil or .onnx with --calibration), or --sweep");
     };
-    let model = load_or_compile(path, a.calibration.as_deref())?;
+    let model = load_or_compile(path, a.calibration.as_deref(), a.encrypt_model)?;
     let cost = model.cost(Some(&machine));
+    let encrypted = a
+        .encrypt_model
+        .then(|| model.encrypted_mode_cost(Some(&machine)));
     let out = serde_json::json!({
         "model": path.display().to_string(),
         "parameter_set": model.params.name(),
         "cost": cost,
+        "encrypted_model_cost": encrypted,
         "machine": machine,
     });
     if a.json {
@@ -85,18 +93,51 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             mb(cost.server_bytes_per_loaded_key as f64),
             mb(cost.server_bytes_per_model as f64)
         );
+        if let Some(e) = &encrypted {
+            println!(
+                "  encrypted-model mode (weights encrypted, inputs clear): {} bootstraps per \
+                 sample ({:.1}x), {} keyswitches, predicted latency {:.1} ms",
+                e.pbs_per_sample,
+                e.pbs_per_sample as f64 / cost.pbs_per_sample.max(1) as f64,
+                e.keyswitches_per_sample,
+                e.predicted_latency_ms.unwrap_or(0.0)
+            );
+            println!(
+                "    {} encrypted weights, {} encrypted tables: model file {:.1} MB ({:.1} MB \
+                 expanded), results {} bytes per sample",
+                e.encrypted_weights,
+                e.encrypted_tables,
+                mb(e.model_file_bytes as f64),
+                mb(e.expanded_model_bytes as f64),
+                e.results_bytes_per_sample
+            );
+        }
     }
     Ok(())
 }
 
-fn load_or_compile(path: &Path, calibration: Option<&Path>) -> anyhow::Result<CompiledModel> {
+fn load_or_compile(
+    path: &Path,
+    calibration: Option<&Path>,
+    encrypt_model: bool,
+) -> anyhow::Result<CompiledModel> {
     if path.extension().is_some_and(|e| e == "onnx") {
         let Some(calib) = calibration else {
             bail!("an ONNX model needs --calibration TRAIN.csv");
         };
-        let float = onnx::import_file(path)?;
+        let mut float = onnx::import_file(path)?;
         let data = read_csv(calib, float.n_features(), Labels::Optional)?;
-        Ok(compile(&float, &data.features, &QuantConfig::default())?)
+        if data.targets.is_some() {
+            float.task = veil_models::graph::Task::Regression;
+        }
+        let cfg = QuantConfig {
+            keep_zero_weights: encrypt_model,
+            ..QuantConfig::default()
+        };
+        if encrypt_model && float.task == veil_models::graph::Task::Classification {
+            float = float.with_reveal(veil_models::graph::Reveal::Label)?;
+        }
+        Ok(compile(&float, &data.features, &cfg)?)
     } else {
         Ok(CompiledModel::load(path)?)
     }

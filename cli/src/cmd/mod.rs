@@ -1,6 +1,7 @@
 pub mod bench_pbs;
 pub mod compile;
 pub mod conn;
+pub mod decrypt;
 pub mod estimate;
 pub mod eval;
 pub mod health;
@@ -8,3 +9,4 @@ pub mod infer;
 pub mod keygen;
 pub mod keys;
 pub mod models;
+pub mod run;
