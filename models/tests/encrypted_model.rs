@@ -111,6 +111,9 @@ struct PublicBody {
     weights: Vec<u64>,
     table_seed: u128,
     tables: Vec<u64>,
+    public_key_seed: u128,
+    public_key: Vec<u64>,
+    flood_bits: u32,
 }
 
 fn with_header(body: &PublicBody) -> Vec<u8> {
@@ -158,6 +161,15 @@ fn the_encrypted_file_holds_no_clear_weight() {
         assert_eq!(body.stages, layout.stages);
         assert_eq!(body.outputs, layout.outputs);
         assert_ne!(body.weight_seed, body.table_seed);
+        assert_eq!(body.public_key.len(), POSITIONS as usize);
+        // A label is flooded with up to 1/8 of its unit.
+        let eighth = model.output.decoding.delta / 8;
+        assert!(
+            (1u64 << body.flood_bits) <= eighth && (2u64 << body.flood_bits) > eighth,
+            "{name}: flooding of 2^{} for a unit of {}",
+            body.flood_bits,
+            model.output.decoding.delta
+        );
 
         // The clear fields are indices, shapes and the input grids: none of them is a weight.
         // Every nonzero weight, and every encoding of it the evaluation uses, is absent from
@@ -281,6 +293,49 @@ fn encrypted_models_predict_as_simulated() {
             secs / n as f64,
             bytes.len()
         );
+    }
+}
+
+/// Every output gets a fresh encryption of zero from the owner's public key: the same row run
+/// twice gives two different ciphertexts (a deterministic evaluation would give the same
+/// bytes, and for a linear model their masks would be `sum q_j a_j`, solvable for the row),
+/// which decrypt to the same prediction; a label's decrypted value moves by the flooding.
+#[test]
+fn outputs_are_rerandomized_for_the_owner() {
+    let owner = ClientKey::generate_with_seed(ParamSet::ALL[0], 13);
+    let id = key_id(&eval_key_to_bytes(&owner.compressed_server_key()));
+    let server =
+        ServerKey::from_compressed(ParamSet::ALL[0], &owner.compressed_server_key()).unwrap();
+    let backend = CpuBackend::new(&server);
+    for reveal in [Reveal::Scores, Reveal::Label] {
+        let (_, model) = compiled_for_encryption("breast_cancer_logreg", reveal);
+        let sealed = EncryptedModel::encrypt(&model, &owner, &id).unwrap();
+        let runnable = sealed.expand().unwrap();
+        let x = &dataset("breast_cancer_logreg", "test.csv", model.n_features()).features[3];
+        let rows = vec![sealed.quantize_row(0, x).unwrap(); 2];
+        let out = runnable.evaluate(&backend, &rows).unwrap();
+        assert_ne!(
+            out[0].to_bytes(),
+            out[1].to_bytes(),
+            "{}: same bytes twice",
+            reveal.name()
+        );
+        let results = EncryptedResults {
+            model_digest: sealed.digest().to_string(),
+            key_id: id.clone(),
+            outputs: out,
+        };
+        let accs = results.decrypt(&owner, &id, &model).unwrap();
+        let sim = model.simulate(x, None).unwrap();
+        let labels: Vec<i64> = accs
+            .iter()
+            .map(|a| model.decode(a).unwrap().label)
+            .collect();
+        let want = model.decode(&sim.accs).unwrap().label;
+        assert_eq!(labels, vec![want, want], "{}", reveal.name());
+        if reveal == Reveal::Label {
+            assert_ne!(accs[0][0], accs[1][0], "flooded label outputs differ");
+        }
     }
 }
 

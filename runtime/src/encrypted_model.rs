@@ -24,11 +24,13 @@ use tfhe::core_crypto::algorithms::slice_algorithms::{
 };
 use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
 use tfhe::core_crypto::prelude::{
-    CiphertextModulus, DefaultRandomGenerator, GlweCiphertextCount, GlweCiphertextList,
-    GlweCiphertextListOwned, GlweSecretKey, LweCiphertextCount, LweCiphertextList,
-    LweCiphertextListOwned, LweSize, PlaintextList, PolynomialSize, SeededGlweCiphertextList,
-    SeededLweCiphertextList, decompress_seeded_glwe_ciphertext_list,
-    encrypt_seeded_glwe_ciphertext_list, encrypt_seeded_lwe_ciphertext_list,
+    CiphertextModulus, DefaultRandomGenerator, DynamicDistribution, EncryptionRandomGenerator,
+    GlweCiphertextCount, GlweCiphertextList, GlweCiphertextListOwned, GlweSecretKey, LweCiphertext,
+    LweCiphertextCount, LweCiphertextList, LweCiphertextListOwned, LweCompactPublicKeyOwned,
+    LweDimension, LweSize, Plaintext, PlaintextList, PolynomialSize, SeededGlweCiphertextList,
+    SeededLweCiphertextList, SeededLweCompactPublicKey, decompress_seeded_glwe_ciphertext_list,
+    encrypt_lwe_ciphertext_with_compact_public_key, encrypt_seeded_glwe_ciphertext_list,
+    encrypt_seeded_lwe_ciphertext_list, generate_seeded_lwe_compact_public_key,
     par_decompress_seeded_lwe_ciphertext_list,
 };
 use tfhe::core_crypto::seeders::new_seeder;
@@ -221,7 +223,21 @@ struct Body {
     weights: Vec<u64>,
     table_seed: u128,
     tables: Vec<u64>,
+    /// The owner's compact public key (RLWE, seeded: N body words): the evaluator adds a
+    /// fresh encryption of zero to every output, so its mask is not a function of his rows.
+    public_key_seed: u128,
+    public_key: Vec<u64>,
+    /// The evaluator also adds uniform noise of at most 2^flood_bits to each output (a label
+    /// output: 1/8 of its unit), which hides the deterministic noise the evaluation left
+    /// there; 0 for scores, whose precision needs every bit.
+    flood_bits: u32,
 }
+
+/// Noise of the compact public key and of its encryptions' masks: TUniform(17) at dimension
+/// 2048, tfhe's vetted compact public-key encryption parameters
+/// (`PARAM_PKE_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128`), which the parameter set's GLWE
+/// key and noise match.
+const PUBLIC_KEY_NOISE_BITS: u32 = 17;
 
 /// A model whose weights, constants and tables are encrypted under its owner's key: what
 /// `model.enc.veil` holds. It carries no weight in the clear; what is public is listed in
@@ -345,6 +361,25 @@ impl EncryptedModel {
             seeder.as_mut(),
         );
 
+        let public_key_seed = seeder.seed();
+        let mut public_key = SeededLweCompactPublicKey::new(
+            0u64,
+            LweDimension(lwe_key.lwe_dimension().0),
+            CompressionSeed::from(public_key_seed),
+            modulus,
+        );
+        generate_seeded_lwe_compact_public_key(
+            lwe_key,
+            &mut public_key,
+            DynamicDistribution::new_t_uniform(PUBLIC_KEY_NOISE_BITS),
+            seeder.as_mut(),
+        );
+        // A label decodes within a quarter of its unit `delta`: flood with up to delta / 8.
+        let flood_bits = match model.reveal {
+            Reveal::Label => (model.output.decoding.delta / 8).max(1).ilog2(),
+            Reveal::Scores => 0,
+        };
+
         let body = Body {
             params: model.params,
             key_id: key_id.to_string(),
@@ -359,6 +394,9 @@ impl EncryptedModel {
             weights: weights.into_container(),
             table_seed: table_seed.0,
             tables: tables.into_container(),
+            public_key_seed: public_key_seed.0,
+            public_key: public_key.into_container(),
+            flood_bits,
         };
         let digest = sha256_hex(&with_header(MAGIC, &body));
         Ok(EncryptedModel { body, digest })
@@ -478,7 +516,13 @@ impl EncryptedModel {
             &mut tables,
             &seeded,
         );
-        Ok(Runnable::new(b, weights, tables))
+        let public_key = SeededLweCompactPublicKey::from_container(
+            b.public_key.clone(),
+            CompressionSeed::from(Seed(b.public_key_seed)),
+            modulus,
+        )
+        .decompress_into_lwe_compact_public_key();
+        Ok(Runnable::new(b, weights, tables, public_key))
     }
 }
 
@@ -573,6 +617,13 @@ fn validate(b: &Body) -> std::result::Result<(), String> {
     if n_weights > MAX_ENCRYPTED_WEIGHTS {
         return Err(format!("more than {MAX_ENCRYPTED_WEIGHTS} weights"));
     }
+    if b.public_key.len() != POSITIONS as usize || b.flood_bits > 60 {
+        return Err(format!(
+            "a public key of {} words, flooding of {} bits",
+            b.public_key.len(),
+            b.flood_bits
+        ));
+    }
     if b.weights.len() != n_weights || b.tables.len() != n_tables * POSITIONS as usize {
         return Err(format!(
             "{} weight and {} table words for {n_weights} weights and {n_tables} tables",
@@ -588,6 +639,7 @@ pub struct Runnable<'m> {
     body: &'m Body,
     weights: LweCiphertextListOwned<u64>,
     tables: GlweCiphertextListOwned<u64>,
+    public_key: LweCompactPublicKeyOwned<u64>,
     lwe_size: usize,
     /// Per form (stages, then outputs): first weight and first table.
     weight_start: Vec<usize>,
@@ -605,6 +657,7 @@ impl<'m> Runnable<'m> {
         body: &'m Body,
         weights: LweCiphertextListOwned<u64>,
         tables: GlweCiphertextListOwned<u64>,
+        public_key: LweCompactPublicKeyOwned<u64>,
     ) -> Self {
         let mut lookup_at = Vec::new();
         for (s, forms) in body.stages.iter().enumerate() {
@@ -634,6 +687,7 @@ impl<'m> Runnable<'m> {
             body,
             weights,
             tables,
+            public_key,
             lwe_size: big_lwe_size(body.params),
             weight_start,
             table_start,
@@ -694,11 +748,40 @@ impl<'m> Runnable<'m> {
             }
             reads.push(out);
         }
-        let acc = self.sums(rows, &reads, &self.body.outputs, form, false);
+        let mut acc = self.sums(rows, &reads, &self.body.outputs, form, false);
+        self.rerandomize(&mut acc);
         let per_sample = self.body.outputs.len() * size;
         acc.par_chunks_exact(per_sample)
             .map(|c| EncryptedOutput::switched_from(c, size, self.body.output_bits))
             .collect()
+    }
+
+    /// Adds to every output a fresh public-key encryption of zero whose body noise is the
+    /// model's flooding: the owner then sees a fresh mask, and (label outputs) the noise the
+    /// evaluation left is drowned.
+    fn rerandomize(&self, outputs: &mut [u64]) {
+        let size = self.lwe_size;
+        let modulus = CiphertextModulus::new_native();
+        let mut seeder = new_seeder();
+        let mut generator = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(
+            seeder.seed(),
+            seeder.as_mut(),
+        );
+        let mask_noise = DynamicDistribution::new_t_uniform(PUBLIC_KEY_NOISE_BITS);
+        let body_noise =
+            DynamicDistribution::new_t_uniform(self.body.flood_bits.max(PUBLIC_KEY_NOISE_BITS));
+        let mut zero = LweCiphertext::new(0u64, LweSize(size), modulus);
+        for ct in outputs.chunks_exact_mut(size) {
+            encrypt_lwe_ciphertext_with_compact_public_key(
+                &self.public_key,
+                &mut zero,
+                Plaintext(0),
+                mask_noise,
+                body_noise,
+                generator.noise_generator_mut(),
+            );
+            slice_wrapping_add_assign(ct, zero.as_ref());
+        }
     }
 
     /// The lookup table `t` reads.
