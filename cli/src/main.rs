@@ -39,7 +39,8 @@ enum Command {
     /// Run an encrypted model (`compile --encrypt-model`) on your clear rows, locally: the
     /// results are encrypted under the model owner's key.
     Run(cmd::run::Args),
-    /// Model owner: decrypt the results of your encrypted model and print the predictions.
+    /// Decrypt the results of an encrypted model: the owner with her keys, or anyone through
+    /// her server (--server); prints one prediction per row.
     Decrypt(cmd::decrypt::Args),
 }
 
@@ -64,7 +65,7 @@ fn main() {
         Command::Keys(a) => block_on(cmd::keys::run(a)),
         Command::Health(a) => block_on(cmd::health::run(a)),
         Command::Run(a) => cmd::run::run(a),
-        Command::Decrypt(a) => cmd::decrypt::run(a),
+        Command::Decrypt(a) => block_on(cmd::decrypt::run(a)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

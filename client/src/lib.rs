@@ -565,6 +565,19 @@ impl Client {
             .keys)
     }
 
+    /// Encrypted-model mode: sends the results of `veil run` (a results file's bytes) to the
+    /// model owner's server, which decrypts them with her key and answers the predictions
+    /// (`veil-server --owner-keys`).
+    pub async fn decrypt_results(&self, results: Vec<u8>) -> Result<v1::DecryptResponse> {
+        Ok(self
+            .retrying(|| {
+                let (mut rpc, results) = (self.rpc(), results.clone());
+                async move { rpc.decrypt(v1::DecryptRequest { results }).await }
+            })
+            .await?
+            .into_inner())
+    }
+
     /// Removes the key from the server (disk and memory); the bytes it freed. NOT_FOUND when
     /// the server holds no such key of this caller.
     pub async fn delete_key(&self, key_id: &str) -> Result<u64> {

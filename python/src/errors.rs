@@ -108,6 +108,8 @@ pub fn client_code(e: &ClientError) -> Code {
         ClientError::Runtime(RuntimeError::Format(f)) => format_code(f),
         // A ciphertext of the wrong size: bytes the caller passed in.
         ClientError::Runtime(RuntimeError::Shape(_)) => Code::InvalidArgument,
+        ClientError::Runtime(RuntimeError::Keys(_)) => Code::FailedPrecondition,
+        ClientError::Runtime(RuntimeError::Io { source, .. }) => io_code(source),
         ClientError::Runtime(_) | ClientError::InvalidSpec { .. } | ClientError::Protocol(_) => {
             Code::Internal
         }

@@ -44,7 +44,7 @@ impl PyKeyPair {
     fn load(py: Python<'_>, dir: PathBuf) -> PyResult<Self> {
         let inner = py
             .allow_threads(|| veil_client::KeyPair::load(&dir))
-            .map_err(client_error)?;
+            .map_err(|e| client_error(e.into()))?;
         Ok(PyKeyPair {
             inner: Arc::new(inner),
         })
@@ -55,7 +55,7 @@ impl PyKeyPair {
     #[pyo3(signature = (dir, overwrite = false))]
     fn save(&self, py: Python<'_>, dir: PathBuf, overwrite: bool) -> PyResult<()> {
         py.allow_threads(|| self.inner.save(&dir, overwrite))
-            .map_err(client_error)
+            .map_err(|e| client_error(e.into()))
     }
 
     /// The evaluation key's id (hex SHA-256), as the server knows it.

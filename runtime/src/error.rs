@@ -21,9 +21,29 @@ pub enum RuntimeError {
     #[error("unsupported: {0}")]
     Unsupported(String),
 
+    /// A key directory that is missing, incomplete or inconsistent.
+    #[error("{0}")]
+    Keys(String),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The requested compute backend cannot run here (no `gpu` feature, no device).
     #[error("backend unavailable: {0}")]
     Backend(String),
+}
+
+impl RuntimeError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        RuntimeError::Io {
+            context: context.into(),
+            source,
+        }
+    }
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -3,7 +3,8 @@
 //! of the compiler.
 //!
 //! - [`keys`]: the client's secret key, the evaluation key it uploads, and the server-side
-//!   key material (keyswitching key, Fourier bootstrapping key, modulus-switch setting).
+//!   key material (keyswitching key, Fourier bootstrapping key, modulus-switch setting);
+//!   [`key_dir`]: a key pair on disk, as `veil keygen` writes it.
 //! - [`backend`]: the batched keyswitch + bootstrap interface and [`EvalKey`], a client's key
 //!   in one backend's form; [`backend::CpuBackend`] runs batches on rayon.
 //! - `gpu` (feature `gpu`): the same batches on a CUDA device, with the key and the model's
@@ -21,6 +22,7 @@ pub mod error;
 pub mod executor;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod key_dir;
 pub mod keys;
 pub mod wire;
 

@@ -66,6 +66,9 @@ pub enum ServiceError {
     #[error(transparent)]
     Shared(Arc<ServiceError>),
 
+    /// A call this server is not set up to answer (Decrypt without an owner key).
+    #[error("{0}")]
+    NotConfigured(String),
     /// A configuration the server cannot start with (tenants file, TLS files).
     #[error("{0}")]
     Config(String),

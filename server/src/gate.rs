@@ -120,6 +120,7 @@ fn method(path: &str) -> (&'static str, bool) {
     match path.strip_prefix("/veil.v1.Veil/") {
         Some("Infer") => ("Infer", true),
         Some("UploadKey") => ("UploadKey", true),
+        Some("Decrypt") => ("Decrypt", true),
         Some("ListModels") => ("ListModels", false),
         Some("GetKey") => ("GetKey", false),
         Some("ListKeys") => ("ListKeys", false),

@@ -12,6 +12,7 @@ pub mod gate;
 pub mod key_store;
 pub mod metrics;
 pub mod models;
+pub mod owner;
 pub mod scheduler;
 pub mod service;
 pub mod status;
@@ -105,6 +106,12 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Caps on connections, streams and calls in progress.
     pub connections: ConnectionLimits,
+    /// An encrypted-model owner's key directory (`veil keygen`, with the clear copies
+    /// `veil compile --encrypt-model` keeps): serves Decrypt for results of those models.
+    pub owner_keys: Option<PathBuf>,
+    /// With `owner_keys`: Decrypt answers only the predicted class, even for models whose
+    /// results hold scores.
+    pub decrypt_labels_only: bool,
 }
 
 /// Disk bound on stored evaluation keys unless the operator sets one.
@@ -127,6 +134,8 @@ impl Config {
             key_revalidate: key_store::DEFAULT_REVALIDATE,
             tls: None,
             connections: ConnectionLimits::default(),
+            owner_keys: None,
+            decrypt_labels_only: false,
         }
     }
 }
@@ -143,6 +152,7 @@ pub struct Server {
     tls: Option<ServerTlsConfig>,
     connections: ConnectionLimits,
     metrics_listener: Option<TcpListener>,
+    owner: Option<Arc<owner::Owner>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +184,8 @@ impl Server {
             key_revalidate,
             tls,
             connections,
+            owner_keys,
+            decrypt_labels_only,
         } = config;
         backend.check_available().map_err(ServiceError::Runtime)?;
         let tls = match tls {
@@ -188,8 +200,10 @@ impl Server {
             }
         };
         let max_bytes = limits.batching.max_bytes;
+        // A server that only decrypts for a model owner may serve no model.
+        let allow_empty = owner_keys.is_some();
         let registry = tokio::task::spawn_blocking(move || {
-            Registry::load(&models_dir, max_batch.max(1), max_bytes)
+            Registry::load(&models_dir, max_batch.max(1), max_bytes, allow_empty)
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("loading models: {e}")))??;
@@ -236,7 +250,20 @@ impl Server {
             }
         };
         keys.set_shares(tenants.shares());
+        let owner = match owner_keys {
+            None => None,
+            Some(dir) => {
+                let owner = tokio::task::spawn_blocking(move || {
+                    owner::Owner::load(&dir, decrypt_labels_only)
+                })
+                .await
+                .map_err(|e| ServiceError::Internal(format!("loading the owner key: {e}")))??;
+                tracing::info!(key = %key_store::short(owner.key_id()), labels_only = decrypt_labels_only, "serving Decrypt for this owner key's encrypted models");
+                Some(Arc::new(owner))
+            }
+        };
         Ok(Server {
+            owner,
             registry: Arc::new(registry),
             keys: Arc::new(keys),
             tenants: SharedTenants::new(tenants),
@@ -302,7 +329,8 @@ impl Server {
                 self.keys,
                 Arc::clone(&self.metrics),
                 self.limits,
-            ),
+            )
+            .with_owner(self.owner),
             self.tenants,
             Arc::clone(&self.metrics),
             self.connections.max_concurrent_calls,

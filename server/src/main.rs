@@ -140,6 +140,15 @@ struct Args {
     /// health-check interval times its unhealthy threshold (e.g. 10000).
     #[arg(long, default_value_t = 0)]
     drain_ms: u64,
+    /// Encrypted-model mode: a model owner's key directory (`veil keygen`, where `veil
+    /// compile --encrypt-model` keeps each model's clear copy). Serves Decrypt for results
+    /// of those models; --models may then hold no model.
+    #[arg(long)]
+    owner_keys: Option<PathBuf>,
+    /// With --owner-keys: Decrypt answers only the predicted class, even for a model whose
+    /// results hold scores.
+    #[arg(long, requires = "owner_keys")]
+    decrypt_labels_only: bool,
 }
 
 fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
@@ -241,6 +250,8 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             max_concurrent_streams: a.max_concurrent_streams.max(1),
             max_concurrent_calls: a.max_concurrent_calls.max(1),
         },
+        owner_keys: a.owner_keys.clone(),
+        decrypt_labels_only: a.decrypt_labels_only,
         ..Config::new(&a.models, &a.data_dir)
     };
     tracing::info!(models = %a.models.display(), data_dir = %a.data_dir.display(), "loading");

@@ -42,7 +42,13 @@ impl Registry {
     /// Loads every `*.veil` file in `dir` (blocking). A file that does not load stops the
     /// server with a message naming it, rather than being skipped silently. A request holds at
     /// most `max_batch` samples, and no more than fit `max_batch_bytes` of working memory.
-    pub fn load(dir: &Path, max_batch: usize, max_batch_bytes: u64) -> Result<Self> {
+    /// With `allow_empty`, a directory with no model is a server that serves none.
+    pub fn load(
+        dir: &Path,
+        max_batch: usize,
+        max_batch_bytes: u64,
+        allow_empty: bool,
+    ) -> Result<Self> {
         let entries = std::fs::read_dir(dir).map_err(|e| {
             ServiceError::io(format!("reading the models dir {}", dir.display()), e)
         })?;
@@ -52,7 +58,7 @@ impl Registry {
             .filter(|p| p.extension().is_some_and(|e| e == "veil") && p.is_file())
             .collect();
         paths.sort();
-        if paths.is_empty() {
+        if paths.is_empty() && !allow_empty {
             return Err(ServiceError::InvalidRequest(format!(
                 "no *.veil files in {}; compile a model with `veil compile`",
                 dir.display()

@@ -24,6 +24,7 @@ use crate::gate::Caller;
 use crate::key_store::{KeyStore, Quota, StoredKey, check_key_id, key_id, short};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::models::Registry;
+use crate::owner::Owner;
 use crate::scheduler::EvalGate;
 use crate::status::code_of;
 use crate::tenants::Tenant;
@@ -86,6 +87,8 @@ pub struct VeilService {
     batcher: Arc<Batcher>,
     upload_permits: Arc<Semaphore>,
     receiving: Arc<Semaphore>,
+    /// The model owner's key, when this server decrypts for one (`--owner-keys`).
+    owner: Option<Arc<Owner>>,
 }
 
 impl VeilService {
@@ -117,7 +120,34 @@ impl VeilService {
             keys,
             metrics,
             limits,
+            owner: None,
         }
+    }
+
+    /// Serves Decrypt with `owner`'s key (encrypted-model mode).
+    pub fn with_owner(mut self, owner: Option<Arc<Owner>>) -> Self {
+        self.owner = owner;
+        self
+    }
+
+    async fn decrypt(&self, tenant: &Tenant, results: Vec<u8>) -> Result<v1::DecryptResponse> {
+        let Some(owner) = self.owner.clone() else {
+            return Err(ServiceError::NotConfigured(
+                "this server holds no model owner's key: it decrypts nothing (start it with \
+                 --owner-keys)"
+                    .into(),
+            ));
+        };
+        let digest = owner.model_digest(&results)?;
+        if !tenant.may_use(&digest) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "tenant '{}' may not decrypt results of model {digest}",
+                tenant.label()
+            )));
+        }
+        tokio::task::spawn_blocking(move || owner.decrypt(&digest, &results))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("decryption task failed: {e}")))?
     }
 
     /// The caller's tenant, authenticated (and its rate spent) by the [`Gate`] before the
@@ -666,6 +696,18 @@ impl v1::veil_server::Veil for VeilService {
             )?;
             let deadline = deadline(req.metadata());
             self.infer(tenant, deadline, rid, req.into_inner()).await
+        })
+        .await
+    }
+
+    async fn decrypt(
+        &self,
+        req: Request<v1::DecryptRequest>,
+    ) -> Result<Response<v1::DecryptResponse>, Status> {
+        let id = request_id(req.metadata());
+        self.observed("Decrypt", id, async {
+            let tenant = self.tenant(&req)?;
+            self.decrypt(&tenant, req.into_inner().results).await
         })
         .await
     }

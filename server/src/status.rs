@@ -4,7 +4,7 @@
 //! |---|---|
 //! | undecodable key or ciphertext bytes, wrong number of ciphertexts, malformed request, a `veil-key-id` header naming another key; upload over the key size limit, a key larger than the whole tenant quota or key store, batch over the sample limit (they can never succeed) | INVALID_ARGUMENT |
 //! | unknown model, unknown key id | NOT_FOUND |
-//! | a valid key for another parameter set (at upload or for the model); a request naming a model digest that is not the served model's | FAILED_PRECONDITION |
+//! | a valid key for another parameter set (at upload or for the model); a request naming a model digest that is not the served model's; Decrypt on a server without an owner key | FAILED_PRECONDITION |
 //! | missing or unknown bearer token | UNAUTHENTICATED |
 //! | a model the tenant may not use | PERMISSION_DENIED |
 //! | full queue, key quota, request rate, work rate, full key store (a retry later may pass) | RESOURCE_EXHAUSTED |
@@ -30,9 +30,9 @@ pub fn code_of(e: &ServiceError) -> Code {
         // Too large for this server whatever happens: retrying cannot help.
         ServiceError::TooLarge(_) => Code::InvalidArgument,
         ServiceError::Exhausted(_) => Code::ResourceExhausted,
-        ServiceError::WrongParameterSet(_) | ServiceError::StaleModel(_) => {
-            Code::FailedPrecondition
-        }
+        ServiceError::WrongParameterSet(_)
+        | ServiceError::StaleModel(_)
+        | ServiceError::NotConfigured(_) => Code::FailedPrecondition,
         ServiceError::Stalled(_) | ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         ServiceError::Unauthenticated(_) => Code::Unauthenticated,
         ServiceError::Overloaded(_) | ServiceError::Unavailable(_) => Code::Unavailable,
