@@ -87,6 +87,10 @@ fn main() {
         let clear_cost = clear.cost(Some(&machine));
         let xs: Vec<Vec<f64>> = test.features.iter().take(rows).cloned().collect();
         let ratio = |a: f64, b: f64| b / a.max(1e-9);
+        let times = |a: usize, b: usize| match a {
+            0 => "-".to_string(),
+            _ => format!("{:.1}x", b as f64 / a as f64),
+        };
 
         // Clear-weight mode: the client encrypts, the server evaluates.
         let spec = clear.client_spec();
@@ -160,14 +164,11 @@ fn main() {
             _ => String::new(),
         };
         println!(
-            "| {name} | {} | {} / {} ({:.1}x) | {} / {}{latency_ratio} | {:.2} MB / {:.2} MB | {} / {} | {} |",
+            "| {name} | {} | {} / {} ({}) | {} / {}{latency_ratio} | {:.2} MB / {:.2} MB | {} / {} | {} |",
             reveal.name(),
             clear_cost.pbs_per_sample,
             enc_cost.pbs_per_sample,
-            ratio(
-                clear_cost.pbs_per_sample as f64,
-                enc_cost.pbs_per_sample as f64
-            ),
+            times(clear_cost.pbs_per_sample, enc_cost.pbs_per_sample),
             fmt_ms(clear_ms.map(|c| c.0), clear_cost.predicted_latency_ms),
             fmt_ms(enc_ms, enc_cost.predicted_latency_ms),
             clear.to_bytes().len() as f64 / 1e6,
