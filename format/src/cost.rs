@@ -27,6 +27,21 @@ pub struct MachineProfile {
     pub veil_version: String,
 }
 
+impl MachineProfile {
+    /// Milliseconds one batch of `n` bootstraps takes: split evenly over the threads, at the
+    /// throughput measured for the nearest batch size per thread (at most 32 per call).
+    pub fn batch_ms(&self, n: usize) -> f64 {
+        let t = self.threads.max(1);
+        let per_thread = n.div_ceil(t);
+        let rate = self
+            .pbs_per_second_by_batch
+            .iter()
+            .min_by_key(|(b, _)| b.abs_diff(per_thread.min(32)))
+            .map_or(self.pbs_per_second, |b| b.1);
+        per_thread as f64 * 1e3 * t as f64 / rate
+    }
+}
+
 /// Per-sample cost of a compiled model.
 #[derive(Clone, Debug, Serialize)]
 pub struct CostReport {
@@ -107,19 +122,7 @@ impl CompiledModel {
         let n = sp.polynomial_size;
         let glwe = sp.glwe_dimension + 1;
         let latency = machine.map(|m| {
-            let t = m.threads.max(1);
-            let pbs_ms: f64 = reads_of_stage
-                .iter()
-                .map(|&reads| {
-                    let per_thread = reads.div_ceil(t);
-                    let rate = m
-                        .pbs_per_second_by_batch
-                        .iter()
-                        .min_by_key(|(b, _)| b.abs_diff(per_thread.min(32)))
-                        .map_or(m.pbs_per_second, |b| b.1);
-                    per_thread as f64 * 1e3 * t as f64 / rate
-                })
-                .sum();
+            let pbs_ms: f64 = reads_of_stage.iter().map(|&n| m.batch_ms(n)).sum();
             pbs_ms + 1e3 * (input_terms + tables) as f64 / m.lwe_mac_per_second
         });
         EncryptedModeCost {
@@ -168,22 +171,7 @@ impl CompiledModel {
         );
         let (latency, share) = match machine {
             Some(m) => {
-                let t = m.threads.max(1);
-                // Each layer's batch is split evenly over the threads; the throughput is the one
-                // measured at the nearest batch size per thread (at most 32 per call).
-                let pbs_ms: f64 = self
-                    .stages
-                    .iter()
-                    .map(|h| {
-                        let per_thread = h.weights.n_out().div_ceil(t);
-                        let rate = m
-                            .pbs_per_second_by_batch
-                            .iter()
-                            .min_by_key(|(b, _)| b.abs_diff(per_thread.min(32)))
-                            .map_or(m.pbs_per_second, |b| b.1);
-                        per_thread as f64 * 1e3 * t as f64 / rate
-                    })
-                    .sum();
+                let pbs_ms: f64 = self.stages.iter().map(|h| m.batch_ms(h.len())).sum();
                 let linear_ms = 1e3 * macs as f64 / m.lwe_mac_per_second;
                 let expand_ms = m.expand_ms_per_feature * self.n_inputs() as f64;
                 let total = pbs_ms + linear_ms + expand_ms;

@@ -77,6 +77,17 @@ pub trait Simulate {
     ) -> Result<Vec<Prediction>>;
     /// Simulated predicted labels for `xs`.
     fn simulate_labels(&self, xs: &[Vec<f64>], noise_seed: Option<u64>) -> Result<Vec<i64>>;
+    /// Whether `x`'s predicted class holds under the predicted bootstrap noise: `trials` noisy
+    /// simulations (seeds 1 to `trials`) all give the noiseless class. A row that fails is a
+    /// near-tie, which an encrypted run may decide either way (or refuse, for a label).
+    fn class_holds_under_noise(&self, x: &[f64], trials: u64) -> Result<bool> {
+        let xs = [x.to_vec()];
+        let want = self.simulate_labels(&xs, None)?;
+        Ok((1..=trials).all(|seed| {
+            self.simulate_labels(&xs, Some(seed))
+                .is_ok_and(|got| got == want)
+        }))
+    }
 }
 
 impl Simulate for CompiledModel {

@@ -14,6 +14,10 @@ use veil_runtime::encrypted_model::{EncryptedModel, EncryptedResults, Form, Layo
 use veil_runtime::keys::eval_key_to_bytes;
 use veil_runtime::{ClientKey, CpuBackend, ServerKey};
 
+/// Noisy simulations a row's class must survive to count as a clear winner: a near-tie
+/// misread in 0.8% of noisy runs (iris row 3) passes 500 with probability 2%.
+const NOISY_TRIALS: u64 = 500;
+
 /// The zoo's model for each data set (scikit-learn's iris, wine, breast cancer and digits).
 const MODELS: [&str; 4] = [
     "iris_logreg",
@@ -230,8 +234,22 @@ fn encrypted_models_predict_as_simulated() {
         let (_, model) = compiled_for_encryption(name, reveal);
         let sealed = EncryptedModel::encrypt(&model, &owner, &id).unwrap();
         let sealed = EncryptedModel::from_bytes(&sealed.to_bytes()).unwrap();
+        // Near-ties (rows whose class the predicted noise can flip) may decrypt to either
+        // class in any mode; the check is exact equality on the others.
         let test = dataset(name, "test.csv", model.n_features());
-        let xs = &test.features[..n];
+        let mut skipped = 0;
+        let mut xs: Vec<Vec<f64>> = Vec::new();
+        for x in &test.features {
+            if xs.len() == n {
+                break;
+            }
+            match model.class_holds_under_noise(x, NOISY_TRIALS).unwrap() {
+                true => xs.push(x.clone()),
+                false => skipped += 1,
+            }
+        }
+        assert_eq!(xs.len(), n, "{name}: clear-winner rows");
+        let xs = &xs[..];
         let rows: Vec<Vec<i64>> = xs
             .iter()
             .enumerate()
@@ -286,8 +304,8 @@ fn encrypted_models_predict_as_simulated() {
             agree += 1;
         }
         eprintln!(
-            "{name} ({}): {agree}/{n} encrypted = simulated; {} bootstraps per row, {:.2} s per \
-             row (2 threads), results {} bytes",
+            "{name} ({}): {agree}/{n} encrypted = simulated ({skipped} near-ties skipped); {} \
+             bootstraps per row, {:.2} s per row (2 threads), results {} bytes",
             reveal.name(),
             sealed.pbs_per_sample(),
             secs / n as f64,

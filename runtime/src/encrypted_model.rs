@@ -247,13 +247,6 @@ pub struct EncryptedModel {
     digest: String,
 }
 
-fn bincode_options(limit: u64) -> impl Options {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .with_limit(limit)
-        .reject_trailing_bytes()
-}
-
 fn bad(why: String) -> RuntimeError {
     RuntimeError::Crypto(why)
 }
@@ -409,7 +402,7 @@ impl EncryptedModel {
     /// Parses and checks an encrypted model; never panics on damaged or hostile bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let body = header(bytes, MAGIC, "a Veil encrypted model")?;
-        let body: Body = bincode_options(MAX_FILE_BYTES)
+        let body: Body = crate::wire::options(MAX_FILE_BYTES)
             .deserialize(body)
             .map_err(|e| bad(format!("damaged encrypted model: {e}")))?;
         validate(&body).map_err(|why| bad(format!("invalid encrypted model: {why}")))?;
@@ -881,7 +874,7 @@ impl EncryptedResults {
     /// `bits` bits; anything else is refused.
     pub fn from_bytes(bytes: &[u8], params: ParamSet, n_outputs: usize, bits: u32) -> Result<Self> {
         let body = header(bytes, RESULTS_MAGIC, "a Veil results file")?;
-        let body: ResultsBody = bincode_options(MAX_FILE_BYTES)
+        let body: ResultsBody = crate::wire::options(MAX_FILE_BYTES)
             .deserialize(body)
             .map_err(|e| bad(format!("damaged results file: {e}")))?;
         let lwe_size = big_lwe_size(params);

@@ -88,7 +88,9 @@ fn unpack(words: &[u64], count: usize, bits: u32) -> Vec<u64> {
         .collect()
 }
 
-fn options(limit: u64) -> impl Options {
+/// Bincode as every Veil wire and file body uses it: fixed-width integers, a size limit, no
+/// trailing bytes.
+pub(crate) fn options(limit: u64) -> impl Options {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_limit(limit)
