@@ -637,12 +637,11 @@ pub struct Runnable<'m> {
     /// Per form (stages, then outputs): first weight and first table.
     weight_start: Vec<usize>,
     table_start: Vec<usize>,
-    /// Stage and neuron of each lookup.
-    lookup_at: Vec<(usize, usize)>,
+    /// Per table: the stage and neuron it reads, and its slot among that stage's reads.
+    source: Vec<(usize, usize)>,
+    slot: Vec<usize>,
     /// Per stage: the tables reading its neurons, in table order.
     reads_of_stage: Vec<Vec<usize>>,
-    /// Per table: its slot among its source stage's reads.
-    slot: Vec<usize>,
 }
 
 impl<'m> Runnable<'m> {
@@ -659,7 +658,7 @@ impl<'m> Runnable<'m> {
         let (mut weight_start, mut table_start) = (Vec::new(), Vec::new());
         let (mut w, mut t) = (0usize, 0usize);
         let mut reads_of_stage = vec![Vec::new(); body.stages.len()];
-        let mut slot = Vec::new();
+        let (mut source, mut slot) = (Vec::new(), Vec::new());
         let forms = body
             .stages
             .iter()
@@ -670,7 +669,8 @@ impl<'m> Runnable<'m> {
             table_start.push(t);
             w += f.inputs.len() + constants;
             for &l in &f.lookups {
-                let s = lookup_at[l as usize].0;
+                let (s, neuron) = lookup_at[l as usize];
+                source.push((s, neuron));
                 slot.push(reads_of_stage[s].len());
                 reads_of_stage[s].push(t);
                 t += 1;
@@ -684,9 +684,9 @@ impl<'m> Runnable<'m> {
             lwe_size: big_lwe_size(body.params),
             weight_start,
             table_start,
-            lookup_at,
-            reads_of_stage,
+            source,
             slot,
+            reads_of_stage,
         }
     }
 
@@ -722,7 +722,7 @@ impl<'m> Runnable<'m> {
             let mut input_of = Vec::with_capacity(stage_reads.len() * samples);
             let mut lut_index = Vec::with_capacity(stage_reads.len() * samples);
             for &t in stage_reads {
-                let (_, neuron) = self.lookup_at[self.table_lookup(t)];
+                let neuron = self.source[t].1;
                 for sample in 0..samples {
                     input_of.push(sample * n + neuron);
                     lut_index.push(t);
@@ -777,24 +777,6 @@ impl<'m> Runnable<'m> {
         }
     }
 
-    /// The lookup table `t` reads.
-    fn table_lookup(&self, t: usize) -> usize {
-        let form = self.table_start.partition_point(|&s| s <= t) - 1;
-        let f = self.form(form);
-        f.lookups[t - self.table_start[form]] as usize
-    }
-
-    fn form(&self, i: usize) -> &Form {
-        let mut i = i;
-        for forms in &self.body.stages {
-            if i < forms.len() {
-                return &forms[i];
-            }
-            i -= forms.len();
-        }
-        &self.body.outputs[i]
-    }
-
     /// Each sample's sums of `forms` (numbered from `first`): clear inputs times encrypted
     /// weights, the bootstrapped reads of earlier stages, and (for neurons) the encrypted
     /// constant plus the modulus switch's centring.
@@ -821,9 +803,8 @@ impl<'m> Runnable<'m> {
                     slice_wrapping_add_scalar_mul_assign(ct, w, rows[sample][j as usize] as u64);
                 }
                 let t0 = self.table_start[first + n];
-                for k in 0..f.lookups.len() {
-                    let t = t0 + k;
-                    let s = self.lookup_at[f.lookups[k] as usize].0;
+                for t in t0..t0 + f.lookups.len() {
+                    let s = self.source[t].0;
                     let at = (self.slot[t] * samples + sample) * size;
                     slice_wrapping_add_assign(ct, &reads[s][at..at + size]);
                 }
