@@ -607,9 +607,6 @@ fn validate(b: &Body) -> std::result::Result<(), String> {
             lookups_before += forms.len();
         }
     }
-    if n_weights > MAX_ENCRYPTED_WEIGHTS {
-        return Err(format!("more than {MAX_ENCRYPTED_WEIGHTS} weights"));
-    }
     if b.public_key.len() != POSITIONS as usize || b.flood_bits > 60 {
         return Err(format!(
             "a public key of {} words, flooding of {} bits",
